@@ -1,0 +1,137 @@
+"""Pydantic schemas for the JSON artifacts and the checkpoint's required keys.
+
+Every JSON artifact carries ``schema_version``; a version this code does not know is
+refused with a message that says which version was found and which are supported,
+instead of being half-understood.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from roadwork_assets.contracts.errors import ArtifactIntegrityError
+
+LABEL_NAMES: dict[int, str] = {0: "none", 1: "roadwork"}
+
+CHECKPOINT_SCHEMA_VERSION = 1
+REQUIRED_CHECKPOINT_KEYS: frozenset[str] = frozenset(
+    {
+        "schema_version",
+        "model_state_dict",
+        "epoch",
+        "best_metric",
+        "best_metric_name",
+        "config",
+        "backbone_name",
+        "mode",
+        "data_version",
+        "code_version",
+    }
+)
+
+
+class Provenance(BaseModel):
+    """Which data and code produced an artifact."""
+
+    model_config = ConfigDict(extra="forbid")
+    data_version: str = Field(description="sha256 of the split manifest(s) read")
+    code_version: str = Field(description="hash of the roadwork_assets sources")
+    created_at: str
+
+
+class BundleFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(description="relative to the bundle directory")
+    sha256: str
+    size_bytes: int
+
+
+class BundleManifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    schema_version: Literal[1] = 1
+    bundle_id: str
+    policy_kind: Literal["softmax", "gate", "scrc"]
+    files: dict[str, BundleFile] = Field(
+        description="role -> file; roles: checkpoint, policy, onnx (optional)"
+    )
+    backbone_name: str
+    mode: Literal["end_to_end", "frozen"]
+    img_size: int
+    n_views: int
+    label_names: dict[int, str] = Field(default_factory=lambda: dict(LABEL_NAMES))
+    decision_threshold: float = Field(
+        0.5, description="the emitted probability is remapped so the policy decides at 0.5"
+    )
+    provenance: Provenance
+
+
+class RateWithInterval(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    value: float | None
+    errors: int
+    n: int
+    ci_low: float
+    ci_high: float
+    confidence: float = 0.95
+    method: str = "clopper-pearson (exact binomial)"
+
+
+class TestReport(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    schema_version: Literal[1] = 1
+    split: Literal["val_test"] = "val_test"
+    n_images: int
+    n_positive: int
+    policy_kind: str
+    # stage-1 classifier at the emitted 0.5 threshold (every image gets an answer)
+    accuracy: float
+    balanced_accuracy: float
+    mcc: float
+    auroc: float | None
+    ece: float
+    ece_bins: int
+    fnr: RateWithInterval
+    fpr: RateWithInterval
+    confusion_matrix: list[list[int]] = Field(description="rows: true 0/1, cols: pred 0/1")
+    # the three-way exit policy (positive / negative / defer)
+    policy: dict[str, Any]
+    bundle_id: str
+    provenance: Provenance
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_json_artifact(path: Path, model: type[M], what: str | None = None) -> M:
+    """Read and validate a versioned JSON artifact; refuse unknown versions clearly."""
+    path = Path(path)
+    what = what or model.__name__
+    if not path.exists():
+        raise ArtifactIntegrityError(f"{what} missing at {path}: materialize it first")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactIntegrityError(f"{what} at {path} is not valid JSON: {exc}") from exc
+    return validate_artifact(raw, model, f"{what} at {path}")
+
+
+def validate_artifact(raw: Any, model: type[M], where: str) -> M:
+    if not isinstance(raw, dict):
+        raise ArtifactIntegrityError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    supported = model.model_fields["schema_version"].annotation
+    allowed = getattr(supported, "__args__", ())
+    found = raw.get("schema_version")
+    if found not in allowed:
+        raise ArtifactIntegrityError(
+            f"{where}: schema_version {found!r} is not supported (this code reads "
+            f"{list(allowed)}); re-materialize the artifact with this version of "
+            "roadwork_assets or upgrade the code"
+        )
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise ArtifactIntegrityError(f"{where} does not match its schema:\n{exc}") from exc

@@ -1,0 +1,250 @@
+"""The artifact registry: every artifact path under one root, and atomic writes.
+
+Nothing else in the project builds an artifact path. Every write goes to a temporary
+file in the destination directory, is flushed and fsynced, then renamed over the
+destination (``os.replace`` is atomic on POSIX), so a reader sees either the old
+complete file or the new complete file, never a half-written one — even if the
+writer is killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel
+
+from roadwork_assets.contracts.errors import ArtifactIntegrityError
+from roadwork_assets.contracts.splits import SPLITS
+
+_CHUNK = 1 << 20
+
+
+# --------------------------------------------------------------------------- writes
+@contextlib.contextmanager
+def atomic_path(dest: Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``dest``; on success rename it over ``dest``.
+
+    On any exception the temporary file is removed and ``dest`` is untouched.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, dest)
+        _fsync_dir(dest.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(dest: Path, data: bytes) -> Path:
+    with atomic_path(dest) as tmp:
+        tmp.write_bytes(data)
+    return Path(dest)
+
+
+def atomic_write_text(dest: Path, text: str) -> Path:
+    return atomic_write_bytes(dest, text.encode("utf-8"))
+
+
+def atomic_write_json(dest: Path, obj: BaseModel | dict[str, Any]) -> Path:
+    if isinstance(obj, BaseModel):
+        text = obj.model_dump_json(indent=2)
+    else:
+        text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False)
+    return atomic_write_text(dest, text + "\n")
+
+
+def atomic_write_parquet(dest: Path, frame: pd.DataFrame) -> Path:
+    with atomic_path(dest) as tmp:
+        frame.to_parquet(tmp, index=False)
+    return Path(dest)
+
+
+def atomic_write_npz(dest: Path, **arrays: np.ndarray) -> Path:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return atomic_write_bytes(dest, buf.getvalue())
+
+
+def atomic_torch_save(dest: Path, obj: Any) -> Path:
+    import torch
+
+    with atomic_path(dest) as tmp:
+        torch.save(obj, tmp)
+    return Path(dest)
+
+
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Load an npz without pickle (object arrays are refused)."""
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactIntegrityError(f"missing artifact {path}: materialize its asset first")
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+# --------------------------------------------------------------------------- hashes
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def frame_fingerprint(frame: pd.DataFrame, columns: list[str] | None = None) -> str:
+    """sha256 of a table's content, independent of the file format that stored it."""
+    cols = columns or list(frame.columns)
+    canon = frame[cols].sort_values(cols[0]).to_csv(index=False, lineterminator="\n")
+    return hashlib.sha256(canon.encode("utf-8")).hexdigest()
+
+
+def code_version() -> str:
+    """Hash of the package's source files: which code produced an artifact.
+
+    A git commit would need git and a checkout; the source hash works in a wheel or a
+    container too and changes exactly when the code does.
+    """
+    pkg = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for path in sorted(pkg.rglob("*.py")):
+        h.update(path.relative_to(pkg).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- registry
+def _check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
+    return split
+
+
+@dataclass(frozen=True)
+class ArtifactRegistry:
+    """Names every artifact path under ``root``. Creating it creates nothing."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root).expanduser().resolve())
+
+    # data
+    @property
+    def default_dataset_dir(self) -> Path:
+        return self.root / "data" / "default"
+
+    @property
+    def extracted_images_dir(self) -> Path:
+        return self.root / "data" / "extracted"
+
+    @property
+    def source_table(self) -> Path:
+        return self.root / "source_images" / "images.parquet"
+
+    @property
+    def quarantine_table(self) -> Path:
+        return self.root / "source_images" / "quarantine.parquet"
+
+    @property
+    def split_assignment(self) -> Path:
+        return self.root / "split_assignment" / "assignment.parquet"
+
+    def split_manifest(self, split: str) -> Path:
+        return self.root / "split_manifest" / f"{_check_split(split)}.parquet"
+
+    # model
+    def embeddings(self, split: str) -> Path:
+        return self.root / "embeddings" / f"{_check_split(split)}.npz"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / "checkpoint" / "model.pt"
+
+    @property
+    def training_history(self) -> Path:
+        return self.root / "checkpoint" / "history.json"
+
+    def logits(self, split: str) -> Path:
+        return self.root / "logits" / f"{_check_split(split)}.npz"
+
+    # policies
+    def policy(self, name: str) -> Path:
+        if name not in {"calibrator", "softmax", "gate", "scrc"}:
+            raise ValueError(f"unknown policy artifact {name!r}")
+        return self.root / "policies" / f"{name}.json"
+
+    # export
+    @property
+    def bundles_dir(self) -> Path:
+        return self.root / "bundles"
+
+    @property
+    def latest_bundle_pointer(self) -> Path:
+        return self.bundles_dir / "LATEST"
+
+    def bundle_dir(self, bundle_id: str) -> Path:
+        return self.bundles_dir / bundle_id
+
+    def latest_bundle(self) -> Path:
+        pointer = self.latest_bundle_pointer
+        if not pointer.exists():
+            raise ArtifactIntegrityError(
+                f"no bundle under {self.bundles_dir}: materialize the `bundle` asset first"
+            )
+        return self.bundle_dir(pointer.read_text().strip())
+
+    # evaluation
+    @property
+    def test_report(self) -> Path:
+        return self.root / "test_report" / "report.json"
+
+    def test_report_plot(self, name: str) -> Path:
+        return self.root / "test_report" / f"{name}.png"
+
+    # tracking
+    @property
+    def mlflow_tracking_uri(self) -> str:
+        return f"sqlite:///{self.root / 'mlflow' / 'mlflow.db'}"
+
+
+def publish_directory(staging: Path, dest: Path) -> None:
+    """Move a fully written staging directory to ``dest`` (which must not exist)."""
+    if dest.exists():
+        raise ArtifactIntegrityError(f"refusing to overwrite existing directory {dest}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staging, dest)
+    _fsync_dir(dest.parent)
+
+
+def remove_tree_quietly(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
