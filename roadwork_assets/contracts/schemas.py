@@ -74,32 +74,41 @@ class RateWithInterval(BaseModel):
     value: float | None
     errors: int
     n: int
-    ci_low: float
-    ci_high: float
+    ci_low: float | None
+    ci_high: float | None
     confidence: float = 0.95
     method: str = "clopper-pearson (exact binomial)"
 
 
 class TestReport(BaseModel):
+    """Final evaluation on val_test only.
+
+    ``served``: what StreetVision scores — the bundle's emitted probability binarised at
+    0.5, every image answered. ``policy``: the three-way exit (positive / negative /
+    defer); its FNR counts a positive as missed only when the policy says negative.
+    """
+
+    __test__ = False  # not a pytest class
     model_config = ConfigDict(extra="forbid")
     schema_version: Literal[1] = 1
     split: Literal["val_test"] = "val_test"
     n_images: int
     n_positive: int
     policy_kind: str
-    # stage-1 classifier at the emitted 0.5 threshold (every image gets an answer)
+    bundle_id: str
     accuracy: float
     balanced_accuracy: float
     mcc: float
     auroc: float | None
-    ece: float
+    ece: float | None
     ece_bins: int
     fnr: RateWithInterval
     fpr: RateWithInterval
     confusion_matrix: list[list[int]] = Field(description="rows: true 0/1, cols: pred 0/1")
-    # the three-way exit policy (positive / negative / defer)
+    policy_fnr: RateWithInterval
+    policy_defer_rate: float
+    served: dict[str, Any]
     policy: dict[str, Any]
-    bundle_id: str
     provenance: Provenance
 
 

@@ -1,0 +1,546 @@
+"""Drawing primitives for the synthetic dashcam street scenes.
+
+Everything is placed in world metres (X right, Y up, Z forward) and projected through a
+level pinhole camera onto view units where the nominal frame is [0, 1]^2. Keeping the
+world metric makes size, road perspective and occlusion order consistent: a cone looks
+small *because* it is far, the way it does in a real dashcam frame.
+
+Each `draw_*` function paints one item into two layers: the base colour layer and an
+emission layer (lamps, lit windows, retroreflective stripes) that the lighting step adds
+back after darkening, so night scenes keep their lights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+Color = tuple[int, int, int]
+
+ORANGE = (250, 100, 10)
+WHITE = (235, 235, 230)
+REFLECT = (150, 150, 140)  # retroreflective sheeting lights up in headlights
+AMBER = (255, 185, 40)
+BLACK = (22, 22, 24)
+GLASS = (45, 55, 68)
+WARM = (210, 170, 110)  # lit window
+LINE = (215, 215, 205)
+YELLOW_LINE = (225, 180, 40)
+Z_FAR = 260.0
+
+
+def shade(c: Color, f: float) -> Color:
+    return (min(255, int(c[0] * f)), min(255, int(c[1] * f)), min(255, int(c[2] * f)))
+
+
+@dataclass(frozen=True)
+class Camera:
+    """Level pinhole camera; `margin` is how far the canvas extends past the nominal view."""
+
+    x_v: float  # vanishing point (view units)
+    y_h: float  # horizon (view units)
+    focal: float  # view units per unit of X/Z
+    height: float  # metres above the road
+    margin: float
+    scale: float  # canvas pixels per view unit
+
+    def view(self, X: float, Y: float, Z: float) -> tuple[float, float]:
+        return self.x_v + self.focal * X / Z, self.y_h + self.focal * (self.height - Y) / Z
+
+    def px(self, X: float, Y: float, Z: float) -> tuple[float, float]:
+        u, v = self.view(X, Y, Z)
+        return (u + self.margin) * self.scale, (v + self.margin) * self.scale
+
+    def ppm(self, Z: float) -> float:
+        """Canvas pixels per metre of a fronto-parallel object at depth Z."""
+        return self.focal * self.scale / Z
+
+    def lateral(self, u: float, Z: float) -> float:
+        """World X that projects to view column u at depth Z."""
+        return (u - self.x_v) * Z / self.focal
+
+
+@dataclass
+class Item:
+    """One object standing on the road plane; (w, h) is its front face, for bounding boxes."""
+
+    kind: str
+    X: float
+    Z: float
+    w: float
+    h: float
+    roadwork: bool = False
+    p: dict = field(default_factory=dict)
+
+    def bbox(self, cam: Camera) -> tuple[float, float, float, float]:
+        x0, y0 = cam.view(self.X - self.w / 2, self.h, self.Z)
+        x1, y1 = cam.view(self.X + self.w / 2, 0.0, self.Z)
+        return x0, y0, x1, y1
+
+
+@dataclass
+class Facade:
+    X: float  # building line (metres); the facade faces the street
+    z0: float
+    z1: float
+    height: float
+    color: Color
+    glass: Color
+    seed: int  # picks which windows are lit
+    awning: Color | None = None
+    striped: bool = False
+    sign: Color | None = None
+
+
+@dataclass
+class Street:
+    road_l: float
+    road_r: float
+    walk_l: float
+    walk_r: float
+    asphalt: Color
+    walk: Color
+    lines: list[tuple[float, str]]  # (X, "dash" | "solid" | "double_yellow")
+    dash_phase: float
+    crosswalk: float | None
+    patches: list[tuple[float, float, float, float, Color]]
+    facades: list[Facade]
+    skyline: list[tuple[float, float, float, Color]]  # (X0, X1, height, colour) at Z_FAR
+
+
+class Painter:
+    """Draws in local metres around an anchor (X, Z) on the road, y up."""
+
+    def __init__(self, base: Image.Image, emit: Image.Image, cam: Camera):
+        self.d, self.e, self.cam = ImageDraw.Draw(base), ImageDraw.Draw(emit), cam
+        self.bx = self.by = 0.0
+        self.k = 1.0
+
+    def at(self, X: float, Z: float) -> None:
+        self.bx, self.by = self.cam.px(X, 0.0, Z)
+        self.k = self.cam.ppm(Z)
+
+    def poly(self, pts, fill: Color, glow: Color | None = None) -> None:
+        xy = [(self.bx + self.k * x, self.by - self.k * y) for x, y in pts]
+        self.d.polygon(xy, fill=fill)
+        if glow:
+            self.e.polygon(xy, fill=glow)
+
+    def rect(self, x0, y0, x1, y1, fill: Color, glow: Color | None = None) -> None:
+        box = (self.bx + self.k * x0, self.by - self.k * y1, self.bx + self.k * x1, self.by - self.k * y0)
+        self.d.rectangle(box, fill=fill)
+        if glow:
+            self.e.rectangle(box, fill=glow)
+
+    def ellipse(self, x0, y0, x1, y1, fill: Color, glow: Color | None = None) -> None:
+        box = (self.bx + self.k * x0, self.by - self.k * y1, self.bx + self.k * x1, self.by - self.k * y0)
+        self.d.ellipse(box, fill=fill)
+        if glow:
+            self.e.ellipse(box, fill=glow)
+
+    def world(self, pts3d, fill: Color, glow: Color | None = None) -> None:
+        xy = [self.cam.px(X, Y, Z) for X, Y, Z in pts3d]
+        self.d.polygon(xy, fill=fill)
+        if glow:
+            self.e.polygon(xy, fill=glow)
+
+
+# ---------------------------------------------------------------- street and buildings
+def _ground(pt: Painter, x0, x1, z0, z1, col: Color, glow: Color | None = None) -> None:
+    pt.world([(x0, 0, z0), (x1, 0, z0), (x1, 0, z1), (x0, 0, z1)], col, glow)
+
+
+def draw_street(pt: Painter, st: Street) -> None:
+    zn = 0.7
+    for x0, x1, h, c in st.skyline:
+        pt.world([(x0, 0, Z_FAR), (x0, h, Z_FAR), (x1, h, Z_FAR), (x1, 0, Z_FAR)], c)
+    _ground(pt, st.walk_l - 60, st.walk_r + 60, zn, Z_FAR, st.walk)
+    _ground(pt, st.road_l, st.road_r, zn, Z_FAR, st.asphalt)
+    for x0, x1, z0, z1, c in st.patches:
+        _ground(pt, x0, x1, z0, z1, c)
+    curb = shade(st.walk, 1.15)
+    _ground(pt, st.road_l - 0.2, st.road_l, zn, Z_FAR, curb)
+    _ground(pt, st.road_r, st.road_r + 0.2, zn, Z_FAR, curb)
+    for X, style in st.lines:
+        if style == "solid":
+            _ground(pt, X - 0.07, X + 0.07, zn, Z_FAR, LINE)
+        elif style == "double_yellow":
+            _ground(pt, X - 0.2, X - 0.08, zn, Z_FAR, YELLOW_LINE)
+            _ground(pt, X + 0.08, X + 0.2, zn, Z_FAR, YELLOW_LINE)
+        else:
+            z = 1.0 + st.dash_phase
+            while z < 110:
+                _ground(pt, X - 0.07, X + 0.07, z, z + 3.0, LINE)
+                z += 12.0
+    if st.crosswalk is not None:
+        x = st.road_l + 0.3
+        while x < st.road_r - 0.6:
+            _ground(pt, x, x + 0.55, st.crosswalk, st.crosswalk + 3.0, LINE)
+            x += 1.1
+    # far segments first so nearer buildings overlap them
+    for f in sorted(st.facades, key=lambda f: -f.z0):
+        draw_facade(pt, f)
+
+
+def draw_facade(pt: Painter, f: Facade) -> None:
+    cam, X = pt.cam, f.X
+    inward = -1.0 if X > 0 else 1.0
+    pt.world([(X, 0, f.z0), (X, f.height, f.z0), (X, f.height, f.z1), (X, 0, f.z1)], f.color)
+    pt.world([(X, 0, f.z0), (X, f.height, f.z0), (X, f.height, f.z0 + 0.5), (X, 0, f.z0 + 0.5)], shade(f.color, 0.7))
+    lim = cam.margin + 0.02
+    fl = 1
+    while fl * 3.2 + 2.3 < f.height - 0.4 and fl < 10:
+        y0, y1 = fl * 3.2 + 0.9, fl * 3.2 + 2.3
+        z = f.z0 + 1.0
+        while z + 1.6 < f.z1:
+            if cam.ppm(z) * 1.4 < 1.5:
+                break  # further windows are below a pixel: skip them (and the work)
+            u, v = cam.view(X, y1, z + 1.6)
+            if -lim < u < 1 + lim and v > -lim:
+                lit = (fl * 31 + int(z) * 17 + f.seed) % 7 < 2
+                pt.world([(X, y0, z), (X, y1, z), (X, y1, z + 1.6), (X, y0, z + 1.6)], f.glass, WARM if lit else None)
+            z += 3.4
+        fl += 1
+    if f.awning is None:
+        return
+    za, zb = f.z0 + 0.8, f.z1 - 0.8
+    pt.world([(X, 0.3, za), (X, 2.5, za), (X, 2.5, zb), (X, 0.3, zb)], GLASS, WARM)
+    if f.sign is not None:
+        pt.world([(X, 3.2, za), (X, 4.1, za), (X, 4.1, zb), (X, 3.2, zb)], f.sign)
+    xo, z, i = X + inward * 1.4, za, 0
+    while z < zb:
+        z2 = min(zb, z + 0.7)
+        col = WHITE if (f.striped and i % 2) else f.awning
+        pt.world([(X, 3.0, z), (X, 3.0, z2), (xo, 2.5, z2), (xo, 2.5, z)], col)
+        pt.world([(xo, 2.5, z), (xo, 2.5, z2), (xo, 2.2, z2), (xo, 2.2, z)], shade(col, 0.85))
+        z, i = z2, i + 1
+
+
+# ---------------------------------------------------------------- roadwork objects
+def draw_cone(pt: Painter, it: Item) -> None:
+    h, c = it.h, it.p["color"]
+    a, t, b = 0.24 * h, 0.045 * h, 0.06 * h
+
+    def hw(y: float) -> float:
+        return a + (t - a) * (y - b) / (h - b)
+
+    pt.rect(-0.3 * h, 0, 0.3 * h, b, shade(c, 0.5))
+    pt.poly([(-a, b), (a, b), (t, h), (-t, h)], c)
+    pt.poly([(0.3 * a, b), (a, b), (t, h), (0.3 * t, h)], shade(c, 0.8))
+    for f0, f1 in it.p["stripes"]:
+        y0, y1 = f0 * h, f1 * h
+        pt.poly([(-hw(y0), y0), (hw(y0), y0), (hw(y1), y1), (-hw(y1), y1)], WHITE, REFLECT)
+
+
+def draw_drum(pt: Painter, it: Item) -> None:
+    w, h, c = it.w, it.h, it.p["color"]
+    pt.rect(-0.6 * w, 0, 0.6 * w, 0.07 * h, BLACK)
+    pt.rect(-w / 2, 0.07 * h, w / 2, h, shade(c, 0.72))
+    pt.rect(-0.32 * w, 0.07 * h, 0.18 * w, h, c)
+    for f0, f1 in ((0.22, 0.34), (0.48, 0.6), (0.74, 0.86)):
+        pt.rect(-w / 2, f0 * h, w / 2, f1 * h, shade(WHITE, 0.78), REFLECT)
+        pt.rect(-0.32 * w, f0 * h, 0.18 * w, f1 * h, WHITE)
+    pt.ellipse(-w / 2, h - 0.05, w / 2, h + 0.05, shade(c, 0.55))
+
+
+def _striped_board(pt: Painter, x0, x1, y0, y1, c: Color, sw: float) -> None:
+    pt.rect(x0, y0, x1, y1, WHITE, REFLECT)
+    sl, x = y1 - y0, x0 - (y1 - y0)
+    while x < x1:
+        xs = [min(max(v, x0), x1) for v in (x, x + sw, x + sw + sl, x + sl)]
+        pt.poly([(xs[0], y0), (xs[1], y0), (xs[2], y1), (xs[3], y1)], c)
+        x += 2 * sw
+
+
+def draw_barrier(pt: Painter, it: Item) -> None:
+    w, h, c = it.w, it.h, it.p["color"]
+    if it.p["variant"] == "plastic":  # water-filled plastic barrier segments
+        n = max(1, round(w / 1.8))
+        sw = w / n
+        for i in range(n):
+            x0 = -w / 2 + i * sw
+            col = c if i % 2 == 0 else WHITE
+            pt.poly([(x0, 0), (x0 + sw, 0), (x0 + 0.9 * sw, h), (x0 + 0.1 * sw, h)], col)
+            pt.rect(x0 + 0.08 * sw, 0.55 * h, x0 + 0.92 * sw, 0.62 * h, shade(col, 0.75))
+        return
+    leg = (200, 200, 195)
+    pt.rect(-w / 2 + 0.1, 0, -w / 2 + 0.2, h, leg)
+    pt.rect(w / 2 - 0.2, 0, w / 2 - 0.1, h, leg)
+    for j in range(it.p["boards"]):
+        top = h - j * 0.38
+        _striped_board(pt, -w / 2, w / 2, top - 0.22, top, c, 0.22)
+
+
+_ARROWS = {
+    "right": ("......*....", ".......*...", "**********.", ".......*...", "......*...."),
+    "left": ("....*......", "...*.......", ".**********", "...*.......", "....*......"),
+    "bar": ("...........", "...........", "***********", "...........", "..........."),
+    "caution": ("*.........*", "...........", "....*.*....", "...........", "*.........*"),
+}
+
+
+def draw_arrow_board(pt: Painter, it: Item) -> None:
+    pt.rect(-0.9, 0.35, 0.9, 0.85, (70, 70, 72))
+    pt.rect(-0.8, 0, -0.5, 0.42, BLACK)
+    pt.rect(0.5, 0, 0.8, 0.42, BLACK)
+    pt.rect(-0.06, 0.85, 0.06, 1.7, (90, 90, 90))
+    pt.rect(-1.25, 1.65, 1.25, 2.95, (40, 40, 40))
+    pt.rect(-1.15, 1.75, 1.15, 2.85, BLACK)
+    r = 0.075
+    for row, line in enumerate(_ARROWS[it.p["pattern"]]):
+        y = 2.74 - row * 0.22
+        for col, ch in enumerate(line):
+            if ch == "*":
+                x = -1.0 + col * 0.2
+                pt.ellipse(x - r, y - r, x + r, y + r, AMBER, AMBER)
+
+
+def draw_diamond_sign(pt: Painter, it: Item) -> None:
+    """Orange work-zone sign or (hard negative) yellow warning sign."""
+    c, yc, glyph = it.p["color"], it.p["yc"], it.p["glyph"]
+    d = 0.64 * it.p["size"]
+    pole = (140, 140, 140)
+    if it.p["stand"]:
+        for s in (-1, 1):
+            pt.poly([(s * 0.5, 0), (s * 0.45, 0), (0, yc - 0.6 * d), (s * 0.05, yc - 0.6 * d)], pole)
+    else:
+        pt.rect(-0.04, 0, 0.04, yc, pole)
+    pt.poly([(0, yc + d), (d, yc), (0, yc - d), (-d, yc)], BLACK)
+    e = 0.86 * d
+    pt.poly([(0, yc + e), (e, yc), (0, yc - e), (-e, yc)], c, shade(c, 0.5))
+    if glyph == "text":
+        for i, hw in enumerate((0.42, 0.5, 0.36)):
+            y = yc + 0.2 * d - i * 0.2 * d
+            pt.rect(-hw * d, y - 0.05 * d, hw * d, y + 0.05 * d, BLACK)
+        return
+    pt.ellipse(-0.14 * d, yc + 0.26 * d, 0.02 * d, yc + 0.42 * d, BLACK)  # head
+    pt.poly([(-0.16 * d, yc + 0.24 * d), (0.0, yc + 0.24 * d), (0.1 * d, yc - 0.18 * d), (-0.06 * d, yc - 0.18 * d)], BLACK)
+    if glyph == "worker":  # digging figure with a pile
+        pt.poly([(-0.06 * d, yc - 0.18 * d), (0.04 * d, yc - 0.18 * d), (-0.12 * d, yc - 0.55 * d), (-0.22 * d, yc - 0.55 * d)], BLACK)
+        pt.poly([(0.14 * d, yc - 0.56 * d), (0.5 * d, yc - 0.56 * d), (0.3 * d, yc - 0.3 * d)], BLACK)
+        pt.poly([(0.0, yc + 0.1 * d), (0.05 * d, yc + 0.14 * d), (0.32 * d, yc - 0.36 * d), (0.27 * d, yc - 0.4 * d)], BLACK)
+    else:  # walking pedestrian (yellow warning sign)
+        pt.poly([(-0.06 * d, yc - 0.18 * d), (0.04 * d, yc - 0.18 * d), (0.22 * d, yc - 0.56 * d), (0.1 * d, yc - 0.56 * d)], BLACK)
+        pt.poly([(-0.06 * d, yc - 0.18 * d), (0.04 * d, yc - 0.18 * d), (-0.2 * d, yc - 0.56 * d), (-0.32 * d, yc - 0.56 * d)], BLACK)
+
+
+def draw_person(pt: Painter, it: Item) -> None:
+    """Pedestrian, or a worker when the item carries a vest (and usually a hard hat)."""
+    p, s = it.p, it.h / 1.75
+    st = p["stride"] * s
+    pants, shirt, skin = p["pants"], p["shirt"], p["skin"]
+    pt.poly([(-0.17 * s - st, 0), (-0.04 * s - st, 0), (-0.03 * s, 0.86 * s), (-0.17 * s, 0.86 * s)], pants)
+    pt.poly([(0.04 * s + st, 0), (0.17 * s + st, 0), (0.17 * s, 0.86 * s), (0.03 * s, 0.86 * s)], shade(pants, 0.85))
+    pt.rect(-0.2 * s, 0.84 * s, 0.2 * s, 1.5 * s, shirt)
+    pt.rect(-0.28 * s, 0.9 * s, -0.2 * s, 1.47 * s, shade(shirt, 0.85))
+    pt.rect(0.2 * s, 0.9 * s, 0.28 * s, 1.47 * s, shade(shirt, 0.85))
+    pt.rect(-0.06 * s, 1.48 * s, 0.06 * s, 1.55 * s, skin)
+    pt.ellipse(-0.1 * s, 1.53 * s, 0.1 * s, 1.76 * s, skin)
+    vest = p.get("vest")
+    if vest is not None:
+        pt.rect(-0.21 * s, 0.95 * s, 0.21 * s, 1.48 * s, vest, shade(vest, 0.25))
+        for y in (1.05, 1.22):
+            pt.rect(-0.21 * s, y * s, 0.21 * s, (y + 0.055) * s, (205, 205, 200), REFLECT)
+        pt.rect(-0.13 * s, 1.28 * s, -0.08 * s, 1.48 * s, (205, 205, 200), REFLECT)
+        pt.rect(0.08 * s, 1.28 * s, 0.13 * s, 1.48 * s, (205, 205, 200), REFLECT)
+    hat = p.get("hat")
+    if hat is not None:
+        pt.ellipse(-0.12 * s, 1.64 * s, 0.12 * s, 1.84 * s, hat)
+        pt.rect(-0.15 * s, 1.64 * s, 0.15 * s, 1.68 * s, hat)
+    else:
+        pt.ellipse(-0.105 * s, 1.66 * s, 0.105 * s, 1.78 * s, p["hair"])
+    if p.get("tool") == "shovel":
+        pt.poly([(0.26 * s, 1.0 * s), (0.3 * s, 1.0 * s), (0.5 * s, 0.1 * s), (0.46 * s, 0.1 * s)], (110, 90, 60))
+        pt.rect(0.4 * s, 0.0, 0.58 * s, 0.2 * s, (90, 90, 95))
+    elif p.get("tool") == "paddle":
+        pt.rect(0.28 * s, 0.9 * s, 0.31 * s, 1.9 * s, (120, 120, 120))
+        pt.ellipse(0.17 * s, 1.8 * s, 0.43 * s, 2.06 * s, (200, 30, 30), REFLECT)
+
+
+# ---------------------------------------------------------------- street furniture, vehicles
+def draw_car(pt: Painter, it: Item) -> None:
+    """Car or school bus seen from behind (or from the front when oncoming), with its side."""
+    w, h, L, c = it.w, it.h, it.p["length"], it.p["color"]
+    bus = it.kind == "bus"
+    X, Z = it.X, it.Z
+    body_top = 1.1 if bus else 0.95
+    if abs(X) > w / 2 and it.p.get("side", True):  # the inner side is visible
+        xs = X - w / 2 if X > 0 else X + w / 2
+        sc = shade(c, 0.8)
+        pt.world([(xs, 0.3, Z), (xs, h, Z), (xs, h, Z + L), (xs, 0.3, Z + L)] if bus else
+                 [(xs, 0.3, Z), (xs, body_top, Z), (xs, body_top, Z + L), (xs, 0.3, Z + L)], sc)
+        if bus:
+            pt.world([(xs, 1.1, Z), (xs, 1.2, Z), (xs, 1.2, Z + L), (xs, 1.1, Z + L)], BLACK)
+            z = Z + 1.2
+            while z + 0.9 < Z + L - 0.6:
+                pt.world([(xs, 1.9, z), (xs, 2.7, z), (xs, 2.7, z + 0.9), (xs, 1.9, z + 0.9)], GLASS)
+                z += 1.15
+        else:
+            pt.world([(xs, body_top, Z + 0.9), (xs, h, Z + 1.4), (xs, h, Z + L - 1.7), (xs, body_top, Z + L - 1.0)], GLASS)
+        for z0 in (Z + 0.6, Z + L - 1.4):
+            pt.world([(xs, 0.0, z0), (xs, 0.6, z0), (xs, 0.6, z0 + 0.8), (xs, 0.0, z0 + 0.8)], BLACK)
+    pt.at(X, Z)
+    pt.ellipse(-w / 2 - 0.15, -0.1, w / 2 + 0.15, 0.12, (18, 18, 18))
+    pt.rect(-w / 2 + 0.05, 0, -w / 2 + 0.4, 0.42, BLACK)
+    pt.rect(w / 2 - 0.4, 0, w / 2 - 0.05, 0.42, BLACK)
+    lamp = (235, 235, 220) if it.p["front"] else (200, 25, 20)
+    if bus:
+        pt.rect(-w / 2, 0.35, w / 2, h, c)
+        pt.rect(-w / 2, 0.35, w / 2, 0.55, BLACK)
+        for y in (1.1, 1.7):
+            pt.rect(-w / 2, y, w / 2, y + 0.08, BLACK)
+        pt.rect(-1.0, 1.9, -0.1, 2.7, GLASS)
+        pt.rect(0.1, 1.9, 1.0, 2.7, GLASS)
+        for s in (-1, 1):
+            pt.ellipse(s * (w / 2 - 0.25) - 0.12, 0.8, s * (w / 2 - 0.25) + 0.12, 1.04, lamp, lamp)
+        return
+    pt.rect(-w / 2, 0.25, w / 2, body_top, c)
+    pt.rect(-w / 2, 0.25, w / 2, 0.4, shade(c, 0.55))
+    pt.poly([(-w / 2 + 0.05, body_top), (w / 2 - 0.05, body_top), (w / 2 - 0.22, h), (-w / 2 + 0.22, h)], shade(c, 0.9))
+    pt.poly([(-w / 2 + 0.18, body_top + 0.04), (w / 2 - 0.18, body_top + 0.04), (w / 2 - 0.3, h - 0.06), (-w / 2 + 0.3, h - 0.06)], GLASS)
+    pt.rect(-w / 2 + 0.05, 0.7, -w / 2 + 0.32, 0.86, lamp, lamp)
+    pt.rect(w / 2 - 0.32, 0.7, w / 2 - 0.05, 0.86, lamp, lamp)
+    pt.rect(-0.2, 0.46, 0.2, 0.58, (225, 225, 215))
+
+
+def draw_tree(pt: Painter, it: Item) -> None:
+    ht, r = it.p["trunk"], it.p["r"]
+    pt.rect(-0.13, 0, 0.13, ht + 0.5 * r, (80, 62, 48))
+    cy = ht + r
+    for dx, dy, rr, col in it.p["blobs"]:
+        pt.ellipse(dx - rr, cy + dy - rr, dx + rr, cy + dy + rr, col)
+
+
+def draw_streetlight(pt: Painter, it: Item) -> None:
+    H, s = it.h, it.p["side"]
+    grey = (95, 95, 100)
+    pt.rect(-0.08, 0, 0.08, H, grey)
+    pt.poly([(0, H - 0.1), (0, H), (s * 1.6, H + 0.15), (s * 1.6, H + 0.05)], grey)
+    x0, x1 = sorted((s * 1.25, s * 1.75))
+    pt.ellipse(x0, H - 0.05, x1, H + 0.12, (215, 210, 190), it.p["lamp"])
+
+
+_TL = (("red", (220, 30, 25)), ("amber", (255, 170, 0)), ("green", (40, 220, 120)))
+
+
+def draw_traffic_light(pt: Painter, it: Item) -> None:
+    H = it.p["H"]
+    pt.rect(-0.07, 0, 0.07, H, (60, 62, 65))
+    pt.rect(-0.21, H, 0.21, H + 1.0, it.p["housing"])
+    for i, (name, on) in enumerate(_TL):
+        y = H + 0.82 - i * 0.32
+        lit = name == it.p["state"]
+        pt.ellipse(-0.12, y - 0.12, 0.12, y + 0.12, on if lit else shade(on, 0.25), on if lit else None)
+
+
+DRAW: dict[str, Callable[[Painter, Item], None]] = {
+    "cone": draw_cone,
+    "drum": draw_drum,
+    "barrier": draw_barrier,
+    "arrow_board": draw_arrow_board,
+    "work_sign": draw_diamond_sign,
+    "warning_sign": draw_diamond_sign,
+    "worker": draw_person,
+    "person": draw_person,
+    "car": draw_car,
+    "bus": draw_car,
+    "tree": draw_tree,
+    "streetlight": draw_streetlight,
+    "traffic_light": draw_traffic_light,
+}
+
+
+def draw_items(pt: Painter, items: list[Item]) -> None:
+    for it in sorted(items, key=lambda it: -it.Z):  # painter's algorithm, far to near
+        pt.at(it.X, it.Z)
+        DRAW[it.kind](pt, it)
+
+
+# ---------------------------------------------------------------- scene rendering
+MAX_SHIFT = 0.025  # frame-to-frame camera shift (view units)
+MAX_ZOOM = 1.08
+# view region that every frame's crop contains: objects meant to be seen are placed inside
+SAFE = (0.5 - (0.5 / MAX_ZOOM - MAX_SHIFT), 0.5 + (0.5 / MAX_ZOOM - MAX_SHIFT))
+EMISSION = {"day": (0.15, 0.0), "dusk": (0.45, 0.35), "night": (0.9, 0.9), "rain": (0.4, 0.5)}  # (gain, bloom)
+_SENTINEL = (1, 2, 3)  # canvas background; pixels still equal to it are sky
+
+
+@dataclass
+class Scene:
+    cam: Camera
+    street: Street
+    items: list[Item]
+    label: int
+    kind: str
+    lighting: str
+    sky: tuple[Color, Color]  # (zenith, horizon), final colours
+    ambient: tuple[float, float, float]  # RGB gain of the scene lighting
+    pools: list[tuple[float, float, float, float, tuple[float, float, float]]]  # (u, v, su, sv, rgb)
+    vignette: float
+    contrast: float  # < 1 pulls colours toward the mean (rain haze)
+    blur: float  # output pixels
+    noise: float  # sensor noise sigma, 8-bit units
+    streak: float  # rain streak opacity (0..255)
+
+
+def render_scene(scene: Scene, supersample: int) -> Image.Image:
+    """Draw the scene on its canvas and light it: base * light map + emission + bloom."""
+    cam = scene.cam
+    side = int(round(cam.scale * (1 + 2 * cam.margin)))
+    base = Image.new("RGB", (side, side), _SENTINEL)
+    emit = Image.new("RGB", (side, side), (0, 0, 0))
+    pt = Painter(base, emit, cam)
+    draw_street(pt, scene.street)
+    draw_items(pt, scene.items)
+
+    a = np.asarray(base, dtype=np.float32)
+    sky_mask = np.all(a == np.asarray(_SENTINEL, dtype=np.float32), axis=-1)[..., None]
+    v = (np.arange(side, dtype=np.float32) + 0.5) / cam.scale - cam.margin  # view coordinate
+    t = np.clip((v + cam.margin) / (cam.y_h + cam.margin), 0.0, 1.0)[:, None, None]
+    top, hor = (np.asarray(c, dtype=np.float32) for c in scene.sky)
+    out = np.where(sky_mask, top * (1 - t) + hor * t, a * _light_map(scene, v))
+    gain, bloom = EMISSION[scene.lighting]
+    e = np.asarray(emit, dtype=np.float32)
+    out += gain * e
+    if bloom > 0:
+        out += bloom * np.asarray(emit.filter(ImageFilter.BoxBlur(0.015 * cam.scale)), dtype=np.float32)
+    if scene.contrast < 1:
+        out = out * scene.contrast + out.mean(axis=(0, 1)) * (1 - scene.contrast)
+    img = Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
+    if scene.blur > 0:
+        img = img.filter(ImageFilter.GaussianBlur(scene.blur * supersample))
+    return img
+
+
+def _light_map(scene: Scene, v: np.ndarray) -> np.ndarray:
+    """Per-pixel RGB gain: ambient tint, vignette, and light pools (headlights, lamps)."""
+    u = v  # square canvas: columns use the same view coordinates as rows
+    vig = 1.0 - scene.vignette * ((u[None, :] - 0.5) ** 2 + (v[:, None] - 0.5) ** 2)
+    gain = np.asarray(scene.ambient, dtype=np.float32) * vig[..., None]
+    for cu, cv, su, sv, col in scene.pools:
+        g = np.exp(-(((v - cv) / sv) ** 2))[:, None] * np.exp(-(((u - cu) / su) ** 2))[None, :]
+        gain += g[..., None] * np.asarray(col, dtype=np.float32)
+    return gain
+
+
+def camera_frame(canvas: Image.Image, scene: Scene, rng: np.random.Generator, size: int) -> Image.Image:
+    """One dashcam frame: small shift/zoom of the canvas, exposure jitter, noise, rain streaks."""
+    cam = scene.cam
+    half = 0.5 / rng.uniform(1.0, MAX_ZOOM)
+    cx, cy = 0.5 + cam.margin + rng.uniform(-MAX_SHIFT, MAX_SHIFT, size=2)
+    box = tuple(float(c) * cam.scale for c in (cx - half, cy - half, cx + half, cy + half))
+    frame = canvas.resize((size, size), Image.Resampling.BILINEAR, box=box)
+    arr = np.asarray(frame, dtype=np.float32) * np.float32(rng.uniform(0.93, 1.07))
+    arr += rng.standard_normal(arr.shape, dtype=np.float32) * np.float32(scene.noise * rng.uniform(0.8, 1.2))
+    if scene.streak > 0:
+        mask = Image.new("L", (size, size), 0)
+        d = ImageDraw.Draw(mask)
+        slant, length = rng.uniform(-0.3, 0.3), rng.uniform(0.04, 0.1) * size
+        for x, y in rng.uniform(-0.1, 1.0, size=(int(0.006 * size * size), 2)) * size:
+            d.line([(x, y), (x + slant * length, y + length)], fill=255, width=1)
+        m = np.asarray(mask, dtype=np.float32)[..., None] * np.float32(scene.streak / 255.0)
+        arr = arr * (1 - m) + 215.0 * m
+    return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8))

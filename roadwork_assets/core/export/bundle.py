@@ -1,0 +1,158 @@
+"""The deployable bundle: checkpoint + exactly one exit policy + ONNX + hashed manifest.
+
+Layout of ``bundles/<bundle_id>/``::
+
+    manifest.json   BundleManifest: every file's sha256 and size, provenance
+    model.pt        the checkpoint (weights_only loadable)
+    policy.json     the ONE exit policy (softmax | gate | scrc)
+    model.onnx      optional: the network, fixed spatial size, dynamic batch
+
+A bundle is written in a staging directory and renamed into place, and ``LATEST``
+is then switched atomically, so a crash never leaves a half bundle behind the pointer.
+Loading verifies the manifest schema, every hash, and that exactly one policy exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from roadwork_assets.contracts.errors import ArtifactIntegrityError
+from roadwork_assets.contracts.policy_schemas import PolicyParams, parse_policy
+from roadwork_assets.contracts.schemas import (
+    BundleFile,
+    BundleManifest,
+    Provenance,
+    load_json_artifact,
+)
+from roadwork_assets.core.artifacts import (
+    atomic_write_json,
+    atomic_write_text,
+    file_sha256,
+    publish_directory,
+    remove_tree_quietly,
+)
+from roadwork_assets.core.training.checkpoint import load_checkpoint
+
+MANIFEST = "manifest.json"
+POLICY_FILE = "policy.json"
+CHECKPOINT_FILE = "model.pt"
+ONNX_FILE = "model.onnx"
+
+
+@dataclass
+class Bundle:
+    directory: Path
+    manifest: BundleManifest
+    policy: PolicyParams
+    checkpoint: dict[str, Any]
+
+
+def _describe(directory: Path, name: str) -> BundleFile:
+    path = directory / name
+    return BundleFile(path=name, sha256=file_sha256(path), size_bytes=path.stat().st_size)
+
+
+def build_bundle(
+    bundles_dir: Path,
+    latest_pointer: Path,
+    *,
+    checkpoint_path: Path,
+    policy_path: Path,
+    provenance: Provenance,
+    export_onnx_model: bool = True,
+) -> tuple[Path, BundleManifest, dict[str, Any]]:
+    """Assemble, hash and publish a bundle; returns (dir, manifest, extra numbers)."""
+    payload = load_checkpoint(checkpoint_path)
+    policy = parse_policy(json.loads(Path(policy_path).read_text()))
+    bundles_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=bundles_dir))
+    extra: dict[str, Any] = {}
+    try:
+        shutil.copyfile(checkpoint_path, staging / CHECKPOINT_FILE)
+        atomic_write_json(staging / POLICY_FILE, policy)
+        files = {"checkpoint": CHECKPOINT_FILE, "policy": POLICY_FILE}
+        img_size = int(payload.get("img_size", payload["config"]["img_size"]))
+        if export_onnx_model:
+            from roadwork_assets.core.export.onnx_export import export_onnx, onnx_parity
+            from roadwork_assets.core.training.pipeline import model_from_checkpoint
+
+            model, _ = model_from_checkpoint(payload)
+            export_onnx(model, img_size, staging / ONNX_FILE)
+            extra["onnx_max_abs_diff"] = onnx_parity(model, staging / ONNX_FILE, img_size)
+            files["onnx"] = ONNX_FILE
+        described = {role: _describe(staging, name) for role, name in files.items()}
+        bundle_id = hashlib.sha256(
+            "".join(f"{r}:{f.sha256}" for r, f in sorted(described.items())).encode()
+        ).hexdigest()[:16]
+        manifest = BundleManifest(
+            bundle_id=bundle_id,
+            policy_kind=policy.kind,
+            files=described,
+            backbone_name=payload["backbone_name"],
+            mode=payload["mode"],
+            img_size=img_size,
+            n_views=int(payload["config"]["n_views"]),
+            provenance=provenance,
+        )
+        atomic_write_json(staging / MANIFEST, manifest)
+        dest = bundles_dir / bundle_id
+        if dest.exists():  # identical content already published: keep the old copy
+            verify_bundle(dest)
+            remove_tree_quietly(staging)
+        else:
+            publish_directory(staging, dest)
+    except BaseException:
+        remove_tree_quietly(staging)
+        raise
+    atomic_write_text(latest_pointer, bundle_id + "\n")
+    return dest, manifest, extra
+
+
+def verify_bundle(directory: Path) -> BundleManifest:
+    """Schema, exactly one policy, every named file present with its sha256."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ArtifactIntegrityError(f"bundle directory {directory} does not exist")
+    manifest = load_json_artifact(directory / MANIFEST, BundleManifest, "bundle manifest")
+    policy_roles = [r for r in manifest.files if r.startswith("policy")]
+    policy_files = sorted(p.name for p in directory.glob("*.json") if p.name != MANIFEST)
+    if len(policy_roles) != 1 or len(policy_files) != 1:
+        raise ArtifactIntegrityError(
+            f"bundle {directory} must hold exactly one exit policy; manifest names "
+            f"{policy_roles or 'none'} and the folder has {policy_files or 'none'}. "
+            "Rebuild it with the `bundle` asset (bundle_policy picks the one policy)."
+        )
+    for role in ("checkpoint", "policy"):
+        if role not in manifest.files:
+            raise ArtifactIntegrityError(f"bundle {directory}: manifest names no {role} file")
+    problems = []
+    for role, entry in manifest.files.items():
+        path = directory / entry.path
+        if not path.is_file():
+            problems.append(f"{role}: {entry.path} is missing")
+        elif file_sha256(path) != entry.sha256:
+            problems.append(f"{role}: {entry.path} sha256 differs from the manifest (tampered "
+                            "or corrupted)")
+    if problems:
+        raise ArtifactIntegrityError(f"bundle {directory} failed verification: "
+                                     + "; ".join(problems))
+    return manifest
+
+
+def load_bundle(directory: Path) -> Bundle:
+    manifest = verify_bundle(directory)
+    policy = parse_policy(json.loads((directory / manifest.files["policy"].path).read_text()))
+    if policy.kind != manifest.policy_kind:
+        raise ArtifactIntegrityError(
+            f"bundle {directory}: manifest says policy {manifest.policy_kind!r}, "
+            f"policy.json holds {policy.kind!r}"
+        )
+    checkpoint = load_checkpoint(directory / manifest.files["checkpoint"].path)
+    return Bundle(directory=Path(directory), manifest=manifest, policy=policy,
+                  checkpoint=checkpoint)

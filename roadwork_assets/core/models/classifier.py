@@ -1,0 +1,135 @@
+"""The classifier: a timm backbone, input normalisation, and a two-logit head.
+
+Two backbone modes share this module:
+- ``frozen``: a pretrained DINOv2/DINOv3 ViT read from a local weights file (this
+  network reaches no model hub), never updated; only the head trains, on cached
+  embeddings.
+- ``end_to_end``: a small timm backbone trained from scratch on CPU. A randomly
+  initialised *frozen* ViT gives chance-level features, so the default must train
+  its backbone.
+
+The model takes float images in [0, 1], [B, 3, H, W], and normalises inside, so the
+exported ONNX graph and the predictor need no preprocessing beyond resize + /255.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from roadwork_assets.contracts.errors import BadInputError
+
+BackboneMode = str  # "frozen" | "end_to_end"
+
+
+def create_backbone(
+    name: str,
+    *,
+    img_size: int,
+    weights_path: str | Path | None = None,
+    drop_rate: float = 0.0,
+    attn_impl: str = "sdpa",
+) -> nn.Module:
+    """A timm feature extractor (``num_classes=0``), optionally with local weights.
+
+    Local weights go through timm's own loader (``pretrained_cfg_overlay=dict(file=..)``),
+    which applies the model's checkpoint filter (e.g. DINOv2 key conversion) and loads
+    with ``weights_only=True``.
+    """
+    kwargs: dict = {"num_classes": 0, "drop_rate": drop_rate}
+    if _is_vit(name):
+        kwargs["img_size"] = img_size
+    if weights_path is not None:
+        path = Path(weights_path).expanduser()
+        if not path.is_file():
+            raise BadInputError(
+                f"backbone weights file {path} does not exist: download the "
+                f"{name} weights (.safetensors or .pth) to this machine and point "
+                "ROADWORK_WEIGHTS / the trainer's weights_path at it"
+            )
+        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+    try:
+        model = timm.create_model(name, **kwargs)
+    except RuntimeError as exc:  # shape / key mismatch between file and architecture
+        raise BadInputError(
+            f"weights file {weights_path} does not fit timm model {name!r}: {exc}"
+        ) from exc
+    except Exception as exc:
+        if "Unknown model" in str(exc) or "Invalid model" in str(exc):
+            raise BadInputError(f"timm has no model named {name!r}: {exc}") from exc
+        raise
+    set_attention_impl(model, attn_impl)
+    return model
+
+
+def _is_vit(name: str) -> bool:
+    base = name.split(".")[0]
+    return base.startswith(("vit_", "eva", "deit", "test_vit"))
+
+
+def set_attention_impl(model: nn.Module, attn_impl: str) -> int:
+    """Switch timm attention blocks between fused SDPA and the eager reference.
+
+    Returns how many attention modules were switched (0 for a CNN).
+    """
+    if attn_impl not in {"sdpa", "eager"}:
+        raise BadInputError(f"attn_impl must be 'sdpa' or 'eager', got {attn_impl!r}")
+    n = 0
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = attn_impl == "sdpa"
+            n += 1
+    return n
+
+
+class RoadworkClassifier(nn.Module):
+    """backbone -> dropout -> Linear(dim, 2). Logit 1 is roadwork."""
+
+    def __init__(self, backbone: nn.Module, head_dropout: float = 0.0) -> None:
+        super().__init__()
+        self.backbone = backbone
+        cfg = getattr(backbone, "pretrained_cfg", {}) or {}
+        mean = cfg.get("mean", (0.485, 0.456, 0.406))
+        std = cfg.get("std", (0.229, 0.224, 0.225))
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.dropout = nn.Dropout(head_dropout)
+        self.head = nn.Linear(backbone.num_features, 2)
+
+    @property
+    def num_features(self) -> int:
+        return int(self.backbone.num_features)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone((images - self.mean) / self.std)
+
+    def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(feats))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.features(images))
+
+
+def build_classifier(
+    name: str,
+    *,
+    img_size: int,
+    weights_path: str | Path | None = None,
+    drop_rate: float = 0.0,
+    head_dropout: float = 0.0,
+    attn_impl: str = "sdpa",
+) -> RoadworkClassifier:
+    backbone = create_backbone(
+        name, img_size=img_size, weights_path=weights_path, drop_rate=drop_rate,
+        attn_impl=attn_impl,
+    )
+    return RoadworkClassifier(backbone, head_dropout=head_dropout)
+
+
+def freeze_backbone(model: RoadworkClassifier) -> None:
+    for p in model.backbone.parameters():
+        p.requires_grad_(False)
+    model.backbone.eval()

@@ -1,0 +1,148 @@
+"""The three training-phase steps as plain functions the Dagster layer calls.
+
+- ``compute_embeddings``: the output of the frozen stage for one split. In frozen
+  mode that is the pretrained backbone's features per test-time view, [N, V, D]; in
+  end_to_end mode the frozen stage is only the deterministic preprocessing, so the
+  cache holds the decoded, resized images, uint8 [N, 3, S, S]. Either way it is
+  computed once per split and reused by training and inference.
+- ``train_checkpoint``: fit on train, select on val_select, write the checkpoint.
+- ``compute_logits``: [N, V, 2] logits for one split from a checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from roadwork_assets.contracts.errors import BadInputError
+from roadwork_assets.core.artifacts import atomic_write_npz, code_version
+from roadwork_assets.core.data.transforms import load_model_arrays
+from roadwork_assets.core.models.classifier import RoadworkClassifier, build_classifier
+from roadwork_assets.core.training.checkpoint import save_checkpoint
+from roadwork_assets.core.training.config import TrainerConfig
+from roadwork_assets.core.training.trainer import (
+    TrainResult,
+    embed_views,
+    fit_end_to_end,
+    fit_linear_probe,
+    head_view_logits,
+    predict_view_logits,
+)
+
+
+def build_model(cfg: TrainerConfig, *, with_weights: bool = True) -> RoadworkClassifier:
+    return build_classifier(
+        cfg.backbone,
+        img_size=cfg.img_size,
+        weights_path=cfg.weights_path if (with_weights and cfg.mode == "frozen") else None,
+        head_dropout=cfg.head_dropout,
+        attn_impl=cfg.attn_impl,
+    )
+
+
+def compute_embeddings(manifest: pd.DataFrame, cfg: TrainerConfig, dest: Path,
+                       split: str) -> dict[str, Any]:
+    """Write the per-split feature cache (npz) and return summary numbers."""
+    cfg.apply_threads()
+    images = load_model_arrays(manifest["uri"].tolist(), manifest["item_id"].tolist(),
+                               cfg.img_size)
+    if cfg.mode == "frozen":
+        model = build_model(cfg)
+        feats = embed_views(model, images, n_views=cfg.n_views, batch_size=cfg.batch_size,
+                            device=cfg.resolved_device())
+        kind = "backbone_features"
+    else:
+        feats, kind = images, "preprocessed_images"
+    atomic_write_npz(
+        dest,
+        features=feats,
+        labels=manifest["label"].to_numpy(np.int8),
+        item_ids=manifest["item_id"].to_numpy(dtype=str),
+        kind=np.array(kind),
+        split=np.array(split),
+        backbone=np.array(cfg.backbone),
+    )
+    return {"kind": kind, "shape": list(feats.shape), "dtype": str(feats.dtype)}
+
+
+def _as_arrays(cache: dict[str, np.ndarray], cfg: TrainerConfig, split: str):
+    kind = str(cache["kind"])
+    expected = "backbone_features" if cfg.mode == "frozen" else "preprocessed_images"
+    if kind != expected or str(cache["backbone"]) != cfg.backbone:
+        raise BadInputError(
+            f"embeddings[{split}] were computed for {kind} / {cache['backbone']}, but the "
+            f"trainer is now mode={cfg.mode} / {cfg.backbone}: re-materialize embeddings"
+        )
+    return cache["features"], cache["labels"].astype(np.int64)
+
+
+def train_checkpoint(
+    caches: dict[str, dict[str, np.ndarray]],
+    cfg: TrainerConfig,
+    dest: Path,
+    data_version: str,
+    log: Callable[[dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train on ``caches['train']``, select on ``caches['val_select']``; write checkpoint.
+
+    ``caches`` must hold exactly those two splits: anything else is refused.
+    """
+    if set(caches) != {"train", "val_select"}:
+        raise BadInputError(f"training reads train and val_select only, got {sorted(caches)}")
+    cfg.apply_threads()
+    torch.manual_seed(cfg.seed)
+    train_x, train_y = _as_arrays(caches["train"], cfg, "train")
+    sel_x, sel_y = _as_arrays(caches["val_select"], cfg, "val_select")
+    for split, y in (("train", train_y), ("val_select", sel_y)):
+        if len(np.unique(y)) < 2:
+            raise BadInputError(f"{split} has only one class ({np.unique(y)}): cannot train")
+    model = build_model(cfg)
+    if cfg.mode == "frozen":
+        result = fit_linear_probe(model, cfg, train_x, train_y, sel_x, sel_y, log=log)
+    else:
+        result = fit_end_to_end(model, cfg, train_x, train_y, sel_x, sel_y, log=log)
+    save_checkpoint(
+        dest,
+        model_state_dict=result.model.state_dict(),
+        epoch=result.epoch,
+        best_metric=result.best_metric,
+        best_metric_name=result.best_metric_name,
+        config=cfg.model_dump(),
+        backbone_name=cfg.backbone,
+        mode=cfg.mode,
+        data_version=data_version,
+        code_version=code_version(),
+        extra={"select_metrics": result.select_metrics, "img_size": cfg.img_size},
+    )
+    return result
+
+
+def model_from_checkpoint(payload: dict[str, Any]) -> tuple[RoadworkClassifier, TrainerConfig]:
+    """Rebuild the architecture (no weight file needed) and load the checkpoint's state."""
+    cfg = TrainerConfig(**payload["config"])
+    model = build_model(cfg, with_weights=False)
+    model.load_state_dict(payload["model_state_dict"])
+    return model.eval(), cfg
+
+
+def compute_logits(payload: dict[str, Any], cache: dict[str, np.ndarray], split: str,
+                   dest: Path, override: TrainerConfig | None = None) -> dict[str, Any]:
+    model, cfg = model_from_checkpoint(payload)
+    run_cfg = override or cfg
+    run_cfg.apply_threads()
+    x, y = _as_arrays(cache, cfg, split)
+    if cfg.mode == "frozen":
+        logits = head_view_logits(model, x)
+    else:
+        logits = predict_view_logits(model, x, n_views=cfg.n_views,
+                                     batch_size=run_cfg.batch_size * 2,
+                                     device=run_cfg.resolved_device())
+    atomic_write_npz(dest, logits=logits, labels=y.astype(np.int8), item_ids=cache["item_ids"],
+                     split=np.array(split))
+    return {"n": int(len(y)), "n_views": int(logits.shape[1]),
+            "finite": bool(np.isfinite(logits).all())}

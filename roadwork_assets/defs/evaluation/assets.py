@@ -1,0 +1,76 @@
+"""test_report: the bundle's policy on val_test, and nothing else."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+
+from roadwork_assets.core.artifacts import atomic_write_json
+from roadwork_assets.core.evaluation.report import evaluate_bundle_policy, plot_reliability
+from roadwork_assets.core.export.bundle import load_bundle
+from roadwork_assets.defs.metadata import path_meta, provenance
+from roadwork_assets.defs.partitions import FINAL_EVALUATION_SPLITS
+from roadwork_assets.defs.resources import ArtifactRegistryResource
+from roadwork_assets.defs.split_reads import split_reads_check_spec, split_reads_result
+
+
+def _png_md(path: Path, title: str) -> dg.MetadataValue:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return dg.MetadataValue.md(f"![{title}](data:image/png;base64,{data})")
+
+
+@dg.asset(
+    group_name="evaluation",
+    ins={"logits": dg.AssetIn(partition_mapping=FINAL_EVALUATION_SPLITS)},
+    check_specs=[split_reads_check_spec("test_report")],
+    description="Held-out evaluation of the bundle on val_test only: accuracy, balanced "
+    "accuracy, MCC, FNR/FPR with exact intervals, ECE, AUROC, the policy's defer rate.",
+)
+def test_report(
+    context: dg.AssetExecutionContext,
+    bundle: Path,
+    logits: dict[str, dict[str, np.ndarray]],
+    artifacts: ArtifactRegistryResource,
+):
+    reg = artifacts.registry
+    loaded = load_bundle(bundle)
+    test = logits["val_test"]
+    report, arrays = evaluate_bundle_policy(
+        loaded.policy, test["logits"], test["labels"].astype(np.int64),
+        bundle_id=loaded.manifest.bundle_id,
+        provenance=provenance(loaded.checkpoint["data_version"]),
+    )
+    dest = atomic_write_json(reg.test_report, report)
+    plot = plot_reliability(arrays["calibrated"], test["labels"], reg.test_report_plot("reliability"))
+    fnr = report.fnr
+    reads_meta, reads_check = split_reads_result("test_report", None)
+    cm = report.confusion_matrix
+    yield dg.Output(
+        dest,
+        metadata={
+            "balanced_accuracy": dg.MetadataValue.float(report.balanced_accuracy),
+            "accuracy": dg.MetadataValue.float(report.accuracy),
+            "mcc": dg.MetadataValue.float(report.mcc),
+            "auroc": dg.MetadataValue.float(report.auroc or float("nan")),
+            "ece": dg.MetadataValue.float(report.ece or float("nan")),
+            "fnr": dg.MetadataValue.float(fnr.value if fnr.value is not None else float("nan")),
+            "fnr_ci95": dg.MetadataValue.text(
+                f"{fnr.errors}/{fnr.n} = {fnr.value:.4f} [{fnr.ci_low:.4f}, {fnr.ci_high:.4f}] "
+                "(Clopper-Pearson)" if fnr.n else "no positives"),
+            "fpr": dg.MetadataValue.float(report.fpr.value or 0.0),
+            "policy_fnr": dg.MetadataValue.float(report.policy_fnr.value or 0.0),
+            "policy_defer_rate": dg.MetadataValue.float(report.policy_defer_rate),
+            "confusion_matrix": dg.MetadataValue.md(
+                "| true \\ pred | none | roadwork |\n|---|---|---|\n"
+                f"| none | {cm[0][0]} | {cm[0][1]} |\n| roadwork | {cm[1][0]} | {cm[1][1]} |"),
+            "reliability_diagram": _png_md(plot, "reliability"),
+            "bundle_id": report.bundle_id,
+            "n_images": report.n_images,
+            **path_meta(dest),
+            **reads_meta,
+        },
+    )
+    yield reads_check

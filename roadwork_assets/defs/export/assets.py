@@ -1,0 +1,77 @@
+"""The bundle: checkpoint + exactly one policy (chosen by config) + ONNX, hashed."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from roadwork_assets.contracts.errors import ArtifactIntegrityError
+from roadwork_assets.core.export.bundle import verify_bundle
+from roadwork_assets.core.export.bundle import build_bundle
+from roadwork_assets.core.training.checkpoint import load_checkpoint
+from roadwork_assets.defs.metadata import provenance
+from roadwork_assets.defs.resources import ArtifactRegistryResource, ExitPolicyResource
+from roadwork_assets.defs.split_reads import split_reads_check_spec, split_reads_result
+
+BUNDLE_CHECK = "one_policy_and_hashes_match"
+ONNX_CHECK = "onnx_matches_torch"
+ONNX_TOLERANCE = 1e-3
+
+
+@dg.asset(
+    group_name="export",
+    deps=["checkpoint", "thresholds", "gate_params", "conformal_sets"],
+    check_specs=[
+        split_reads_check_spec("bundle"),
+        dg.AssetCheckSpec(BUNDLE_CHECK, asset="bundle", blocking=True,
+                          description="exactly one policy; every file's sha256 matches"),
+        dg.AssetCheckSpec(ONNX_CHECK, asset="bundle", blocking=True,
+                          description=f"ONNX logits within {ONNX_TOLERANCE} of torch"),
+    ],
+    description="Deployable bundle: checkpoint + the ONE configured exit policy + ONNX "
+    "export + sha256 manifest; `roadwork predict` and `roadwork verify` read it.",
+)
+def bundle(
+    context: dg.AssetExecutionContext,
+    artifacts: ArtifactRegistryResource,
+    exit_policy: ExitPolicyResource,
+):
+    reg = artifacts.registry
+    payload = load_checkpoint(reg.checkpoint)
+    directory, manifest, extra = build_bundle(
+        reg.bundles_dir,
+        reg.latest_bundle_pointer,
+        checkpoint_path=reg.checkpoint,
+        policy_path=reg.policy(exit_policy.bundle_policy),
+        provenance=provenance(payload["data_version"]),
+        export_onnx_model=exit_policy.export_onnx,
+    )
+    reads_meta, reads_check = split_reads_result("bundle", None)
+    yield dg.Output(
+        reg.latest_bundle_pointer,
+        metadata={
+            "bundle_id": manifest.bundle_id,
+            "bundle_dir": dg.MetadataValue.path(str(directory)),
+            "policy_kind": manifest.policy_kind,
+            "files": dg.MetadataValue.json(
+                {role: {"path": f.path, "sha256": f.sha256, "size_bytes": f.size_bytes}
+                 for role, f in manifest.files.items()}),
+            "data_version": manifest.provenance.data_version,
+            "code_version": manifest.provenance.code_version,
+            **{k: dg.MetadataValue.float(v) for k, v in extra.items()},
+            **reads_meta,
+        },
+    )
+    yield reads_check
+    try:
+        verify_bundle(directory)
+        yield dg.AssetCheckResult(check_name=BUNDLE_CHECK, passed=True,
+                                  metadata={"n_files": len(manifest.files)})
+    except ArtifactIntegrityError as exc:
+        yield dg.AssetCheckResult(check_name=BUNDLE_CHECK, passed=False, description=str(exc))
+    diff = extra.get("onnx_max_abs_diff")
+    yield dg.AssetCheckResult(
+        check_name=ONNX_CHECK,
+        passed=diff is None or diff <= ONNX_TOLERANCE,
+        description="ONNX export disabled" if diff is None else f"max |diff| = {diff:.2e}",
+        metadata={} if diff is None else {"max_abs_diff": dg.MetadataValue.float(diff)},
+    )

@@ -1,0 +1,122 @@
+"""The registry IO manager: loads artifacts by path and records every split read.
+
+Assets write their artifacts themselves, atomically, through the artifact registry
+and return the path; this IO manager only checks the path exists and, on load, maps
+(asset, partition) to the registry path and reads it by suffix.
+
+Every load of a split partition — through a declared input or any other way
+(``context.load_asset_value(..., partition_key=...)`` goes through here too) — is
+recorded in a process-wide read ledger. Each asset drains the ledger at the end of
+its body, records the partitions it actually read in its metadata, and a blocking
+check compares them with the split policy. Steps run one at a time per process
+(in-process executor) or one per process (multiprocess / k8s executors), so what a
+step drains is what that step read.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+
+from roadwork_assets.contracts.splits import SPLITS
+from roadwork_assets.core.artifacts import ArtifactRegistry, read_npz
+from roadwork_assets.core.training.checkpoint import load_checkpoint
+
+_LEDGER_LOCK = threading.Lock()
+_LEDGER: list[tuple[str, str]] = []  # (upstream asset name, partition key)
+
+
+def record_read(asset_name: str, partition: str | None) -> None:
+    if partition is not None:
+        with _LEDGER_LOCK:
+            _LEDGER.append((asset_name, partition))
+
+
+def drain_reads() -> list[tuple[str, str]]:
+    """Return and clear what was read since the last drain in this process."""
+    with _LEDGER_LOCK:
+        out = list(_LEDGER)
+        _LEDGER.clear()
+    return out
+
+
+def artifact_path(registry: ArtifactRegistry, asset_name: str, partition: str | None) -> Path:
+    """Where an asset (partition) lives. The single mapping from asset to path."""
+    per_split = {
+        "split_manifest": registry.split_manifest,
+        "embeddings": registry.embeddings,
+        "logits": registry.logits,
+    }
+    fixed = {
+        "source_images": registry.source_table,
+        "split_assignment": registry.split_assignment,
+        "checkpoint": registry.checkpoint,
+        "thresholds": registry.policy("softmax"),
+        "gate_params": registry.policy("gate"),
+        "conformal_sets": registry.policy("scrc"),
+        "bundle": registry.latest_bundle_pointer,
+        "test_report": registry.test_report,
+    }
+    if asset_name in per_split:
+        if partition not in SPLITS:
+            raise ValueError(f"{asset_name} needs a split partition, got {partition!r}")
+        return per_split[asset_name](partition)
+    if asset_name in fixed:
+        return fixed[asset_name]
+    raise KeyError(f"no artifact path registered for asset {asset_name!r}")
+
+
+def read_artifact(registry: ArtifactRegistry, asset_name: str, partition: str | None) -> Any:
+    path = artifact_path(registry, asset_name, partition)
+    if asset_name == "bundle":
+        return registry.latest_bundle()
+    if asset_name == "checkpoint":
+        return load_checkpoint(path)
+    if path.suffix == ".parquet":
+        return pd.read_parquet(path)
+    if path.suffix == ".npz":
+        return read_npz(path)
+    return path  # JSON artifacts: the asset validates them against their schema
+
+
+class RegistryIOManager(dg.ConfigurableIOManager):
+    """Stores nothing itself; resolves registry paths and keeps the read ledger."""
+
+    root: str
+
+    @property
+    def registry(self) -> ArtifactRegistry:
+        return ArtifactRegistry(Path(self.root))
+
+    def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
+        if obj is None:
+            return
+        if not isinstance(obj, Path) or not obj.exists():
+            raise TypeError(
+                f"asset {context.asset_key.to_user_string()} must write its artifact "
+                f"through the registry and return its Path; got {type(obj).__name__}"
+            )
+
+    def load_input(self, context: dg.InputContext) -> Any:
+        name = context.asset_key.path[-1]
+        if not context.has_asset_partitions:
+            return read_artifact(self.registry, name, None)
+        keys = list(context.asset_partition_keys)
+        for key in keys:
+            record_read(name, key)
+        consumer_partitioned = _consumer_is_partitioned(context)
+        if consumer_partitioned and len(keys) == 1:
+            return read_artifact(self.registry, name, keys[0])
+        return {key: read_artifact(self.registry, name, key) for key in keys}
+
+
+def _consumer_is_partitioned(context: dg.InputContext) -> bool:
+    # AssetValueLoader (context.load_asset_value) builds a context with no step: one key.
+    try:
+        return context.step_context.has_partitions_def
+    except Exception:
+        return True

@@ -1,0 +1,100 @@
+"""Exit-policy assets, each fitted on val_calib only (part A fits, part B thresholds)."""
+
+from __future__ import annotations
+
+import dagster as dg
+import numpy as np
+
+from roadwork_assets.contracts.policy_schemas import PolicyParams
+from roadwork_assets.contracts.schemas import validate_artifact
+from roadwork_assets.core.artifacts import atomic_write_json
+from roadwork_assets.core.calibration.policies import fit_policy
+from roadwork_assets.defs.metadata import path_meta
+from roadwork_assets.defs.partitions import POLICY_FITTING_SPLITS
+from roadwork_assets.defs.resources import ArtifactRegistryResource, ExitPolicyResource
+from roadwork_assets.defs.split_reads import split_reads_check_spec, split_reads_result
+
+SCHEMA_CHECK = "schema_valid"
+
+# asset name -> (policy kind, registry name, what it is)
+POLICY_ASSETS = {
+    "thresholds": ("softmax", "softmax", "calibrated three-way exit (t_lo, t_hi) with an FNR "
+                   "guarantee from conformal risk control or Learn-then-Test"),
+    "gate_params": ("gate", "gate", "learned failure gate on uncertainty features, compared "
+                    "with the max-probability baseline by AURC"),
+    "conformal_sets": ("scrc", "scrc", "split-conformal prediction sets (LAC and "
+                       "class-conditional); singletons exit, the rest defer"),
+}
+
+
+def _policy_metadata(params: PolicyParams) -> dict[str, dg.MetadataValue]:
+    raw = params.model_dump(mode="json")
+    meta: dict[str, dg.MetadataValue] = {}
+    for key, value in raw.items():
+        if isinstance(value, bool) or value is None:
+            meta[key] = dg.MetadataValue.text(str(value))
+        elif isinstance(value, (int, float)):
+            meta[key] = dg.MetadataValue.float(float(value))
+        elif isinstance(value, str):
+            meta[key] = dg.MetadataValue.text(value)
+        else:
+            meta[key] = dg.MetadataValue.json(value)
+    return meta
+
+
+def _make_policy_asset(name: str, kind: str, registry_name: str, what: str):
+    @dg.asset(
+        name=name,
+        group_name="policy",
+        ins={"logits": dg.AssetIn(partition_mapping=POLICY_FITTING_SPLITS)},
+        check_specs=[
+            split_reads_check_spec(name),
+            dg.AssetCheckSpec(SCHEMA_CHECK, asset=name, blocking=True,
+                              description="the JSON on disk validates against its schema"),
+        ],
+        description=f"Policy `{kind}` fitted on val_calib only: {what}.",
+    )
+    def _policy_asset(
+        context: dg.AssetExecutionContext,
+        logits: dict[str, dict[str, np.ndarray]],
+        artifacts: ArtifactRegistryResource,
+        exit_policy: ExitPolicyResource,
+    ):
+        calib = logits["val_calib"]
+        params = fit_policy(
+            kind,
+            calib["logits"],
+            calib["labels"],
+            calib["item_ids"].tolist(),
+            alpha=exit_policy.alpha,
+            delta=exit_policy.delta,
+            guarantee=exit_policy.guarantee,
+            fit_fraction=exit_policy.calib_fit_fraction,
+            conformal_alpha=exit_policy.conformal_alpha,
+            gate_risk=exit_policy.gate_risk,
+        )
+        dest = atomic_write_json(artifacts.registry.policy(registry_name), params)
+        reads_meta, reads_check = split_reads_result(name, None)
+        yield dg.Output(dest, metadata={**_policy_metadata(params), **path_meta(dest), **reads_meta})
+        yield reads_check
+        yield _schema_check(dest, type(params))
+
+    return _policy_asset
+
+
+def _schema_check(path, model) -> dg.AssetCheckResult:
+    import json
+
+    from roadwork_assets.contracts.errors import ArtifactIntegrityError
+    from roadwork_assets.contracts.policy_schemas import parse_policy
+
+    try:
+        parse_policy(json.loads(path.read_text()))
+        validate_artifact(json.loads(path.read_text()), model, str(path))
+    except (ArtifactIntegrityError, ValueError) as exc:
+        return dg.AssetCheckResult(check_name=SCHEMA_CHECK, passed=False, description=str(exc))
+    return dg.AssetCheckResult(check_name=SCHEMA_CHECK, passed=True,
+                               metadata={"schema": model.__name__})
+
+
+policy_assets = [_make_policy_asset(n, k, r, w) for n, (k, r, w) in POLICY_ASSETS.items()]

@@ -1,0 +1,117 @@
+"""Resources: where artifacts live, where data comes from, how to train, which policy.
+
+All pydantic-typed (Dagster ConfigurableResource); every field can be overridden per
+run in the launchpad or with ``--config``. Environment variables give the defaults:
+ROADWORK_HOME (artifact root), ROADWORK_DATA (dataset), ROADWORK_WEIGHTS (frozen
+backbone weights file), ROADWORK_MLFLOW_URI (tracking server).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import dagster as dg
+from pydantic import Field
+
+from roadwork_assets.core.artifacts import ArtifactRegistry
+from roadwork_assets.core.data.splits import DEFAULT_FRACTIONS
+from roadwork_assets.core.training.config import (
+    DEFAULT_BACKBONE,
+    DEFAULT_FROZEN_BACKBONE,
+    TrainerConfig,
+)
+
+
+def default_home() -> str:
+    return str(Path(os.environ.get("ROADWORK_HOME", Path.home() / ".roadwork")).expanduser())
+
+
+class ArtifactRegistryResource(dg.ConfigurableResource):
+    root: str = Field(description="artifact root; every artifact path is under it")
+
+    @property
+    def registry(self) -> ArtifactRegistry:
+        return ArtifactRegistry(Path(self.root))
+
+
+class DatasetSource(dg.ConfigurableResource):
+    """Where images come from and how they are split."""
+
+    spec: str | None = Field(
+        None,
+        description="a class-folder tree (roadwork/, none/), a CSV/parquet manifest, or "
+        "NATIX parquet file/dir; None = the generated default dataset",
+    )
+    default_n_images: int = Field(3000, ge=8)
+    default_image_size: int = Field(128, ge=32)
+    default_seed: int = 0
+    split_fractions: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_FRACTIONS))
+    split_seed: int = 0
+    near_duplicate_distance: int = Field(
+        6, ge=0, le=20, description="max pHash Hamming distance counted as a near-duplicate"
+    )
+
+
+class TrainerResource(dg.ConfigurableResource):
+    """Training settings; see TrainerConfig for the meaning of each field."""
+
+    mode: Literal["end_to_end", "frozen"] = "end_to_end"
+    backbone: str = DEFAULT_BACKBONE
+    weights_path: str | None = None
+    img_size: int = 96
+    epochs: int = 14
+    batch_size: int = 64
+    lr: float = 3e-3
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = None
+    compile: bool = False
+    attn_impl: Literal["sdpa", "eager"] = "sdpa"
+    n_views: int = 2
+    seed: int = 0
+
+    def to_config(self) -> TrainerConfig:
+        return TrainerConfig(**self.model_dump())
+
+
+class ExitPolicyResource(dg.ConfigurableResource):
+    """How the exit policies are fitted and which one the bundle ships."""
+
+    alpha: float = Field(0.02, gt=0, lt=1, description="target false-negative rate")
+    delta: float = Field(0.1, gt=0, lt=1, description="LTT failure probability")
+    guarantee: Literal["crc", "ltt"] = "crc"
+    calib_fit_fraction: float = Field(0.5, gt=0, lt=1)
+    bundle_policy: Literal["softmax", "gate", "scrc"] = "softmax"
+    conformal_alpha: float = Field(0.05, gt=0, lt=1, description="1 - set coverage")
+    gate_risk: float = Field(0.02, gt=0, lt=1, description="target error among accepted")
+    export_onnx: bool = True
+
+
+def resources_from_env() -> dict[str, object]:
+    home = default_home()
+    from dagster_mlflow import mlflow_tracking
+
+    tracking_uri = os.environ.get("ROADWORK_MLFLOW_URI") or ArtifactRegistry(
+        Path(home)
+    ).mlflow_tracking_uri
+    from roadwork_assets.defs.io_manager import RegistryIOManager
+
+    trainer_kwargs = {}
+    if os.environ.get("ROADWORK_WEIGHTS"):
+        trainer_kwargs = {
+            "mode": "frozen",
+            "weights_path": os.environ["ROADWORK_WEIGHTS"],
+            "backbone": os.environ.get("ROADWORK_BACKBONE", DEFAULT_FROZEN_BACKBONE),
+            "img_size": 224,
+        }
+    return {
+        "io_manager": RegistryIOManager(root=home),
+        "artifacts": ArtifactRegistryResource(root=home),
+        "dataset": DatasetSource(spec=os.environ.get("ROADWORK_DATA") or None),
+        "trainer": TrainerResource(**trainer_kwargs),
+        "exit_policy": ExitPolicyResource(),
+        "mlflow": mlflow_tracking.configured(
+            {"experiment_name": "roadwork_assets", "mlflow_tracking_uri": tracking_uri}
+        ),
+    }

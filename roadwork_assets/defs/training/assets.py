@@ -1,0 +1,182 @@
+"""Training assets: embeddings[split] -> checkpoint (train + val_select) -> logits[split]."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+
+from roadwork_assets.contracts.errors import ArtifactIntegrityError
+from roadwork_assets.core.artifacts import file_sha256, frame_fingerprint, read_npz
+from roadwork_assets.core.training.checkpoint import load_checkpoint
+from roadwork_assets.core.training.pipeline import (
+    compute_embeddings,
+    compute_logits,
+    train_checkpoint,
+)
+from roadwork_assets.defs.metadata import floats, path_meta
+from roadwork_assets.defs.partitions import MODEL_FITTING_SPLITS, split_partitions
+from roadwork_assets.defs.resources import ArtifactRegistryResource, TrainerResource
+from roadwork_assets.defs.split_reads import split_reads_check_spec, split_reads_result
+
+
+@dg.asset(
+    group_name="model",
+    partitions_def=split_partitions,
+    check_specs=[split_reads_check_spec("embeddings")],
+    description="Frozen-stage cache of one split: pretrained-backbone features per view "
+    "(frozen mode) or decoded, resized uint8 images (end_to_end mode).",
+)
+def embeddings(
+    context: dg.AssetExecutionContext,
+    split_manifest: pd.DataFrame,
+    artifacts: ArtifactRegistryResource,
+    trainer: TrainerResource,
+):
+    split = context.partition_key
+    dest = artifacts.registry.embeddings(split)
+    summary = compute_embeddings(split_manifest, trainer.to_config(), dest, split)
+    reads_meta, reads_check = split_reads_result("embeddings", split)
+    yield dg.Output(
+        dest,
+        metadata={
+            "split": split,
+            "kind": summary["kind"],
+            "shape": dg.MetadataValue.json(summary["shape"]),
+            "backbone": trainer.backbone,
+            "data_version": frame_fingerprint(split_manifest),
+            **path_meta(dest),
+            **reads_meta,
+        },
+    )
+    yield reads_check
+
+
+CHECKPOINT_CHECK = "checkpoint_loadable"
+
+
+@dg.asset(
+    group_name="model",
+    ins={"embeddings": dg.AssetIn(partition_mapping=MODEL_FITTING_SPLITS)},
+    required_resource_keys={"mlflow"},
+    check_specs=[
+        split_reads_check_spec("checkpoint"),
+        dg.AssetCheckSpec(CHECKPOINT_CHECK, asset="checkpoint", blocking=True,
+                          description="loads with weights_only=True and has the required keys"),
+    ],
+    description="The classifier, fit on train and selected on val_select only.",
+)
+def checkpoint(
+    context: dg.AssetExecutionContext,
+    embeddings: dict[str, dict[str, np.ndarray]],
+    artifacts: ArtifactRegistryResource,
+    trainer: TrainerResource,
+):
+    cfg = trainer.to_config()
+    dest = artifacts.registry.checkpoint
+    data_version = _data_version(embeddings)
+    mlflow = context.resources.mlflow
+    mlflow.log_params({k: v for k, v in cfg.model_dump().items() if v is not None})
+
+    def log(row: dict[str, float]) -> None:
+        context.log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                  for k, v in row.items()))
+        step = int(row.get("epoch", 0))
+        mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=step)
+
+    result = train_checkpoint(embeddings, cfg, dest, data_version, log=log)
+    mlflow.log_metrics({f"best_{k}": v for k, v in result.select_metrics.items()})
+    mlflow.set_tag("roadwork.checkpoint_sha256", file_sha256(dest))
+    reads_meta, reads_check = split_reads_result("checkpoint", None)
+    yield dg.Output(
+        dest,
+        metadata={
+            "mode": cfg.mode,
+            "backbone": cfg.backbone,
+            "epoch": result.epoch,
+            "epochs_run": len(result.history),
+            "best_metric": dg.MetadataValue.float(result.best_metric),
+            "best_metric_name": result.best_metric_name,
+            **{f"val_select_{k}": v for k, v in floats(result.select_metrics).items()},
+            "history": dg.MetadataValue.md(pd.DataFrame(result.history).round(4).to_markdown(index=False)),
+            "data_version": data_version,
+            "mlflow_run_id": str(mlflow.active_run().info.run_id) if mlflow.active_run() else "",
+            **path_meta(dest),
+            **reads_meta,
+        },
+    )
+    yield reads_check
+    yield _checkpoint_check(dest)
+
+
+def _data_version(caches: dict[str, dict[str, np.ndarray]]) -> str:
+    ids = {split: cache["item_ids"].tolist() for split, cache in sorted(caches.items())}
+    frame = pd.DataFrame([(s, i) for s, items in ids.items() for i in items],
+                         columns=["split", "item_id"])
+    return frame_fingerprint(frame, ["item_id", "split"])
+
+
+def _checkpoint_check(path: Path) -> dg.AssetCheckResult:
+    try:
+        payload = load_checkpoint(path)
+    except ArtifactIntegrityError as exc:
+        return dg.AssetCheckResult(check_name=CHECKPOINT_CHECK, passed=False,
+                                   description=str(exc))
+    return dg.AssetCheckResult(
+        check_name=CHECKPOINT_CHECK,
+        passed=True,
+        metadata={"keys": dg.MetadataValue.json(sorted(payload)),
+                  "n_tensors": len(payload["model_state_dict"])},
+    )
+
+
+LOGITS_CHECK = "logits_finite_and_aligned"
+
+
+@dg.asset(
+    group_name="model",
+    partitions_def=split_partitions,
+    check_specs=[
+        split_reads_check_spec("logits"),
+        dg.AssetCheckSpec(LOGITS_CHECK, asset="logits", blocking=True,
+                          description="finite, one row per manifest item, same order and labels"),
+    ],
+    description="[N, views, 2] logits of one split from the checkpoint.",
+)
+def logits(
+    context: dg.AssetExecutionContext,
+    checkpoint: dict,
+    embeddings: dict[str, np.ndarray],
+    artifacts: ArtifactRegistryResource,
+    trainer: TrainerResource,
+):
+    split = context.partition_key
+    dest = artifacts.registry.logits(split)
+    summary = compute_logits(checkpoint, embeddings, split, dest, override=trainer.to_config())
+    reads_meta, reads_check = split_reads_result("logits", split)
+    written = read_npz(dest)
+    yield dg.Output(dest, metadata={"split": split, **summary, "data_version": checkpoint["data_version"],
+                                    **path_meta(dest), **reads_meta})
+    yield reads_check
+    yield _logits_check(written, embeddings)
+
+
+def _logits_check(written: dict[str, np.ndarray], cache: dict[str, np.ndarray]) -> dg.AssetCheckResult:
+    z = written["logits"]
+    problems = []
+    bad_rows = np.flatnonzero(~np.isfinite(z).all(axis=(1, 2)))
+    if len(bad_rows):
+        ids = written["item_ids"][bad_rows[:10]].tolist()
+        problems.append(f"{len(bad_rows)} item(s) with NaN/inf logits, e.g. {ids}")
+    if len(z) != len(cache["labels"]) or not np.array_equal(written["item_ids"], cache["item_ids"]):
+        problems.append("item ids differ from the split's manifest order")
+    elif not np.array_equal(written["labels"], cache["labels"]):
+        problems.append("labels differ from the split's manifest")
+    return dg.AssetCheckResult(
+        check_name=LOGITS_CHECK,
+        passed=not problems,
+        description="; ".join(problems) or "finite and aligned",
+        metadata={"n": len(z), "shape": dg.MetadataValue.json(list(z.shape))},
+    )
