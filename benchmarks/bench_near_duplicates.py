@@ -16,7 +16,13 @@ import time
 import numpy as np
 import pandas as pd
 
-from roadwork_assets.core.data.dedup import DEFAULT_MAX_DISTANCE, _chunk_plan, find_near_duplicates
+from roadwork_assets.core.data.dedup import (
+    DEFAULT_MAX_DISTANCE,
+    _chunk_plan,
+    find_near_duplicates,
+    near_duplicate_pairs,
+    phash_array,
+)
 
 SPLITS = np.array(["train", "val_select", "val_calib", "val_test"], dtype=object)
 
@@ -52,21 +58,37 @@ def bench(n: int, max_distance: int, repeats: int = 3) -> float:
         times.append(time.perf_counter() - start)
     found = set(zip(pairs["item_id_a"], pairs["item_id_b"]))
     missing = planted - found
-    chunks, radius = _chunk_plan(n, max_distance)
-    print(f"n={n:>7,}  median {statistics.median(times):.3f} s  (runs: "
-          f"{', '.join(f'{t:.3f}' for t in times)})  plan: {len(chunks)} chunks, radius "
-          f"{radius}  planted found {len(planted) - len(missing)}/{len(planted)}, "
-          f"other pairs reported {len(found - planted)}")
+    plan = _chunk_plan(n, max_distance)
+    print(f"  n={n:>7,}  median {statistics.median(times):.3f} s  (runs: "
+          f"{', '.join(f'{t:.3f}' for t in times)})  plan: widths {[w for _, w, _ in plan]} "
+          f"radii {[r for _, _, r in plan]}  planted found {len(planted) - len(missing)}/"
+          f"{len(planted)}, other pairs reported {len(found - planted)}")
     if missing:
         sys.exit(f"FAILED: {len(missing)} planted pairs not found, e.g. {sorted(missing)[:3]}")
     return statistics.median(times)
 
 
+def bench_textbook(n: int, max_distance: int) -> float:
+    """The plain split into d + 1 exact-match chunks, for comparison (one run)."""
+    table, _ = make_table(n, n_planted=200, max_distance=max_distance, seed=n)
+    m = max_distance + 1
+    widths = [64 // m + (1 if k < 64 % m else 0) for k in range(m)]
+    plan = [(sum(widths[:k]), w, 0) for k, w in enumerate(widths)]
+    start = time.perf_counter()
+    near_duplicate_pairs(phash_array(table["phash"]), max_distance, plan=plan)
+    return time.perf_counter() - start
+
+
 def main() -> None:
-    for max_distance in (DEFAULT_MAX_DISTANCE, 8, 10):
+    distances = [int(a) for a in sys.argv[1:]] or [DEFAULT_MAX_DISTANCE, 8]
+    for max_distance in distances:
         print(f"max_distance={max_distance}")
         small, large = bench(10_000, max_distance), bench(100_000, max_distance)
         print(f"  ratio 100k / 10k = {large / small:.1f}x  (linear 10x, n log n ~12.5x, quadratic 100x)")
+    d = distances[0]
+    small, large = bench_textbook(10_000, d), bench_textbook(100_000, d)
+    print(f"textbook d+1 exact-match chunks, max_distance={d}: 10k {small:.3f} s, "
+          f"100k {large:.3f} s, ratio {large / small:.1f}x")
 
 
 if __name__ == "__main__":

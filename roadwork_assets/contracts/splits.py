@@ -56,10 +56,11 @@ SPLIT_READ_POLICY: dict[str, ReadRule] = {
         "val_select",
     ),
     "logits": _rule("inference", "model outputs of its own split only", SAME_PARTITION),
-    "calibrator": _rule("policy fitting", "fit on val_calib part A only", "val_calib"),
-    "softmax_policy": _rule("policy fitting", "thresholds on val_calib only", "val_calib"),
-    "gate_policy": _rule("policy fitting", "failure gate on val_calib only", "val_calib"),
-    "scrc_policy": _rule("policy fitting", "conformal sets on val_calib only", "val_calib"),
+    "thresholds": _rule(
+        "policy fitting", "calibrator on val_calib part A, thresholds on part B", "val_calib"
+    ),
+    "gate_params": _rule("policy fitting", "failure gate on val_calib only", "val_calib"),
+    "conformal_sets": _rule("policy fitting", "conformal sets on val_calib only", "val_calib"),
     "bundle": _rule("export", "packages fitted artifacts; reads no partition"),
     "test_report": _rule("final evaluation", "held-out evaluation", "val_test"),
 }

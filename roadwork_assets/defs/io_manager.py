@@ -115,8 +115,7 @@ class RegistryIOManager(dg.ConfigurableIOManager):
 
 
 def _consumer_is_partitioned(context: dg.InputContext) -> bool:
-    # AssetValueLoader (context.load_asset_value) builds a context with no step: one key.
-    try:
-        return context.step_context.has_partitions_def
-    except Exception:
-        return True
+    # A partitioned run (embeddings[val_calib] reading split_manifest[val_calib]) gets the
+    # value itself; an unpartitioned consumer gets {partition: value}. AssetValueLoader
+    # (context.load_asset_value(..., partition_key=...)) sets the key: one value.
+    return context.has_partition_key

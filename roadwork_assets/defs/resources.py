@@ -82,6 +82,11 @@ class ExitPolicyResource(dg.ConfigurableResource):
     delta: float = Field(0.1, gt=0, lt=1, description="LTT failure probability")
     guarantee: Literal["crc", "ltt"] = "crc"
     calib_fit_fraction: float = Field(0.5, gt=0, lt=1)
+    softmax_mode: Literal["two_way", "three_way"] = Field(
+        "three_way", description="three_way: positive above t_hi, negative below t_lo, "
+        "defer between; two_way: one threshold, nothing deferred")
+    positive_fdr: float = Field(0.05, gt=0, lt=1, description="target share of negatives "
+                                "among positive exits (three_way t_hi)")
     bundle_policy: Literal["softmax", "gate", "scrc"] = "softmax"
     conformal_alpha: float = Field(0.05, gt=0, lt=1, description="1 - set coverage")
     gate_risk: float = Field(0.02, gt=0, lt=1, description="target error among accepted")

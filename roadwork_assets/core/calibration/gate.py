@@ -22,11 +22,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from scipy import stats
 from scipy.special import expit, logit
 from sklearn.linear_model import LogisticRegression
 
 from roadwork_assets.contracts.errors import ArtifactIntegrityError, BadInputError, InsufficientDataError
-from roadwork_assets.core.calibration.metrics import aurc, clopper_pearson, decision_confidence
+from roadwork_assets.core.calibration.metrics import aurc, decision_confidence
 
 GATE_FEATURES: tuple[str, ...] = (
     "max_prob",            # max softmax prob of the main view (raw logits)
@@ -180,7 +181,8 @@ def fit_failure_gate(
     if ok.size:
         i = int(ok[-1])
         tau, na, ne = float(cands[i]), int(n_acc[i]), int(n_err[i])
-        upper = clopper_pearson(ne, na, 1 - 2 * delta)[1]
+        # one-sided exact (Clopper–Pearson) upper bound at level 1 - delta
+        upper = 1.0 if ne == na else float(stats.beta.ppf(1.0 - delta, ne + 1, na - ne))
         sel_risk: float | None = ne / na
     else:
         tau, na, sel_risk, upper = -1.0, 0, None, None

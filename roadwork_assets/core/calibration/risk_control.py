@@ -237,6 +237,14 @@ def ltt_fnr_threshold(
 
 
 # --------------------------------------------------------------- positive exits
+def _exit_counts(p: np.ndarray, y: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """#{p > t} and #{p > t, y = 0} for every t (one sort each)."""
+    p_sorted, neg_sorted = np.sort(p), np.sort(p[y == 0])
+    n_exit = p.size - np.searchsorted(p_sorted, thresholds, side="right")
+    n_false = neg_sorted.size - np.searchsorted(neg_sorted, thresholds, side="right")
+    return n_exit, n_false
+
+
 def ltt_positive_exit_threshold(
     scores: Any,
     labels: Any,
@@ -246,17 +254,20 @@ def ltt_positive_exit_threshold(
     delta: float,
     grid: Any = None,
     reference_scores: Any = None,
+    reference_labels: Any = None,
 ) -> PositiveExitThreshold:
     """t_hi with P(FDR(t_hi) <= β) >= 1 - δ, FDR(t) = P(y = 0 | p > t); t_hi >= t_lo.
 
-    Hypotheses are tested by fixed sequence from strict (high t) to loose. The
-    sequence starts at the highest grid point at which the *reference* scores
-    (the calibrator's fit part, disjoint from the threshold part) predict enough
-    exits to certify even with zero false exits; with no reference it starts at
-    the top of the grid. All certified grid points are simultaneously valid, so
-    picking the smallest certified one that is >= t_lo keeps the guarantee.
-    If none is certified, t_hi = 1.0: no positive exits, everything above t_lo
-    defers. Only the FDR is guaranteed; the FPR among negatives is an estimate.
+    Hypotheses are tested by fixed sequence from strict (high t) to loose, starting
+    at a grid point chosen on *reference* data (the calibrator's fit part, disjoint
+    from the threshold part, so the order is fixed before the threshold part is
+    looked at): the highest t whose reference p-value, with counts rescaled to the
+    threshold part's size, is <= δ/10 (else the reference's most significant t).
+    Without reference data the sequence starts at the top of the grid, where few
+    exits usually stop it at once. All certified grid points are simultaneously
+    valid, so picking the smallest certified one that is >= t_lo keeps the
+    guarantee. If none is certified, t_hi = 1.0: no positive exits, everything
+    above t_lo defers. Only the FDR is guaranteed; the FPR is an estimate.
     """
     _check_level("fdr_target", fdr_target)
     _check_level("delta", delta)
@@ -265,18 +276,17 @@ def ltt_positive_exit_threshold(
     if y.shape != p.shape:
         raise BadInputError("scores and labels differ in length")
     g = np.sort(np.asarray(DEFAULT_GRID if grid is None else grid, dtype=np.float64).ravel())[::-1]
-    n_need = ltt_min_positives(fdr_target, delta)  # exits needed with zero false ones
     start = 0
-    if reference_scores is not None:
-        ref = np.sort(_as_scores(reference_scores, "reference scores"))
-        expected = (ref.size - np.searchsorted(ref, g, side="right")) * (p.size / max(ref.size, 1))
-        ok = np.flatnonzero(expected >= n_need)
-        start = int(ok[0]) if ok.size else g.size
+    if reference_scores is not None and reference_labels is not None:
+        ref_exit, ref_false = _exit_counts(
+            _as_scores(reference_scores, "reference scores"), np.asarray(reference_labels).ravel(), g
+        )
+        scale = p.size / max(int(np.size(reference_scores)), 1)
+        ref_p = hoeffding_bentkus_pvalues(np.floor(ref_false * scale), np.floor(ref_exit * scale), fdr_target)
+        strong = np.flatnonzero(ref_p <= delta / 10)
+        start = int(strong[0]) if strong.size else int(np.argmin(ref_p))
     seq = g[start:]
-    p_sorted = np.sort(p)
-    neg_sorted = np.sort(p[y == 0])
-    n_exit = p.size - np.searchsorted(p_sorted, seq, side="right")
-    n_false = neg_sorted.size - np.searchsorted(neg_sorted, seq, side="right")
+    n_exit, n_false = _exit_counts(p, y, seq)
     if seq.size:
         pvals = hoeffding_bentkus_pvalues(n_false, n_exit, fdr_target)
         certified = fwer_rejections(pvals, delta, "fixed_sequence")

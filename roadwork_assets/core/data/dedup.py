@@ -8,16 +8,17 @@ Three detectors over a table with ``item_id``, ``split``, ``pixel_sha256``, ``ph
   different splits (a resized / re-compressed / slightly cropped copy);
 - :func:`find_shared_groups` - one ``group_id`` (scene, sequence) in >1 split.
 
-Near duplicates use multi-index hashing (Norouzi et al., CVPR 2012) so the cost grows
-about linearly with the number of items, not with its square. Split the 64-bit hash
-into ``m`` chunks; if two hashes differ in at most ``d`` bits, some chunk differs in at
-most ``r = d // m`` bits (pigeonhole: otherwise the total would be at least
-``m * (r + 1) > d``). For each chunk, items are sorted by chunk value and every item
-probes the values within ``r`` bits of its own; candidates are verified with a
-vectorised popcount. ``m`` is picked per call from a cost model: with ``m = d + 1``
-(``r = 0``, the textbook split) chunks are only ~9 bits wide, so on 100k hashes each
-bucket holds ~200 items and candidates grow as n^2 / 2^9; wider chunks with ``r = 1``
-(e.g. 4 x 16 bits) keep buckets at ~1 item for a few more probes.
+Near duplicates use multi-index hashing (Norouzi et al., CVPR 2012), so the cost is far
+from quadratic. Split the 64-bit hash into ``m`` chunks with probe radii ``r_k``,
+``sum(r_k + 1) >= d + 1``; two hashes within ``d`` bits then differ by at most ``r_k``
+bits on some chunk ``k`` (pigeonhole: otherwise they would differ by at least
+``sum(r_k + 1) > d``). Per chunk, items are bucketed by chunk value and every item
+probes the values within ``r_k`` bits of its own; candidates are verified with a
+vectorised popcount. The textbook split ``m = d + 1``, ``r = 0`` gives ~9-bit chunks for
+d = 6: buckets of ~200 items at n = 100k and candidates growing as n^2 / 2^9 (measured
+142x slower for 10x the items). A cost model instead picks e.g. 4 x 16-bit chunks with
+radii 1, 1, 1, 0, whose buckets hold ~1 item at 100k (see
+``benchmarks/bench_near_duplicates.py``).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ __all__ = [
 DEFAULT_MAX_DISTANCE = 6
 _PROBES_PER_BLOCK = 2_000_000  # bounds memory of one vectorised probe block (~60 MB)
 _ITEMS_PER_EXAMPLE = 5
+_TABLE_BITS = 24  # chunks up to this width use a bucket table (<= 128 MB) instead of bisection
 
 
 # ------------------------------------------------------------------ near duplicates core
@@ -72,20 +74,31 @@ def phash_array(values: pd.Series | list | np.ndarray) -> np.ndarray:
     return np.frombuffer(bytes.fromhex("".join(texts)), dtype=">u8").astype(np.uint64)
 
 
-def _chunk_plan(n: int, max_distance: int) -> tuple[list[tuple[int, int]], int]:
-    """Pick (shift, width) chunks and the per-chunk radius minimising expected work."""
-    best: tuple[float, int] | None = None
-    for m in range(1, 65):
-        radius = max_distance // m
+Plan = list[tuple[int, int, int]]  # (shift, width, radius) per chunk
+
+
+def _chunk_plan(n: int, max_distance: int) -> Plan:
+    """Pick chunks and per-chunk probe radii minimising the expected work.
+
+    Generalised pigeonhole: with radii r_k and sum(r_k + 1) >= d + 1, two hashes within
+    d bits agree within r_k bits on some chunk k. For m chunks the smallest radii are
+    d + 1 - m spread as evenly as possible (d = 6, m = 4: 1, 1, 1, 0). Work per item is
+    the probes (values within r_k of the item's chunk) times (1 + expected bucket size
+    n / 2^width); a probe and a candidate cost about the same when measured.
+    """
+    best: tuple[float, Plan] | None = None
+    for m in range(1, max_distance + 2):
         widths = [64 // m + (1 if k < 64 % m else 0) for k in range(m)]
-        # per item: probes (neighbours within radius) x (1 + expected bucket size)
-        cost = sum(sum(comb(b, k) for k in range(radius + 1)) * (1 + n / 2.0**b) for b in widths)
+        q, extra = divmod(max_distance + 1 - m, m)
+        radii = [q + 1 if k < extra else q for k in range(m)]
+        shifts = [sum(widths[:k]) for k in range(m)]
+        plan = list(zip(shifts, widths, radii))
+        cost = sum(
+            sum(comb(b, k) for k in range(r + 1)) * (1 + n / 2.0**b) for _, b, r in plan
+        )
         if best is None or cost < best[0]:
-            best = (cost, m)
-    m = best[1]
-    widths = [64 // m + (1 if k < 64 % m else 0) for k in range(m)]
-    shifts = np.concatenate([[0], np.cumsum(widths)[:-1]]).tolist()
-    return list(zip(shifts, widths)), max_distance // m
+            best = (cost, plan)
+    return best[1]
 
 
 def _flip_masks(width: int, radius: int) -> np.ndarray:
@@ -96,7 +109,11 @@ def _flip_masks(width: int, radius: int) -> np.ndarray:
 
 
 def near_duplicate_pairs(
-    hashes: np.ndarray, max_distance: int = DEFAULT_MAX_DISTANCE, *, codes: np.ndarray | None = None
+    hashes: np.ndarray,
+    max_distance: int = DEFAULT_MAX_DISTANCE,
+    *,
+    codes: np.ndarray | None = None,
+    plan: Plan | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All index pairs ``i < j`` with ``popcount(h[i] ^ h[j]) <= max_distance``.
 
@@ -111,34 +128,46 @@ def near_duplicate_pairs(
     found_i, found_j = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     if n < 2:
         return found_i[0], found_j[0], np.zeros(0, np.int64)
-    chunks, radius = _chunk_plan(n, max_distance)
-    for shift, width in chunks:
+    index_type = np.int32 if n < 2**31 else np.int64  # halves memory traffic
+    for shift, width, radius in plan or _chunk_plan(n, max_distance):
         keys = (hashes >> np.uint64(shift)) & np.uint64((1 << width) - 1)
-        order = np.argsort(keys, kind="stable")
-        sorted_keys = keys[order]
+        order = np.argsort(keys, kind="stable").astype(index_type)
         masks = _flip_masks(width, radius)
+        if width <= _TABLE_BITS:  # direct-address bucket table: O(1) per probe
+            sizes = np.bincount(keys.astype(np.int64), minlength=1 << width)
+            bucket_end = np.cumsum(sizes).astype(index_type)
+            bucket_start = bucket_end - sizes.astype(index_type)
+        else:
+            sorted_keys = keys[order]
         block = max(1, _PROBES_PER_BLOCK // n)
         for start in range(0, len(masks), block):
-            probes = (keys[:, None] ^ masks[None, start : start + block]).ravel()
-            query = np.repeat(np.arange(n), len(masks[start : start + block]))
-            lo = np.searchsorted(sorted_keys, probes, side="left")
-            hi = np.searchsorted(sorted_keys, probes, side="right")
-            counts = hi - lo
+            block_masks = masks[start : start + block]
+            probes = (keys[:, None] ^ block_masks[None, :]).ravel()
+            query = np.repeat(np.arange(n, dtype=index_type), len(block_masks))
+            if width <= _TABLE_BITS:
+                probe_idx = probes.astype(np.int64)
+                lo = bucket_start[probe_idx]
+                counts = bucket_end[probe_idx] - lo
+            else:
+                lo = np.searchsorted(sorted_keys, probes, side="left").astype(index_type)
+                counts = np.searchsorted(sorted_keys, probes, side="right").astype(index_type) - lo
             hit = counts > 0
             query, lo, counts = query[hit], lo[hit], counts[hit]
             total = int(counts.sum())
             if total == 0:
                 continue
+            # Expand each probe into its bucket: candidate pairs (qi, tj).
             first = np.cumsum(counts) - counts
             qi = np.repeat(query, counts)
-            tj = order[np.repeat(lo, counts) + (np.arange(total) - np.repeat(first, counts))]
-            keep = qi < tj  # each unordered pair once; drops self matches
-            if codes is not None:
-                keep &= codes[qi] != codes[tj]
+            tj = order[np.arange(total, dtype=index_type) + np.repeat(lo - first, counts)]
+            keep = np.bitwise_count(hashes[qi] ^ hashes[tj]) <= max_distance
+            keep &= qi < tj  # each unordered pair once; drops self matches
             qi, tj = qi[keep], tj[keep]
-            close = np.bitwise_count(hashes[qi] ^ hashes[tj]) <= max_distance
-            found_i.append(qi[close])
-            found_j.append(tj[close])
+            if codes is not None:
+                differ = codes[qi] != codes[tj]
+                qi, tj = qi[differ], tj[differ]
+            found_i.append(qi.astype(np.int64))
+            found_j.append(tj.astype(np.int64))
     i, j = np.concatenate(found_i), np.concatenate(found_j)
     pair_key = np.unique(i * n + j)  # a pair may match in several chunks
     i, j = pair_key // n, pair_key % n

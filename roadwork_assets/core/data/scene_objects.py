@@ -12,11 +12,12 @@ back after darkening, so night scenes keep their lights.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
 Color = tuple[int, int, int]
 
@@ -118,6 +119,7 @@ class Painter:
         self.d, self.e, self.cam = ImageDraw.Draw(base), ImageDraw.Draw(emit), cam
         self.bx = self.by = 0.0
         self.k = 1.0
+        self.glowed = False  # lets rendering skip the emission pass when nothing emits
 
     def at(self, X: float, Z: float) -> None:
         self.bx, self.by = self.cam.px(X, 0.0, Z)
@@ -128,24 +130,30 @@ class Painter:
         self.d.polygon(xy, fill=fill)
         if glow:
             self.e.polygon(xy, fill=glow)
+            self.glowed = True
 
     def rect(self, x0, y0, x1, y1, fill: Color, glow: Color | None = None) -> None:
         box = (self.bx + self.k * x0, self.by - self.k * y1, self.bx + self.k * x1, self.by - self.k * y0)
         self.d.rectangle(box, fill=fill)
         if glow:
             self.e.rectangle(box, fill=glow)
+            self.glowed = True
 
     def ellipse(self, x0, y0, x1, y1, fill: Color, glow: Color | None = None) -> None:
         box = (self.bx + self.k * x0, self.by - self.k * y1, self.bx + self.k * x1, self.by - self.k * y0)
         self.d.ellipse(box, fill=fill)
         if glow:
             self.e.ellipse(box, fill=glow)
+            self.glowed = True
 
     def world(self, pts3d, fill: Color, glow: Color | None = None) -> None:
-        xy = [self.cam.px(X, Y, Z) for X, Y, Z in pts3d]
+        c = self.cam  # inlined projection: this is the hottest loop of the generator
+        ox, oy, f, h, s = c.x_v + c.margin, c.y_h + c.margin, c.focal, c.height, c.scale
+        xy = [((ox + f * X / Z) * s, (oy + f * (h - Y) / Z) * s) for X, Y, Z in pts3d]
         self.d.polygon(xy, fill=fill)
         if glow:
             self.e.polygon(xy, fill=glow)
+            self.glowed = True
 
 
 # ---------------------------------------------------------------- street and buildings
@@ -190,20 +198,25 @@ def draw_facade(pt: Painter, f: Facade) -> None:
     inward = -1.0 if X > 0 else 1.0
     pt.world([(X, 0, f.z0), (X, f.height, f.z0), (X, f.height, f.z1), (X, 0, f.z1)], f.color)
     pt.world([(X, 0, f.z0), (X, f.height, f.z0), (X, f.height, f.z0 + 0.5), (X, 0, f.z0 + 0.5)], shade(f.color, 0.7))
+    # Windows as glass columns cut into rows by facade-coloured floor bands: a handful of
+    # polygons per facade instead of one per window.
     lim = cam.margin + 0.02
-    fl = 1
-    while fl * 3.2 + 2.3 < f.height - 0.4 and fl < 10:
-        y0, y1 = fl * 3.2 + 0.9, fl * 3.2 + 2.3
-        z = f.z0 + 1.0
-        while z + 1.6 < f.z1:
-            if cam.ppm(z) * 1.4 < 1.5:
-                break  # further windows are below a pixel: skip them (and the work)
-            u, v = cam.view(X, y1, z + 1.6)
-            if -lim < u < 1 + lim and v > -lim:
-                lit = (fl * 31 + int(z) * 17 + f.seed) % 7 < 2
-                pt.world([(X, y0, z), (X, y1, z), (X, y1, z + 1.6), (X, y0, z + 1.6)], f.glass, WARM if lit else None)
-            z += 3.4
-        fl += 1
+    rows = min(int((f.height - 2.7) // 3.2), 10)
+    while rows >= 1 and cam.view(X, rows * 3.2 + 0.9, f.z1)[1] < -lim:
+        rows -= 1  # window rows above the canvas even at the far end
+    if rows >= 1:
+        z, col, z_end = f.z0 + 1.0, 0, None
+        y_lo, y_hi = 4.1, rows * 3.2 + 2.3
+        while z + 1.6 < f.z1 and cam.ppm(z) * 1.4 >= 1.5:  # further columns are sub-pixel
+            if -lim < cam.view(X, 0.0, z + 1.6)[0] < 1 + lim:
+                lit = (col * 17 + f.seed) % 5 < 2
+                pt.world([(X, y_lo, z), (X, y_hi, z), (X, y_hi, z + 1.6), (X, y_lo, z + 1.6)], f.glass, WARM if lit else None)
+                z_end = z + 1.6
+            z, col = z + 3.4, col + 1
+        if z_end is not None:
+            for fl in range(1, rows):
+                y0, y1 = fl * 3.2 + 2.3, fl * 3.2 + 4.1
+                pt.world([(X, y0, f.z0 + 0.9), (X, y1, f.z0 + 0.9), (X, y1, z_end), (X, y0, z_end)], f.color, (0, 0, 0))
     if f.awning is None:
         return
     za, zb = f.z0 + 0.8, f.z1 - 0.8
@@ -238,8 +251,8 @@ def draw_cone(pt: Painter, it: Item) -> None:
 def draw_drum(pt: Painter, it: Item) -> None:
     w, h, c = it.w, it.h, it.p["color"]
     pt.rect(-0.6 * w, 0, 0.6 * w, 0.07 * h, BLACK)
-    pt.rect(-w / 2, 0.07 * h, w / 2, h, shade(c, 0.72))
-    pt.rect(-0.32 * w, 0.07 * h, 0.18 * w, h, c)
+    pt.rect(-w / 2, 0.07 * h, w / 2, h, shade(c, 0.72), shade(c, 0.3))
+    pt.rect(-0.32 * w, 0.07 * h, 0.18 * w, h, c, shade(c, 0.4))
     for f0, f1 in ((0.22, 0.34), (0.48, 0.6), (0.74, 0.86)):
         pt.rect(-w / 2, f0 * h, w / 2, f1 * h, shade(WHITE, 0.78), REFLECT)
         pt.rect(-0.32 * w, f0 * h, 0.18 * w, f1 * h, WHITE)
@@ -251,7 +264,7 @@ def _striped_board(pt: Painter, x0, x1, y0, y1, c: Color, sw: float) -> None:
     sl, x = y1 - y0, x0 - (y1 - y0)
     while x < x1:
         xs = [min(max(v, x0), x1) for v in (x, x + sw, x + sw + sl, x + sl)]
-        pt.poly([(xs[0], y0), (xs[1], y0), (xs[2], y1), (xs[3], y1)], c)
+        pt.poly([(xs[0], y0), (xs[1], y0), (xs[2], y1), (xs[3], y1)], c, shade(c, 0.45))
         x += 2 * sw
 
 
@@ -487,7 +500,11 @@ class Scene:
 
 
 def render_scene(scene: Scene, supersample: int) -> Image.Image:
-    """Draw the scene on its canvas and light it: base * light map + emission + bloom."""
+    """Draw the scene on its canvas and light it: base * light + sky + emission + bloom.
+
+    Uniform lighting runs as 8-bit lookup tables in Pillow (C); only night scenes, whose
+    light pools vary per pixel, need a float pass in numpy.
+    """
     cam = scene.cam
     side = int(round(cam.scale * (1 + 2 * cam.margin)))
     base = Image.new("RGB", (side, side), _SENTINEL)
@@ -496,51 +513,71 @@ def render_scene(scene: Scene, supersample: int) -> Image.Image:
     draw_street(pt, scene.street)
     draw_items(pt, scene.items)
 
-    a = np.asarray(base, dtype=np.float32)
-    sky_mask = np.all(a == np.asarray(_SENTINEL, dtype=np.float32), axis=-1)[..., None]
-    v = (np.arange(side, dtype=np.float32) + 0.5) / cam.scale - cam.margin  # view coordinate
-    t = np.clip((v + cam.margin) / (cam.y_h + cam.margin), 0.0, 1.0)[:, None, None]
-    top, hor = (np.asarray(c, dtype=np.float32) for c in scene.sky)
-    out = np.where(sky_mask, top * (1 - t) + hor * t, a * _light_map(scene, v))
+    b = np.asarray(base)
+    sky = (b[..., 0] == _SENTINEL[0]) & (b[..., 1] == _SENTINEL[1]) & (b[..., 2] == _SENTINEL[2])
+    if scene.pools:
+        v = (np.arange(side, dtype=np.float32) + 0.5) / cam.scale - cam.margin  # view coordinate
+        lit = Image.fromarray(np.clip(b * _light_map(scene, v), 0, 255).astype(np.uint8))
+    else:
+        lit = base.point(_lut(scene.ambient))
+    t = np.clip((np.arange(side) + 0.5) / (cam.scale * (cam.y_h + cam.margin)), 0.0, 1.0)[:, None, None]
+    top, hor = (np.asarray(c, dtype=np.float64) for c in scene.sky)
+    gradient = Image.fromarray(np.round(top * (1 - t) + hor * t).astype(np.uint8)).resize((side, side), Image.Resampling.NEAREST)
+    lit.paste(gradient, mask=Image.fromarray(sky.astype(np.uint8) * 255))
     gain, bloom = EMISSION[scene.lighting]
-    e = np.asarray(emit, dtype=np.float32)
-    out += gain * e
-    if bloom > 0:
-        out += bloom * np.asarray(emit.filter(ImageFilter.BoxBlur(0.015 * cam.scale)), dtype=np.float32)
-    if scene.contrast < 1:
-        out = out * scene.contrast + out.mean(axis=(0, 1)) * (1 - scene.contrast)
-    img = Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
+    if pt.glowed:
+        lit = ImageChops.add(lit, emit.point(_lut((gain,) * 3)))
+        if bloom > 0:
+            lit = ImageChops.add(lit, emit.filter(ImageFilter.BoxBlur(0.015 * cam.scale)).point(_lut((bloom,) * 3)))
+    if scene.contrast < 1:  # haze: pull every channel toward its mean
+        means = np.asarray(lit.histogram(), dtype=np.float64).reshape(3, 256) @ np.arange(256) / (side * side)
+        table = np.arange(256)[None, :] * scene.contrast + means[:, None] * (1 - scene.contrast)
+        lit = lit.point(np.clip(np.round(table), 0, 255).astype(np.int64).ravel().tolist())
     if scene.blur > 0:
-        img = img.filter(ImageFilter.GaussianBlur(scene.blur * supersample))
-    return img
+        lit = lit.filter(ImageFilter.GaussianBlur(scene.blur * supersample))
+    return lit
+
+
+def _lut(gains) -> list[int]:
+    """Per-channel 8-bit gain table for Image.point."""
+    table = np.arange(256, dtype=np.float64)[None, :] * np.asarray(gains, dtype=np.float64)[:, None]
+    return np.clip(np.round(table), 0, 255).astype(np.int64).ravel().tolist()
 
 
 def _light_map(scene: Scene, v: np.ndarray) -> np.ndarray:
-    """Per-pixel RGB gain: ambient tint, vignette, and light pools (headlights, lamps)."""
-    u = v  # square canvas: columns use the same view coordinates as rows
-    vig = 1.0 - scene.vignette * ((u[None, :] - 0.5) ** 2 + (v[:, None] - 0.5) ** 2)
-    gain = np.asarray(scene.ambient, dtype=np.float32) * vig[..., None]
-    for cu, cv, su, sv, col in scene.pools:
-        g = np.exp(-(((v - cv) / sv) ** 2))[:, None] * np.exp(-(((u - cu) / su) ** 2))[None, :]
+    """RGB gain: the ambient tint, plus light pools (headlights, street lamps) at night."""
+    ambient = np.asarray(scene.ambient, dtype=np.float32)
+    if not scene.pools:
+        return ambient  # broadcasts; avoids a full-size gain map for most scenes
+    gain = np.broadcast_to(ambient, (len(v), len(v), 3)).copy()
+    for cu, cv, su, sv, col in scene.pools:  # square canvas: u uses the same grid as v
+        g = np.exp(-(((v - cv) / sv) ** 2))[:, None] * np.exp(-(((v - cu) / su) ** 2))[None, :]
         gain += g[..., None] * np.asarray(col, dtype=np.float32)
     return gain
 
 
+@functools.lru_cache(maxsize=8)
+def _radius2(size: int) -> np.ndarray:
+    r = (np.arange(size, dtype=np.float32) + 0.5) / size - 0.5
+    return (r[:, None] ** 2 + r[None, :] ** 2)[..., None]
+
+
 def camera_frame(canvas: Image.Image, scene: Scene, rng: np.random.Generator, size: int) -> Image.Image:
-    """One dashcam frame: small shift/zoom of the canvas, exposure jitter, noise, rain streaks."""
+    """One dashcam frame: small shift/zoom of the canvas, exposure jitter, vignette, noise, rain."""
     cam = scene.cam
     half = 0.5 / rng.uniform(1.0, MAX_ZOOM)
     cx, cy = 0.5 + cam.margin + rng.uniform(-MAX_SHIFT, MAX_SHIFT, size=2)
     box = tuple(float(c) * cam.scale for c in (cx - half, cy - half, cx + half, cy + half))
     frame = canvas.resize((size, size), Image.Resampling.BILINEAR, box=box)
-    arr = np.asarray(frame, dtype=np.float32) * np.float32(rng.uniform(0.93, 1.07))
+    arr = np.asarray(frame, dtype=np.float32)
+    arr *= np.float32(rng.uniform(0.93, 1.07)) * (1 - np.float32(scene.vignette) * _radius2(size))  # exposure, vignette
     arr += rng.standard_normal(arr.shape, dtype=np.float32) * np.float32(scene.noise * rng.uniform(0.8, 1.2))
     if scene.streak > 0:
         mask = Image.new("L", (size, size), 0)
         d = ImageDraw.Draw(mask)
         slant, length = rng.uniform(-0.3, 0.3), rng.uniform(0.04, 0.1) * size
-        for x, y in rng.uniform(-0.1, 1.0, size=(int(0.006 * size * size), 2)) * size:
+        for x, y in rng.uniform(-0.1, 1.0, size=(int(0.004 * size * size), 2)) * size:
             d.line([(x, y), (x + slant * length, y + length)], fill=255, width=1)
-        m = np.asarray(mask, dtype=np.float32)[..., None] * np.float32(scene.streak / 255.0)
+        m = np.asarray(mask, dtype=np.float32)[..., None] * np.float32(scene.streak / 255.0 / 255.0)  # mask 0..255 -> opacity
         arr = arr * (1 - m) + 215.0 * m
     return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8))

@@ -163,8 +163,8 @@ def _text_or_none(value: object) -> str | None:
 
 def _missing_columns_error(missing: Sequence[str], where: str, present: Sequence[str], hint: str) -> BadInputError:
     return BadInputError(
-        f"{where} lacks column(s) {', '.join(repr(m) for m in missing)}; columns present: "
-        f"{', '.join(repr(p) for p in present) or '(none)'}. {hint}"
+        f"{where} lacks column(s) {', '.join(missing)}; columns present: "
+        f"{', '.join(present) or '(none)'}. {hint}"
     )
 
 
@@ -232,7 +232,7 @@ def read_manifest(path: Path | str) -> pd.DataFrame:
     missing = [c for c in ("path", "label") if c not in table.columns]
     if missing:
         raise _missing_columns_error(
-            missing, f"manifest {str(path)!r}", list(map(str, table.columns)),
+            [repr(m) for m in missing], f"manifest {str(path)!r}", [repr(str(c)) for c in table.columns],
             "A manifest needs 'path' (image file, relative to the manifest) and 'label' (0/1).",
         )
     raw_paths = [str(p).strip() for p in table["path"]]
@@ -276,11 +276,11 @@ def _natix_columns(file: Path) -> str:
         schema = pq.read_schema(file)
     except (OSError, pa.ArrowException) as exc:
         raise BadInputError(f"cannot read parquet file {str(file)!r}: {exc}") from exc
-    present = [f"{f.name}: {f.type}" for f in schema]
+    present = [f"{f.name!r} ({f.type})" for f in schema]
     image_col = _image_column(schema)
-    missing = [c for c in NATIX_REQUIRED if c not in schema.names]
+    missing = [repr(c) for c in NATIX_REQUIRED if c not in schema.names]
     if image_col is None:
-        missing.insert(0, "<a column whose name contains 'image'>")
+        missing.insert(0, "an image column (any name containing 'image')")
     if missing:
         raise _missing_columns_error(
             missing, f"NATIX parquet {str(file)!r}", present,

@@ -11,7 +11,7 @@ from roadwork_assets.contracts.errors import BadInputError
 from roadwork_assets.contracts.policy_schemas import PolicyParams
 from roadwork_assets.contracts.schemas import Provenance, RateWithInterval, TestReport
 from roadwork_assets.core.calibration.metrics import classification_report, reliability_bins
-from roadwork_assets.core.calibration.policies import apply_policy, calibrated_proba
+from roadwork_assets.core.calibration.policies import apply_policy, policy_probability
 
 ECE_BINS = 15
 
@@ -36,7 +36,7 @@ def evaluate_bundle_policy(
         raise BadInputError(f"val_test logits hold NaN/inf at rows {bad[:10].tolist()}: "
                             "re-materialize logits[val_test]")
     decision, emitted = apply_policy(policy, view_logits)
-    calibrated = calibrated_proba(policy, view_logits)
+    calibrated = policy_probability(policy, view_logits)
     served = classification_report(emitted, labels, threshold=0.5, n_bins=ECE_BINS,
                                    n_bootstrap=n_bootstrap)
     # ECE / AUROC of the calibrated probability (the emitted one is remapped on purpose)

@@ -1,6 +1,5 @@
 """Data assets: source images -> split assignment -> split_manifest[split]."""
 
-from __future__ import annotations
 
 import math
 
@@ -17,7 +16,7 @@ from roadwork_assets.core.data.ingest import ingest_images
 from roadwork_assets.core.data.sources import load_source
 from roadwork_assets.core.data.splits import assign_splits, check_split_sizes, split_counts
 from roadwork_assets.core.data.synthetic import generate_default_dataset
-from roadwork_assets.core.calibration.risk_control import min_positives_needed
+from roadwork_assets.core.calibration.risk_control import crc_min_positives, ltt_min_positives
 from roadwork_assets.defs.metadata import counts_meta, path_meta, table_md
 from roadwork_assets.defs.partitions import split_partitions
 from roadwork_assets.defs.resources import (
@@ -83,7 +82,10 @@ def source_images(
 
 def required_calib_positives(policy: ExitPolicyResource) -> int:
     """Positives val_calib needs so its threshold part can meet alpha."""
-    need = min_positives_needed(policy.alpha, guarantee=policy.guarantee, delta=policy.delta)
+    if policy.guarantee == "crc":
+        need = crc_min_positives(policy.alpha)
+    else:
+        need = ltt_min_positives(policy.alpha, policy.delta)
     return math.ceil(need / (1.0 - policy.calib_fit_fraction))
 
 

@@ -1,6 +1,5 @@
 """test_report: the bundle's policy on val_test, and nothing else."""
 
-from __future__ import annotations
 
 import base64
 from pathlib import Path

@@ -1,6 +1,5 @@
 """The bundle: checkpoint + exactly one policy (chosen by config) + ONNX, hashed."""
 
-from __future__ import annotations
 
 import dagster as dg
 

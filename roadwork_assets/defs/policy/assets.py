@@ -1,6 +1,5 @@
 """Exit-policy assets, each fitted on val_calib only (part A fits, part B thresholds)."""
 
-from __future__ import annotations
 
 import dagster as dg
 import numpy as np
@@ -72,6 +71,8 @@ def _make_policy_asset(name: str, kind: str, registry_name: str, what: str):
             fit_fraction=exit_policy.calib_fit_fraction,
             conformal_alpha=exit_policy.conformal_alpha,
             gate_risk=exit_policy.gate_risk,
+            mode=exit_policy.softmax_mode,
+            positive_fdr=exit_policy.positive_fdr,
         )
         dest = atomic_write_json(artifacts.registry.policy(registry_name), params)
         reads_meta, reads_check = split_reads_result(name, None)

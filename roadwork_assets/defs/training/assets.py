@@ -1,6 +1,5 @@
 """Training assets: embeddings[split] -> checkpoint (train + val_select) -> logits[split]."""
 
-from __future__ import annotations
 
 from pathlib import Path
 
@@ -60,7 +59,9 @@ CHECKPOINT_CHECK = "checkpoint_loadable"
 @dg.asset(
     group_name="model",
     ins={"embeddings": dg.AssetIn(partition_mapping=MODEL_FITTING_SPLITS)},
-    required_resource_keys={"mlflow"},
+    # dagster-mlflow is a function-style resource, so this asset names all its
+    # resources by key (Dagster forbids mixing keys with typed resource arguments).
+    required_resource_keys={"mlflow", "artifacts", "trainer"},
     check_specs=[
         split_reads_check_spec("checkpoint"),
         dg.AssetCheckSpec(CHECKPOINT_CHECK, asset="checkpoint", blocking=True,
@@ -71,9 +72,9 @@ CHECKPOINT_CHECK = "checkpoint_loadable"
 def checkpoint(
     context: dg.AssetExecutionContext,
     embeddings: dict[str, dict[str, np.ndarray]],
-    artifacts: ArtifactRegistryResource,
-    trainer: TrainerResource,
 ):
+    artifacts: ArtifactRegistryResource = context.resources.artifacts
+    trainer: TrainerResource = context.resources.trainer
     cfg = trainer.to_config()
     dest = artifacts.registry.checkpoint
     data_version = _data_version(embeddings)

@@ -1,0 +1,178 @@
+"""Schemas of the exit-policy artifacts (thresholds.json, gateparams.json).
+
+Three kinds share one decision rule on the calibrated main-view probability p:
+negative iff p <= t_lo, positive iff p > t_hi, defer otherwise; the gate kind
+adds "defer if the gate says the stage-1 decision is likely wrong", the scrc
+kind adds "defer unless the conformal set is a singleton". `parse_policy` is the
+only way an artifact dict becomes a policy: unknown versions or kinds are
+refused with an ArtifactIntegrityError that says what to do.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from roadwork_assets.contracts.errors import ArtifactIntegrityError
+
+SCHEMA_VERSION = 1
+POLICY_KINDS = ("softmax", "gate", "scrc")
+CalibratorMethod = Literal["temperature", "classwise_temperature", "platt", "beta", "isotonic"]
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+Level = Annotated[float, Field(gt=0.0, lt=1.0)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class CalibratorSpec(_Frozen):
+    """A fitted calibrator as `Calibrator.to_params()` writes it."""
+
+    method: CalibratorMethod
+    params: dict[str, Any]
+
+
+class CalibratorCandidate(_Frozen):
+    """Held-out scores of one calibrator tried during selection (lower is better)."""
+
+    method: CalibratorMethod
+    nll: float
+    ece: float
+    brier: float
+
+
+class ThresholdPartStats(_Frozen):
+    """What the fitted policy did on the threshold part of val_calib (in-sample estimates)."""
+
+    fnr: Probability  # positives decided negative / all positives (deferrals are not misses)
+    n_misses: int = Field(ge=0)
+    defer_rate: Probability
+    coverage: Probability  # 1 - defer_rate
+    fpr: Probability  # negatives decided positive / all negatives
+    positive_exit_fdr: Probability | None = None  # negatives among positive exits
+    selective_risk: Probability | None = None  # errors among accepted
+
+
+class _PolicyBase(_Frozen):
+    schema_version: Literal[1] = 1
+    main_view: int = Field(default=0, ge=0)
+    calibrator: CalibratorSpec
+    calibrator_candidates: list[CalibratorCandidate] = Field(default_factory=list)
+    t_lo: float  # negative iff p <= t_lo (may be below 0: nothing is ever negative)
+    t_hi: float  # positive iff p > t_hi (1.0: no positive exits)
+    alpha: Level
+    delta: Level | None = None
+    guarantee: Literal["crc_expectation", "ltt_high_probability"]
+    guarantee_statement: str = Field(min_length=1)
+    n_calib_fit: int = Field(ge=1)
+    n_calib_threshold: int = Field(ge=1)
+    n_pos_threshold: int = Field(ge=1)
+    n_neg_threshold: int = Field(ge=0)
+    fit_fraction: Level = 0.5
+    split_rule: str = "sha256(salt:image_id) order within each label; fit part first"
+    threshold_part: ThresholdPartStats
+
+    @model_validator(mode="after")
+    def _check_thresholds(self):
+        if self.t_hi < self.t_lo:
+            raise ValueError(f"t_hi={self.t_hi} must be >= t_lo={self.t_lo}")
+        if self.guarantee == "ltt_high_probability" and self.delta is None:
+            raise ValueError("an LTT guarantee needs delta")
+        return self
+
+
+class SoftmaxPolicyParams(_PolicyBase):
+    """Calibrated-softmax exit: thresholds only. two_way has t_hi == t_lo (no deferral)."""
+
+    kind: Literal["softmax"] = "softmax"
+    mode: Literal["two_way", "three_way"] = "two_way"
+    positive_fdr_target: Level | None = None
+    positive_exit_certified: bool | None = None
+
+
+class GateSpec(_Frozen):
+    """A fitted failure gate (standardised logistic regression) and its accept rule."""
+
+    feature_names: list[str]
+    C: float = Field(gt=0.0)
+    mean: list[float]
+    scale: list[float]
+    coef: list[float]
+    intercept: float
+    tau: float  # accept iff P(wrong) <= tau; -1: defer everything
+    gate_risk: Level
+    risk_met: bool
+    accept_rate: Probability
+    selective_risk: Probability | None = None
+    selective_risk_upper: Probability | None = None
+    aurc_gate: float
+    aurc_baseline: float
+    beats_baseline: bool
+
+    @model_validator(mode="after")
+    def _check_lengths(self):
+        n = len(self.feature_names)
+        if not (len(self.mean) == len(self.scale) == len(self.coef) == n):
+            raise ValueError("gate mean/scale/coef must have one entry per feature name")
+        return self
+
+
+class GatePolicyParams(_PolicyBase):
+    kind: Literal["gate"] = "gate"
+    gate: GateSpec
+
+
+class ScrcPolicyParams(_PolicyBase):
+    """Set-valued exit: conformal sets (class c in the set iff 1 - p_c <= q_c);
+    singleton {1} exits positive, singleton {0} exits negative only if p <= t_lo
+    (the FNR-controlled threshold), anything else defers."""
+
+    kind: Literal["scrc"] = "scrc"
+    conformal_method: Literal["lac", "mondrian"]
+    conformal_alpha: Level
+    q0: float
+    q1: float
+    coverage: dict[str, float | None] = Field(default_factory=dict)
+
+
+PolicyParams = Annotated[
+    Union[SoftmaxPolicyParams, GatePolicyParams, ScrcPolicyParams], Field(discriminator="kind")
+]
+_ADAPTER: TypeAdapter[Any] = TypeAdapter(PolicyParams)
+
+
+def parse_policy(data: Any) -> SoftmaxPolicyParams | GatePolicyParams | ScrcPolicyParams:
+    """Validate a policy artifact dict; refuse unknown schema versions and kinds."""
+    if not isinstance(data, dict):
+        raise ArtifactIntegrityError(f"a policy artifact must be a JSON object; got {type(data).__name__}")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ArtifactIntegrityError(
+            f"policy artifact has schema_version={version!r}; this code reads schema_version "
+            f"{SCHEMA_VERSION} only. Re-fit the policy with this version of roadwork_assets."
+        )
+    kind = data.get("kind")
+    if kind not in POLICY_KINDS:
+        raise ArtifactIntegrityError(
+            f"policy artifact has kind={kind!r}; known kinds are {list(POLICY_KINDS)}."
+        )
+    try:
+        return _ADAPTER.validate_python(data)
+    except ValidationError as err:
+        raise ArtifactIntegrityError(f"policy artifact of kind {kind!r} is invalid: {err}") from err
+
+
+def policy_to_json(params: SoftmaxPolicyParams | GatePolicyParams | ScrcPolicyParams) -> str:
+    return params.model_dump_json(indent=2)
+
+
+def policy_from_json(text: str) -> SoftmaxPolicyParams | GatePolicyParams | ScrcPolicyParams:
+    import json
+
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ArtifactIntegrityError(f"policy artifact is not valid JSON: {err}") from err
+    return parse_policy(data)

@@ -1,0 +1,438 @@
+"""Fit an exit policy on val_calib, and apply it at inference.
+
+Fitting (val_calib only):
+  1. `split_calibration_set`: a deterministic, label-stratified, disjoint split
+     into a fit part (calibrator, gate) and a threshold part (t_lo, t_hi, tau,
+     conformal quantiles). Fitting both on the same images would break the
+     guarantee (DOMAIN.md).
+  2. `select_calibrator` on the fit part (held-out NLL), refit on the whole part.
+  3. t_lo on the threshold part's positives: CRC (E[FNR] <= α) or LTT
+     (P(FNR <= α) >= 1 - δ). A roadwork image counts as missed only when the
+     policy's final decision is "negative" (calibrated p <= t_lo); deferrals are
+     never misses. Every kind below only ever says "negative" when p <= t_lo, so
+     the FNR guarantee holds for the whole cascade's stage-1 output.
+  4. kind-specific exits:
+       softmax  two_way: positive iff p > t_lo. three_way: positive iff p > t_hi
+                (LTT-certified positive-exit FDR), defer in between.
+       gate     stage 1 as two_way; a learned failure gate defers images whose
+                decision it predicts to be wrong.
+       scrc     split-conformal sets (Mondrian or LAC): {1} exits positive, {0}
+                exits negative if also p <= t_lo, {} / {0, 1} defer.
+
+Application: `apply_policy(params, view_logits)` -> (decision, remapped_prob).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+
+from roadwork_assets.contracts.errors import BadInputError, InsufficientDataError
+from roadwork_assets.contracts.policy_schemas import (
+    CalibratorCandidate,
+    CalibratorSpec,
+    GatePolicyParams,
+    GateSpec,
+    ScrcPolicyParams,
+    SoftmaxPolicyParams,
+    ThresholdPartStats,
+)
+from roadwork_assets.core.calibration.calibrators import CALIBRATORS, Calibrator, calibrator_from_params
+from roadwork_assets.core.calibration.conformal import (
+    SplitConformalBinary,
+    coverage_report,
+    prediction_sets,
+    set_decisions,
+)
+from roadwork_assets.core.calibration.gate import (
+    FailureGate,
+    check_view_logits,
+    fit_failure_gate,
+    gate_features,
+)
+from roadwork_assets.core.calibration.metrics import brier, decision_confidence, ece, nll
+from roadwork_assets.core.calibration.risk_control import (
+    FnrThreshold,
+    crc_fnr_threshold,
+    ltt_fnr_threshold,
+    ltt_positive_exit_threshold,
+)
+
+AnyPolicy = SoftmaxPolicyParams | GatePolicyParams | ScrcPolicyParams
+DEFAULT_CALIBRATOR_METHODS: tuple[str, ...] = tuple(CALIBRATORS)
+SPLIT_SALT = "roadwork_assets.val_calib"
+DEFER, NEGATIVE, POSITIVE = -1, 0, 1
+
+
+# ----------------------------------------------------------------------- splits
+def _check_labels(labels: Any, n: int) -> np.ndarray:
+    y = np.asarray(labels)
+    if y.shape != (n,):
+        raise BadInputError(f"labels must have shape ({n},); got {y.shape}")
+    if not np.all((y == 0) | (y == 1)):
+        raise BadInputError("labels must be 0 (none) or 1 (roadwork)")
+    return y.astype(np.int64)
+
+
+def split_calibration_set(
+    image_ids: Sequence[Any], labels: Any, fit_fraction: float = 0.5, *, salt: str = SPLIT_SALT
+) -> tuple[np.ndarray, np.ndarray]:
+    """(idx_fit, idx_thr): disjoint, stratified by label, deterministic.
+
+    Within each label, images are ordered by sha256(f"{salt}:{image_id}") and the
+    first round(fit_fraction * n_label) go to the fit part. The result depends only
+    on the set of (id, label) pairs, not on their order. Both are sorted int arrays.
+    """
+    if not 0.0 < fit_fraction < 1.0:
+        raise BadInputError(f"fit_fraction must be in (0, 1); got {fit_fraction}")
+    ids = [str(i) for i in image_ids]
+    y = _check_labels(labels, len(ids))
+    if len(set(ids)) != len(ids):
+        seen: set[str] = set()
+        dup = next(i for i in ids if i in seen or seen.add(i))
+        raise BadInputError(f"image ids must be unique in the calibration split; {dup!r} repeats")
+    keys = np.array([hashlib.sha256(f"{salt}:{i}".encode()).hexdigest() for i in ids])
+    fit, thr = [], []
+    for c in (0, 1):
+        idx = np.flatnonzero(y == c)
+        order = idx[np.argsort(keys[idx], kind="stable")]
+        n_fit = int(np.floor(fit_fraction * idx.size + 0.5))
+        fit.append(order[:n_fit])
+        thr.append(order[n_fit:])
+    return np.sort(np.concatenate(fit)), np.sort(np.concatenate(thr))
+
+
+def _stratified_holdout(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    train, hold = [], []
+    for c in (0, 1):
+        idx = np.flatnonzero(y == c)
+        if idx.size < 2:
+            raise InsufficientDataError(
+                f"calibrator selection needs at least 2 images of label {c} in the fit part; got {idx.size}"
+            )
+        idx = rng.permutation(idx)
+        n_hold = min(max(1, int(round(fraction * idx.size))), idx.size - 1)
+        hold.append(idx[:n_hold])
+        train.append(idx[n_hold:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(hold))
+
+
+# ------------------------------------------------------------------ calibrator
+def select_calibrator(
+    scores_fit: Any,
+    y_fit: Any,
+    methods: Sequence[str] = DEFAULT_CALIBRATOR_METHODS,
+    holdout_fraction: float = 0.3,
+    n_bins: int = 15,
+    *,
+    seed: int = 0,
+) -> tuple[Calibrator, list[dict[str, Any]]]:
+    """Pick the calibrator with the lowest NLL on a seeded, stratified held-out part of
+    the fit set, then refit it on the whole fit set.
+
+    candidates: one dict per method with held-out "nll", "ece" (positive-class,
+    `n_bins` equal-width bins, L1) and "brier". Ties go to the earlier method.
+    """
+    scores = np.asarray(scores_fit, dtype=np.float64)
+    y = _check_labels(y_fit, scores.shape[0])
+    if not methods:
+        raise BadInputError("select_calibrator needs at least one method")
+    unknown = [m for m in methods if m not in CALIBRATORS]
+    if unknown:
+        raise BadInputError(f"unknown calibrator method(s) {unknown}; known: {list(CALIBRATORS)}")
+    if "classwise_temperature" in methods and not (scores.ndim == 2 and scores.shape[1] == 2):
+        raise BadInputError("classwise_temperature needs [N, 2] logits; drop it or pass two-class logits")
+    idx_tr, idx_ho = _stratified_holdout(y, holdout_fraction, seed)
+    candidates = []
+    for m in methods:
+        p_ho = CALIBRATORS[m]().fit(scores[idx_tr], y[idx_tr]).predict_proba(scores[idx_ho])
+        y_ho = y[idx_ho]
+        candidates.append({"method": m, "nll": nll(p_ho, y_ho), "ece": ece(p_ho, y_ho, n_bins),
+                           "brier": brier(p_ho, y_ho)})
+    best = min(candidates, key=lambda c: c["nll"])["method"]
+    return CALIBRATORS[best]().fit(scores, y), candidates
+
+
+# ----------------------------------------------------------------------- remap
+def remap_probability(p: Any, lo: float, hi: float, negative: Any, positive: Any) -> np.ndarray:
+    """Monotone map of p putting the decision boundary on StreetVision's 0.5.
+
+    Piecewise linear: [0, lo] -> [0, 0.5], (lo, hi] -> (0.5, 0.75], (hi, 1] ->
+    (0.75, 1] (when hi == lo: (lo, 1] -> (0.5, 1]). Then the exact sides are
+    enforced from the decision masks (which must be a lower set / an upper set in
+    p): `negative` items are made < 0.5, all others > 0.5, and with a deferral band
+    `positive` items > 0.75 and deferred ones in (0.5, 0.75]. np.round sends
+    exactly 0.5 to 0, hence the strict sides. Non-decreasing in p.
+    """
+    p = np.clip(np.asarray(p, dtype=np.float64), 0.0, 1.0)
+    negative = np.asarray(negative, dtype=bool)
+    positive = np.asarray(positive, dtype=bool)
+    lo_c = float(np.clip(lo, 0.0, 1.0))
+    hi_c = float(np.clip(max(hi, lo), 0.0, 1.0))
+    band = hi_c > lo_c
+    top = 0.75 if band else 0.5
+    r = np.empty_like(p)
+    s1 = p <= lo_c
+    r[s1] = 0.5 * p[s1] / lo_c if lo_c > 0 else 0.0
+    s2 = ~s1 & (p <= hi_c)
+    if band:
+        r[s2] = 0.5 + 0.25 * (p[s2] - lo_c) / (hi_c - lo_c)
+    s3 = p > hi_c
+    if hi_c < 1.0:
+        r[s3] = top + (1.0 - top) * (p[s3] - hi_c) / (1.0 - hi_c)
+    r = np.where(negative, np.minimum(r, np.nextafter(0.5, 0.0)), np.maximum(r, np.nextafter(0.5, 1.0)))
+    if band:
+        deferred = ~negative & ~positive
+        r = np.where(positive, np.maximum(r, np.nextafter(0.75, 1.0)), r)
+        r = np.where(deferred, np.minimum(r, 0.75), r)
+    return np.clip(r, 0.0, 1.0)
+
+
+# --------------------------------------------------------------------- apply
+def policy_probability(params: AnyPolicy, view_logits: Any) -> np.ndarray:
+    """Calibrated P(roadwork) of the main view, as the policy sees it."""
+    v = check_view_logits(view_logits)
+    if params.main_view >= v.shape[1]:
+        raise BadInputError(f"policy reads view {params.main_view} but the logits have {v.shape[1]} view(s)")
+    cal = calibrator_from_params(params.calibrator.model_dump())
+    return cal.predict_proba(v[:, params.main_view])
+
+
+def _scrc_anchors(params: ScrcPolicyParams) -> tuple[float, float]:
+    lo = min(params.t_lo, params.q0, 1.0 - params.q1)
+    return lo, max(params.q0, 1.0 - params.q1, lo)
+
+
+def apply_policy(params: AnyPolicy, view_logits: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(decision int8 [N]: 1 positive, 0 negative, -1 defer; remapped_prob float64 [N]).
+
+    remapped_prob is a non-decreasing function of the calibrated probability p with
+    remapped < 0.5 exactly for the images the policy decides "negative" at stage 1
+    (p <= t_lo side), so binarising it at 0.5 (StreetVision) reproduces the
+    FNR-controlled answer:
+    - softmax two_way: positive <=> remapped > 0.5, negative <=> remapped < 0.5.
+    - softmax three_way / scrc: deferred images map into (0.5, 0.75] (the image of
+      the deferral band) and positives into (0.75, 1], so a deferred image is
+      emitted as "roadwork" when no later stage answers for it — deferrals never
+      become misses.
+    - gate: the remap is that of the stage-1 two-way decision and ignores the gate
+      (a per-image gate decision is not monotone in p). A deferred image keeps its
+      stage-1 side of 0.5; the decision array says it was deferred.
+    """
+    p = policy_probability(params, view_logits)
+    if isinstance(params, SoftmaxPolicyParams):
+        neg, pos = p <= params.t_lo, p > params.t_hi
+        decision = np.where(neg, NEGATIVE, np.where(pos, POSITIVE, DEFER)).astype(np.int8)
+        return decision, remap_probability(p, params.t_lo, params.t_hi, neg, pos)
+    if isinstance(params, GatePolicyParams):
+        neg = p <= params.t_lo
+        gate = FailureGate.from_params(params.gate.model_dump())
+        feats = gate_features(view_logits, p, params.t_lo, params.main_view)
+        accept = gate.predict_proba(feats) <= params.gate.tau
+        decision = np.where(accept, np.where(neg, NEGATIVE, POSITIVE), DEFER).astype(np.int8)
+        return decision, remap_probability(p, params.t_lo, params.t_lo, neg, ~neg)
+    if isinstance(params, ScrcPolicyParams):
+        sets_dec = set_decisions(prediction_sets(p, params.q0, params.q1))
+        neg = (sets_dec == NEGATIVE) & (p <= params.t_lo)
+        pos = sets_dec == POSITIVE
+        decision = np.where(neg, NEGATIVE, np.where(pos, POSITIVE, DEFER)).astype(np.int8)
+        lo, hi = _scrc_anchors(params)
+        return decision, remap_probability(p, lo, hi, neg, pos)
+    raise BadInputError(f"unknown policy type {type(params).__name__}")
+
+
+# ----------------------------------------------------------------------- fit
+def _statement(
+    fnr: FnrThreshold, ctx: str, n_fit: int, extra: list[str]
+) -> str:
+    miss_def = (
+        "FNR = P(decision = negative | roadwork): a roadwork image counts as missed only when "
+        f"the policy decides 'negative' (calibrated p <= t_lo = {fnr.t_lo:.6g}); deferrals are not misses"
+    )
+    if fnr.method == "crc":
+        head = (
+            f"Conformal risk control (Angelopoulos et al. 2022) on the {fnr.n_pos} positives of the "
+            f"{ctx}: t_lo lies just below the k={fnr.k}-th smallest calibrated positive score, so "
+            f"E[FNR] <= k/(n+1) = {fnr.k / (fnr.n_pos + 1):.4g} <= alpha = {fnr.alpha:g}, the expectation "
+            "taken over the draw of the threshold part (marginal, not conditional on this draw)."
+        )
+    else:
+        head = (
+            f"Learn-then-Test (Angelopoulos et al. 2021) on the {fnr.n_pos} positives of the {ctx}: "
+            f"exact binomial / Hoeffding-Bentkus p-values, {fnr.fwer} FWER control over {fnr.n_grid} "
+            f"fixed thresholds; with probability >= 1 - delta = {1 - fnr.delta:g} over the draw of the "
+            f"threshold part, FNR <= alpha = {fnr.alpha:g}."
+        )
+    tail = (
+        f"Assumes deployment images are exchangeable with val_calib; the calibrator was fitted on "
+        f"the disjoint fit part (n={n_fit}). Achieved rates on the threshold part are in-sample estimates."
+    )
+    return " ".join([head, miss_def + ".", *extra, tail])
+
+
+def _threshold_stats(params: AnyPolicy, v_thr: np.ndarray, y_thr: np.ndarray) -> ThresholdPartStats:
+    dec, _ = apply_policy(params, v_thr)
+    n_pos, n_neg = int(y_thr.sum()), int((1 - y_thr).sum())
+    misses = int(np.sum((dec == NEGATIVE) & (y_thr == 1)))
+    pos_exit = dec == POSITIVE
+    acc = dec != DEFER
+    defer_rate = float(np.mean(~acc))
+    return ThresholdPartStats(
+        fnr=misses / n_pos, n_misses=misses, defer_rate=defer_rate, coverage=1.0 - defer_rate,
+        fpr=float(np.sum(pos_exit & (y_thr == 0)) / n_neg) if n_neg else 0.0,
+        positive_exit_fdr=float(np.mean(y_thr[pos_exit] == 0)) if pos_exit.any() else None,
+        selective_risk=float(np.mean(dec[acc] != y_thr[acc])) if acc.any() else None,
+    )
+
+
+def fit_policy(
+    kind: Literal["softmax", "gate", "scrc"],
+    view_logits: Any,
+    labels: Any,
+    image_ids: Sequence[Any],
+    *,
+    alpha: float = 0.02,
+    delta: float = 0.1,
+    guarantee: Literal["crc", "ltt"] = "crc",
+    calibrator_methods: Sequence[str] = DEFAULT_CALIBRATOR_METHODS,
+    mode: Literal["two_way", "three_way"] = "two_way",
+    positive_fdr: float = 0.05,
+    gate_risk: float = 0.05,
+    gate_C: float = 1.0,
+    conformal_alpha: float = 0.1,
+    conformal_method: Literal["lac", "mondrian"] = "mondrian",
+    fwer: Literal["fixed_sequence", "bonferroni"] = "fixed_sequence",
+    grid: Any = None,
+    fit_fraction: float = 0.5,
+    holdout_fraction: float = 0.3,
+    n_bins: int = 15,
+    main_view: int = 0,
+    context: str = "val_calib",
+) -> AnyPolicy:
+    """Fit a policy of `kind` on val_calib logits [N, V, 2] (view `main_view` is calibrated).
+
+    `mode` applies to kind="softmax" (three_way adds an LTT-certified positive-exit
+    threshold at FDR `positive_fdr`); `gate_risk`/`gate_C` to "gate";
+    `conformal_alpha`/`conformal_method` to "scrc". `delta` is the LTT failure
+    probability (used by guarantee="ltt" and by the positive-exit threshold).
+    Raises InsufficientDataError when the threshold part has too few positives.
+    """
+    if kind not in ("softmax", "gate", "scrc"):
+        raise BadInputError(f"policy kind must be 'softmax', 'gate' or 'scrc'; got {kind!r}")
+    if guarantee not in ("crc", "ltt"):
+        raise BadInputError(f"guarantee must be 'crc' or 'ltt'; got {guarantee!r}")
+    if mode not in ("two_way", "three_way"):
+        raise BadInputError(f"mode must be 'two_way' or 'three_way'; got {mode!r}")
+    v = check_view_logits(view_logits)
+    if main_view >= v.shape[1]:
+        raise BadInputError(f"main_view={main_view} but the logits have {v.shape[1]} view(s)")
+    y = _check_labels(labels, v.shape[0])
+    if len(image_ids) != v.shape[0]:
+        raise BadInputError(f"{len(image_ids)} image ids for {v.shape[0]} logit rows")
+
+    idx_fit, idx_thr = split_calibration_set(image_ids, y, fit_fraction)
+    ctx = f"{context} threshold part"
+    y_fit, y_thr = y[idx_fit], y[idx_thr]
+    n_pos_thr = int(y_thr.sum())
+    if n_pos_thr == 0:
+        raise InsufficientDataError(f"{ctx} has 0 positives; the FNR threshold needs roadwork images")
+    main = v[:, main_view]
+    cal, candidates = select_calibrator(main[idx_fit], y_fit, calibrator_methods, holdout_fraction, n_bins)
+    p_fit, p_thr = cal.predict_proba(main[idx_fit]), cal.predict_proba(main[idx_thr])
+
+    pos_thr = p_thr[y_thr == 1]
+    if guarantee == "crc":
+        fnr = crc_fnr_threshold(pos_thr, alpha, context=ctx)
+    else:
+        fnr = ltt_fnr_threshold(pos_thr, alpha, delta, grid, fwer=fwer, context=ctx)
+    t_lo = fnr.t_lo
+
+    placeholder = ThresholdPartStats(fnr=0, n_misses=0, defer_rate=0, coverage=1, fpr=0)
+    common: dict[str, Any] = dict(
+        main_view=main_view,
+        calibrator=CalibratorSpec(**cal.to_params()),
+        calibrator_candidates=[CalibratorCandidate(**c) for c in candidates],
+        t_lo=t_lo, alpha=alpha, delta=delta,
+        guarantee="crc_expectation" if guarantee == "crc" else "ltt_high_probability",
+        n_calib_fit=int(idx_fit.size), n_calib_threshold=int(idx_thr.size),
+        n_pos_threshold=n_pos_thr, n_neg_threshold=int(idx_thr.size - n_pos_thr),
+        fit_fraction=fit_fraction, threshold_part=placeholder,
+    )
+    joint = "Both hold together with probability >= 1 - 2*delta (union bound)." if guarantee == "ltt" else ""
+
+    params: AnyPolicy
+    if kind == "softmax":
+        extra: list[str] = []
+        t_hi, certified = t_lo, None
+        if mode == "three_way":
+            ex = ltt_positive_exit_threshold(
+                p_thr, y_thr, t_lo=t_lo, fdr_target=positive_fdr, delta=delta, grid=grid,
+                reference_scores=p_fit, reference_labels=y_fit,
+            )
+            t_hi, certified = ex.t_hi, ex.certified
+            if ex.certified:
+                extra.append(
+                    f"Positive exits (p > t_hi = {t_hi:.6g}): LTT fixed-sequence gives, with probability "
+                    f">= {1 - delta:g}, P(none | positive exit) <= {positive_fdr:g}. {joint}"
+                )
+            else:
+                extra.append("No positive-exit threshold could be certified: t_hi = 1, so every image "
+                             "above t_lo is deferred.")
+            extra.append("Images with t_lo < p <= t_hi are deferred.")
+        else:
+            extra.append("Two-way: every image with p > t_lo is decided positive (no deferral).")
+        params = SoftmaxPolicyParams(
+            **common, t_hi=t_hi, mode=mode,
+            positive_fdr_target=positive_fdr if mode == "three_way" else None,
+            positive_exit_certified=certified, guarantee_statement=_statement(fnr, ctx, idx_fit.size, extra),
+        )
+    elif kind == "gate":
+        dec_fit, dec_thr = (p_fit > t_lo).astype(np.int64), (p_thr > t_lo).astype(np.int64)
+        gf = fit_failure_gate(
+            gate_features(v[idx_fit], p_fit, t_lo, main_view), dec_fit != y_fit,
+            gate_features(v[idx_thr], p_thr, t_lo, main_view), dec_thr != y_thr,
+            decision_confidence(p_thr, dec_thr), gate_risk=gate_risk, delta=delta, C=gate_C,
+        )
+        spec = GateSpec(
+            **gf.gate.to_params(), tau=gf.tau, gate_risk=gate_risk, risk_met=gf.risk_met,
+            accept_rate=gf.accept_rate, selective_risk=gf.selective_risk,
+            selective_risk_upper=gf.selective_risk_upper, aurc_gate=gf.aurc_gate,
+            aurc_baseline=gf.aurc_baseline, beats_baseline=gf.beats_baseline,
+        )
+        extra = [
+            "Stage 1 is two-way at t_lo; the failure gate (fitted on the fit part) only turns decisions "
+            "into deferrals, so it cannot raise the FNR.",
+            f"Its accept threshold targets an error rate <= {gate_risk:g} among accepted images: a plug-in "
+            "estimate on the threshold part, not a guarantee.",
+        ]
+        params = GatePolicyParams(
+            **common, t_hi=t_lo, gate=spec, guarantee_statement=_statement(fnr, ctx, idx_fit.size, extra)
+        )
+    else:
+        conf = SplitConformalBinary(conformal_alpha, conformal_method).fit(p_thr, y_thr, context=ctx)
+        cov = coverage_report(conf.predict_sets(p_thr), y_thr)
+        if conformal_method == "mondrian":
+            cstate = (
+                f"Mondrian split-conformal sets at alpha_c = {conformal_alpha:g}: P(label in set | label) "
+                f">= {1 - conformal_alpha:g} for each label, so a 'none' image exits positive with "
+                f"probability <= {conformal_alpha:g} in expectation."
+            )
+        else:
+            cstate = (f"LAC split-conformal sets at alpha_c = {conformal_alpha:g}: marginal coverage "
+                      f"P(label in set) >= {1 - conformal_alpha:g}.")
+        extra = [cstate, "Singleton sets exit ({0} only if also p <= t_lo), empty or two-label sets defer. "
+                 "Set quantiles and t_lo use the same threshold part; each statement holds on its own."]
+        draft = ScrcPolicyParams(
+            **common, t_hi=t_lo, conformal_method=conformal_method, conformal_alpha=conformal_alpha,
+            q0=conf.q0_, q1=conf.q1_, coverage=cov, guarantee_statement="-",
+        )
+        lo, hi = _scrc_anchors(draft)
+        params = draft.model_copy(update={
+            "t_hi": max(hi, t_lo), "guarantee_statement": _statement(fnr, ctx, idx_fit.size, extra),
+        })
+    stats = _threshold_stats(params, v[idx_thr], y_thr)
+    return type(params).model_validate({**params.model_dump(), "threshold_part": stats.model_dump()})

@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny, fast settings for materializing the real graph."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("DAGSTER_TELEMETRY_DISABLED", "1")
+
+
+def tiny_resources(root, *, n_images: int = 640, alpha: float = 0.05, epochs: int = 3,
+                   bundle_policy: str = "softmax", export_onnx: bool = True) -> dict:
+    """Real resources over a tmp root: small generated dataset, short training."""
+    from dagster_mlflow import mlflow_tracking
+
+    from roadwork_assets.core.artifacts import ArtifactRegistry
+    from roadwork_assets.defs.io_manager import RegistryIOManager
+    from roadwork_assets.defs.resources import (
+        ArtifactRegistryResource,
+        DatasetSource,
+        ExitPolicyResource,
+        TrainerResource,
+    )
+
+    root = str(root)
+    return {
+        "io_manager": RegistryIOManager(root=root),
+        "artifacts": ArtifactRegistryResource(root=root),
+        "dataset": DatasetSource(default_n_images=n_images, default_image_size=64),
+        "trainer": TrainerResource(img_size=48, epochs=epochs, batch_size=64, threads=2),
+        "exit_policy": ExitPolicyResource(alpha=alpha, bundle_policy=bundle_policy,
+                                          export_onnx=export_onnx),
+        "mlflow": mlflow_tracking.configured({
+            "experiment_name": "roadwork_tests",
+            "mlflow_tracking_uri": ArtifactRegistry(root).mlflow_tracking_uri,
+        }),
+    }
+
+
+@pytest.fixture(scope="session")
+def materialized_root(tmp_path_factory):
+    """The whole graph materialized once per session on a tiny generated dataset."""
+    import dagster as dg
+
+    from roadwork_assets.definitions import build_definitions
+    from roadwork_assets.defs.runner import materialize_all
+
+    root = tmp_path_factory.mktemp("roadwork_home")
+    defs = build_definitions(tiny_resources(root))
+    with dg.DagsterInstance.ephemeral() as instance:
+        results = materialize_all(defs, instance, say=lambda _m: None)
+    return root, defs, results

@@ -1,0 +1,204 @@
+"""Policy fitting and application: split, selection, remap, JSON contract, end-to-end FNR."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy.special import expit, logit
+
+from roadwork_assets.contracts.errors import ArtifactIntegrityError, BadInputError, InsufficientDataError
+from roadwork_assets.contracts.policy_schemas import (
+    GatePolicyParams,
+    ScrcPolicyParams,
+    SoftmaxPolicyParams,
+    parse_policy,
+    policy_from_json,
+    policy_to_json,
+)
+from roadwork_assets.core.calibration.policies import (
+    DEFAULT_CALIBRATOR_METHODS,
+    apply_policy,
+    fit_policy,
+    policy_probability,
+    remap_probability,
+    select_calibrator,
+    split_calibration_set,
+)
+
+from .conftest import draw, true_fnr
+
+POLICY_CASES = [
+    ("softmax", {}),
+    ("softmax", {"mode": "three_way"}),
+    ("softmax", {"mode": "three_way", "guarantee": "ltt"}),
+    ("gate", {}),
+    ("scrc", {}),
+    ("scrc", {"conformal_method": "lac"}),
+]
+
+
+@pytest.fixture(scope="module")
+def calib_data():
+    """val_calib-like multi-view logits [N, 3, 2], labels and ids."""
+    rng = np.random.default_rng(7)
+    n = 3000
+    x = rng.uniform(-3, 3, n)
+    y = (rng.uniform(size=n) < expit(2 * x)).astype(np.int64)
+    z = 3.0 * x[:, None] + 0.5 + rng.normal(0, 0.8, (n, 3))
+    bad = rng.uniform(size=n) < 0.2
+    z[bad, 0] = rng.normal(0, 3, bad.sum())
+    logits = np.stack([-0.5 * z, 0.5 * z], axis=-1)
+    ids = [f"img_{i:05d}" for i in range(n)]
+    return logits, y, ids
+
+
+@pytest.fixture(scope="module")
+def fitted(calib_data):
+    logits, y, ids = calib_data
+    return {f"{k}{sorted(kw.items())}": fit_policy(k, logits, y, ids, alpha=0.05, **kw) for k, kw in POLICY_CASES}
+
+
+# ----------------------------------------------------------------------- split
+def test_split_is_disjoint_stratified_and_order_independent(calib_data):
+    _, y, ids = calib_data
+    fit, thr = split_calibration_set(ids, y, 0.5)
+    assert np.intersect1d(fit, thr).size == 0 and fit.size + thr.size == y.size
+    for c in (0, 1):
+        n_c = int(np.sum(y == c))
+        assert abs(int(np.sum(y[fit] == c)) - n_c / 2) <= 1
+    perm = np.random.default_rng(0).permutation(y.size)
+    fit_p, _ = split_calibration_set([ids[i] for i in perm], y[perm], 0.5)
+    assert sorted(ids[i] for i in fit) == sorted(ids[perm[i]] for i in fit_p)
+    fit_s, _ = split_calibration_set(ids, y, 0.5, salt="other")
+    assert not np.array_equal(fit, fit_s)
+    with pytest.raises(BadInputError, match="repeats"):
+        split_calibration_set(ids[:-1] + [ids[0]], y, 0.5)
+
+
+def test_select_calibrator_picks_lowest_heldout_nll(calib_data):
+    logits, y, _ = calib_data
+    best, cands = select_calibrator(logits[:1500, 0], y[:1500])
+    assert [c["method"] for c in cands] == list(DEFAULT_CALIBRATOR_METHODS)
+    assert all(np.isfinite([c["nll"], c["ece"], c["brier"]]).all() for c in cands)
+    assert best.method == min(cands, key=lambda c: c["nll"])["method"]
+    json.dumps(cands, allow_nan=False)
+
+
+# ---------------------------------------------------------------------- apply
+@pytest.mark.parametrize(("kind", "kw"), POLICY_CASES)
+def test_remap_matches_decisions_and_is_monotone(kind, kw, fitted, calib_data):
+    logits, _, _ = calib_data
+    params = fitted[f"{kind}{sorted(kw.items())}"]
+    decision, remapped = apply_policy(params, logits)
+    p = policy_probability(params, logits)
+    assert decision.dtype == np.int8 and set(np.unique(decision)) <= {-1, 0, 1}
+    assert np.all((remapped >= 0) & (remapped <= 1))
+    assert np.all(remapped[decision == 1] > 0.5)
+    assert np.all(remapped[decision == 0] < 0.5)
+    order = np.argsort(p, kind="stable")
+    assert np.all(np.diff(remapped[order]) >= 0)  # monotone in the calibrated probability
+    if kind == "gate":
+        # the remap is the stage-1 answer: below 0.5 exactly when p <= t_lo
+        np.testing.assert_array_equal(remapped < 0.5, p <= params.t_lo)
+    else:
+        # negatives exactly below 0.5; deferrals sit above it, in the band (0.5, 0.75]
+        np.testing.assert_array_equal(decision == 0, remapped < 0.5)
+        assert np.all((remapped[decision == -1] > 0.5) & (remapped[decision == -1] <= 0.75))
+    if kind == "softmax" and kw.get("mode", "two_way") == "two_way":
+        assert not np.any(decision == -1)
+        np.testing.assert_array_equal(decision == 1, remapped > 0.5)
+
+
+def test_remap_boundaries_are_exact():
+    t = 0.137
+    p = np.array([0.0, np.nextafter(t, 0), t, np.nextafter(t, 1), 0.5, 1.0])
+    neg = p <= t
+    r = remap_probability(p, t, t, neg, ~neg)
+    assert list(r < 0.5) == [True, True, True, False, False, False]
+    assert list(r > 0.5) == [False, False, False, True, True, True]
+    assert np.all(np.diff(r) >= 0) and r[0] == 0.0 and r[-1] == 1.0
+    # three-way band: (t_lo, t_hi] -> (0.5, 0.75]
+    t_hi = 0.8
+    p = np.array([0.1, t, 0.5, t_hi, np.nextafter(t_hi, 1), 1.0])
+    neg, pos = p <= t, p > t_hi
+    r = remap_probability(p, t, t_hi, neg, pos)
+    assert r[1] < 0.5 < r[2] <= 0.75 and r[3] == 0.75 and r[4] > 0.75 and r[5] == 1.0
+
+
+@pytest.mark.parametrize(("kind", "kw"), POLICY_CASES)
+def test_policy_json_round_trip(kind, kw, fitted, calib_data):
+    logits, _, _ = calib_data
+    params = fitted[f"{kind}{sorted(kw.items())}"]
+    text = policy_to_json(params)
+    back = policy_from_json(text)
+    assert back == params and type(back) is type(params)
+    d1, r1 = apply_policy(params, logits)
+    d2, r2 = apply_policy(back, logits)
+    np.testing.assert_array_equal(d1, d2)
+    np.testing.assert_array_equal(r1, r2)
+    data = json.loads(text)
+    assert data["schema_version"] == 1 and data["kind"] == kind
+    assert params.threshold_part.fnr <= 0.05 + 1e-12 or params.guarantee == "ltt_high_probability"
+    assert "deferrals are not misses" in params.guarantee_statement
+
+
+def test_fitted_policy_kinds_and_fields(fitted):
+    soft2 = fitted["softmax[]"]
+    soft3 = fitted["softmax[('mode', 'three_way')]"]
+    gate = fitted["gate[]"]
+    scrc = fitted["scrc[]"]
+    assert isinstance(soft2, SoftmaxPolicyParams) and soft2.t_hi == soft2.t_lo
+    assert soft3.t_hi > soft3.t_lo and soft3.positive_exit_certified
+    assert soft3.threshold_part.defer_rate > 0
+    assert isinstance(gate, GatePolicyParams) and gate.gate.beats_baseline
+    assert gate.gate.aurc_gate < gate.gate.aurc_baseline
+    assert isinstance(scrc, ScrcPolicyParams) and scrc.coverage["coverage_pos"] >= 0.85
+    for p in fitted.values():
+        assert p.n_calib_fit + p.n_calib_threshold == 3000
+        assert p.threshold_part.coverage == pytest.approx(1 - p.threshold_part.defer_rate)
+
+
+def test_unknown_schema_version_kind_or_bad_fields_are_refused(fitted):
+    data = json.loads(policy_to_json(fitted["softmax[]"]))
+    with pytest.raises(ArtifactIntegrityError, match="schema_version=2"):
+        parse_policy(data | {"schema_version": 2})
+    with pytest.raises(ArtifactIntegrityError, match="kind='cascade'"):
+        parse_policy(data | {"kind": "cascade"})
+    with pytest.raises(ArtifactIntegrityError, match="must be >= t_lo"):
+        parse_policy(data | {"t_hi": data["t_lo"] - 0.1})
+    with pytest.raises(ArtifactIntegrityError, match="invalid"):
+        parse_policy(data | {"unexpected": 1})
+    with pytest.raises(ArtifactIntegrityError, match="not valid JSON"):
+        policy_from_json("{")
+
+
+def test_too_few_positives_through_fit_policy(calib_data):
+    logits, y, ids = calib_data
+    keep = np.flatnonzero(y == 0)[:400].tolist() + np.flatnonzero(y == 1)[:60].tolist()
+    msg = r"val_calib threshold part has 30 positives; α=0\.02 needs at least 49"
+    with pytest.raises(InsufficientDataError, match=msg):
+        fit_policy("softmax", logits[keep], y[keep], [ids[i] for i in keep], alpha=0.02)
+
+
+def test_end_to_end_crc_policy_keeps_expected_fnr(rng):
+    """Split + temperature fit + CRC, repeated on fresh draws: E[FNR] <= α.
+
+    Logits are the margin 2x (two-class: [0, 2x]); the fitted calibrator is
+    σ(2x / T), so 'p <= t_lo' is 'x <= T·logit(t_lo)/2' and the FNR is closed form.
+    """
+    alpha, reps, n = 0.1, 200, 600
+    fnrs, n_pos = [], []
+    for r in range(reps):
+        x, y, _ = draw(rng, n)
+        logits = np.stack([np.zeros(n), 2 * x], axis=1)[:, None, :]
+        params = fit_policy("softmax", logits, y, [f"{r}-{i}" for i in range(n)], alpha=alpha,
+                            calibrator_methods=("temperature",))
+        temp = params.calibrator.params["temperature"]
+        x_star = temp * logit(params.t_lo) / 2
+        fnrs.append(true_fnr(expit(2 * x_star)))
+        n_pos.append(params.n_pos_threshold)
+    fnrs = np.asarray(fnrs)
+    se = fnrs.std(ddof=1) / np.sqrt(reps)
+    assert alpha - 2 / (min(n_pos) + 1) - 3 * se <= fnrs.mean() <= alpha + 3 * se

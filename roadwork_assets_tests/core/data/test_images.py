@@ -1,0 +1,174 @@
+"""decode_image: every bad-input row refused with the item named; every mode to RGB."""
+
+from __future__ import annotations
+
+import struct
+import time
+import tracemalloc
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from roadwork_assets.contracts.errors import BadInputError
+from roadwork_assets.core.data.images import decode_image, perceptual_hash, pixel_sha256
+from roadwork_assets_tests.core.data.scenes import encode, save, scene
+
+RNG = np.random.default_rng(0)
+
+
+def _jpeg_bytes() -> bytes:
+    return encode(scene(1), "JPEG", quality=90)
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose IHDR declares width x height, with a tiny IDAT: a decompression bomb."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+# ------------------------------------------------------------------- refused inputs
+
+
+def test_corrupt_jpeg_bytes_are_refused_naming_the_item():
+    data = bytearray(_jpeg_bytes())
+    data[2:302] = RNG.integers(0, 256, 300, dtype=np.uint8).tobytes()  # header segments
+    with pytest.raises(BadInputError, match=r"'cam7/0042\.jpg'.*remove it from the source"):
+        decode_image(bytes(data), "cam7/0042.jpg")
+
+
+def test_truncated_file_is_refused(tmp_path):
+    path = tmp_path / "half.jpg"
+    path.write_bytes(_jpeg_bytes()[: len(_jpeg_bytes()) // 2])
+    with pytest.raises(BadInputError, match=r"'half\.jpg'.*truncated"):
+        decode_image(path, "half.jpg")
+
+
+def test_zero_byte_file_is_refused(tmp_path):
+    path = tmp_path / "empty.jpg"
+    path.write_bytes(b"")
+    with pytest.raises(BadInputError, match=r"'empty\.jpg'.*empty \(0 bytes\)"):
+        decode_image(path, "empty.jpg")
+    with pytest.raises(BadInputError, match="zero bytes"):
+        decode_image(b"", "empty bytes")
+
+
+def test_non_image_with_jpg_extension_is_refused(tmp_path):
+    path = tmp_path / "notes.jpg"
+    path.write_text("these are my notes, not a photo\n" * 20)
+    with pytest.raises(BadInputError, match=r"'notes\.jpg' cannot be identified as an image"):
+        decode_image(path, "notes.jpg")
+
+
+def test_missing_file_is_refused(tmp_path):
+    with pytest.raises(BadInputError, match=r"'gone\.jpg'.*does not exist"):
+        decode_image(tmp_path / "gone.jpg", "gone.jpg")
+
+
+def test_decompression_bomb_is_refused_before_decoding():
+    bomb = _png_header(50_000, 50_000)  # 2.5 G pixels = 7.5 GB of RGB if decoded
+    tracemalloc.start()
+    start = time.perf_counter()
+    with pytest.raises(BadInputError, match=r"'bomb\.png'.*decompression"):
+        decode_image(bomb, "bomb.png")
+    elapsed = time.perf_counter() - start
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert elapsed < 1.0
+    assert peak < 5_000_000  # nothing image-sized was allocated
+
+
+def test_bomb_below_pil_limit_is_refused_by_max_pixels():
+    # 120 M pixels: above our 100 M default, below PIL's hard error (2 x 89 M).
+    with pytest.raises(BadInputError, match=r"12000x10000 = 120,000,000 pixels, above the limit of 100,000,000"):
+        decode_image(_png_header(12_000, 10_000), "big.png")
+    with pytest.raises(BadInputError, match="above the limit of 5,000"):
+        decode_image(encode(scene(2), "PNG"), "small.png", max_pixels=5_000)
+
+
+def test_float_mode_image_is_refused():
+    data = encode(Image.fromarray(np.ones((4, 4), np.float32)), "TIFF")
+    with pytest.raises(BadInputError, match=r"'depth\.tif' has pixel mode 'F'"):
+        decode_image(data, "depth.tif")
+
+
+# ---------------------------------------------------------------- modes -> RGB
+
+
+def test_grayscale_becomes_grey_rgb():
+    img = decode_image(encode(Image.new("L", (5, 4), 77), "PNG"), "gray.png")
+    assert img.mode == "RGB" and img.size == (5, 4)
+    assert img.getpixel((2, 2)) == (77, 77, 77)
+
+
+def test_rgba_is_composited_on_black():
+    rgba = Image.new("RGBA", (3, 1))
+    rgba.putdata([(255, 0, 0, 0), (200, 100, 50, 128), (10, 20, 30, 255)])
+    img = decode_image(encode(rgba, "PNG"), "rgba.png")
+    assert img.getpixel((0, 0)) == (0, 0, 0)  # transparent -> black, whatever colour was under it
+    assert all(abs(a - b) <= 1 for a, b in zip(img.getpixel((1, 0)), (100, 50, 25)))
+    assert img.getpixel((2, 0)) == (10, 20, 30)
+
+
+def test_palette_with_transparency_is_composited_on_black():
+    pal = Image.new("P", (2, 1))
+    pal.putpalette([255, 255, 255, 255, 0, 0] + [0] * 762)
+    pal.putdata([0, 1])
+    data = encode(pal, "PNG", transparency=0)
+    img = decode_image(data, "palette.png")
+    assert img.getpixel((0, 0)) == (0, 0, 0)
+    assert img.getpixel((1, 0)) == (255, 0, 0)
+    assert decode_image(encode(pal, "PNG"), "opaque.png").getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_cmyk_becomes_rgb():
+    cmyk = Image.new("CMYK", (2, 1))
+    cmyk.putdata([(0, 0, 0, 0), (0, 255, 255, 0)])
+    img = decode_image(encode(cmyk, "TIFF"), "print.tif")
+    assert img.getpixel((0, 0)) == (255, 255, 255)
+    assert img.getpixel((1, 0)) == (255, 0, 0)
+
+
+def test_sixteen_bit_is_scaled_not_clipped():
+    values = np.array([[0, 257, 32768, 65535]], dtype=np.uint16)
+    img = decode_image(encode(Image.fromarray(values), "PNG"), "depth16.png")
+    assert [img.getpixel((x, 0)) for x in range(4)] == [(0, 0, 0), (1, 1, 1), (128, 128, 128), (255, 255, 255)]
+
+
+def test_exif_orientation_is_applied():
+    stored = Image.new("RGB", (40, 20), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 20, 20))  # left half red as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": the stored left edge becomes the top
+    img = decode_image(encode(stored, "JPEG", quality=95, exif=exif), "portrait.jpg")
+    assert img.size == (20, 40)
+    top, bottom = img.getpixel((10, 5)), img.getpixel((10, 35))
+    assert top[0] > 200 and top[2] < 60
+    assert bottom[2] > 200 and bottom[0] < 60
+
+
+# --------------------------------------------------------------------- fingerprints
+
+
+def test_pixel_sha256_ignores_container_but_not_lossy_reencoding(tmp_path):
+    img = scene(3)
+    png = decode_image(save(img, tmp_path / "a.png"), "a.png")
+    bmp = decode_image(save(img, tmp_path / "a.bmp"), "a.bmp")
+    assert pixel_sha256(png) == pixel_sha256(bmp)
+    q90 = decode_image(encode(img, "JPEG", quality=90), "q90")
+    q50 = decode_image(encode(img, "JPEG", quality=50), "q50")
+    assert pixel_sha256(q90) != pixel_sha256(q50)
+
+
+def test_perceptual_hash_matches_imagehash_and_survives_resizing():
+    imagehash = pytest.importorskip("imagehash")
+    img = scene(4)
+    assert perceptual_hash(img) == int(str(imagehash.phash(img)), 16)
+    resized = img.resize((120, 90), Image.Resampling.BICUBIC)
+    assert bin(perceptual_hash(img) ^ perceptual_hash(resized)).count("1") <= 2
+    assert 0 <= perceptual_hash(img) < 2**64
