@@ -49,7 +49,9 @@ def decode_image(
 
     The declared width x height is checked against ``max_pixels`` after the header is
     read and before any pixel is decoded. Any failure raises :class:`BadInputError`
-    naming ``item``.
+    naming ``item``. (PIL's own DecompressionBombWarning is silenced inside a
+    ``warnings.catch_warnings`` block, which touches process-global state: call this from
+    processes, not threads, when decoding in parallel.)
     """
     fp = _open_source(source, item)
     try:

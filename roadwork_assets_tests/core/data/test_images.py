@@ -9,7 +9,7 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from roadwork_assets.contracts.errors import BadInputError
 from roadwork_assets.core.data.images import decode_image, perceptual_hash, pixel_sha256
@@ -70,7 +70,10 @@ def test_missing_file_is_refused(tmp_path):
         decode_image(tmp_path / "gone.jpg", "gone.jpg")
 
 
-def test_decompression_bomb_is_refused_before_decoding():
+def test_decompression_bomb_is_refused_before_decoding(monkeypatch):
+    loads = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(self.size) or real_load(self))
     bomb = _png_header(50_000, 50_000)  # 2.5 G pixels = 7.5 GB of RGB if decoded
     tracemalloc.start()
     start = time.perf_counter()
@@ -79,14 +82,15 @@ def test_decompression_bomb_is_refused_before_decoding():
     elapsed = time.perf_counter() - start
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
+    assert loads == []  # refused from the header: the pixel decoder never ran
     assert elapsed < 1.0
-    assert peak < 5_000_000  # nothing image-sized was allocated
+    assert peak < 5_000_000
 
 
 def test_bomb_below_pil_limit_is_refused_by_max_pixels():
     # 120 M pixels: above our 100 M default, below PIL's hard error (2 x 89 M).
     with pytest.raises(BadInputError, match=r"12000x10000 = 120,000,000 pixels, above the limit of 100,000,000"):
-        decode_image(_png_header(12_000, 10_000), "big.png")
+        decode_image(_png_header(12_000, 10_000), "big.png")  # PIL would only warn here
     with pytest.raises(BadInputError, match="above the limit of 5,000"):
         decode_image(encode(scene(2), "PNG"), "small.png", max_pixels=5_000)
 
