@@ -127,9 +127,10 @@ def sample_scene(rng: np.random.Generator, label: int, scale: float) -> Scene:
         if rng.random() < _HARD_NEGATIVE_FRACTION:
             kind = str(rng.choice(HARD_NEGATIVE_KINDS, p=_HARD_NEG_P))
         items, extra = [], [kind] if kind != "plain" else []
+    protected = _protected_boxes(cam, items)
     for k in extra:
-        items += _hard_negative(rng, cam, st, k, lanes)
-    _add_background(rng, cam, st, items, lanes, autumn="hard_autumn_trees" in extra)
+        items += [it for it in _hard_negative(rng, cam, st, k) if not _hides(protected, it, cam)]
+    _add_background(rng, cam, st, items, protected, lanes, autumn="hard_autumn_trees" in extra)
     return Scene(cam=cam, street=st, items=items, label=label, kind=kind, lighting=lighting,
                  **_sample_lighting(rng, lighting, cam, items))
 
@@ -305,8 +306,12 @@ def _anchor(rng, cam: Camera, key_h, total_h, band, frac, u_range=(0.12, 0.88)) 
     return rng.uniform(lo, hi), Z
 
 
-def _roadwork(rng, cam, st: Street, kind, mode, frac=(0.045, 0.3)) -> list[Item]:
+def _roadwork(rng, cam, st: Street, kind, mode, frac=(0.07, 0.35)) -> list[Item]:
+    """One roadwork group of `kind`; frac is the range of the first object's on-screen
+    height (fraction of the frame) in normal mode. Hard modes give one lone object."""
     make = _MAKERS[kind]
+    if kind == "workers":  # people are thin: give them more height to be as visible
+        frac = (frac[0] * 1.3, frac[1] * 1.3)
     if kind == "work_sign":  # signs stand at the roadside
         band = (st.road_r - 0.6, st.road_r + 1.5) if rng.random() < 0.7 else (st.road_l - 1.5, st.road_l + 0.6)
     else:
@@ -347,7 +352,7 @@ def _sidewalk_band(rng, st: Street) -> tuple[float, float]:
     return (st.road_r + 0.4, st.walk_r - 0.3) if rng.random() < 0.5 else (st.walk_l + 0.3, st.road_l - 0.4)
 
 
-def _hard_negative(rng, cam, st: Street, kind, lanes) -> list[Item]:
+def _hard_negative(rng, cam, st: Street, kind) -> list[Item]:
     road = (st.road_l + 1.0, st.road_r - 1.0)
     if kind == "hard_orange_car":
         X, Z = _anchor(rng, cam, 1.45, 1.45, road, (0.04, 0.3))
@@ -388,18 +393,34 @@ def _hard_negative(rng, cam, st: Street, kind, lanes) -> list[Item]:
     return items
 
 
-def _add_background(rng, cam, st: Street, items: list[Item], lanes, autumn: bool) -> None:
+def _protected_boxes(cam: Camera, items: list[Item]) -> list[tuple[tuple[float, ...], float]]:
+    """In-frame boxes (and depths) of the roadwork objects, which nothing may mostly hide."""
+    boxes = []
+    for it in items:
+        if it.roadwork:
+            x0, y0, x1, y1 = it.bbox(cam)
+            box = (max(x0, SAFE[0]), max(y0, SAFE[0]), min(x1, SAFE[1]), min(y1, SAFE[1]))
+            boxes.append((box, it.Z))
+    return boxes
+
+
+def _hides(protected, it: Item, cam: Camera) -> bool:
+    """True if `it` stands in front of >30 % of the in-frame part of a roadwork object."""
+    b = it.bbox(cam)
+    for (x0, y0, x1, y1), z in protected:
+        if it.Z < z:
+            ov = max(0.0, min(x1, b[2]) - max(x0, b[0])) * max(0.0, min(y1, b[3]) - max(y0, b[1]))
+            if ov > 0.3 * max(x1 - x0, 1e-9) * max(y1 - y0, 1e-9):
+                return True
+    return False
+
+
+def _add_background(rng, cam, st: Street, items: list[Item], protected, lanes, autumn: bool) -> None:
     """Ordinary street life. Nothing is added that hides most of a roadwork object."""
-    protected = [(it.bbox(cam), it.Z) for it in items if it.roadwork]
 
     def add(it: Item) -> None:
-        b = it.bbox(cam)
-        for (x0, y0, x1, y1), z in protected:
-            if it.Z < z:
-                ov = max(0.0, min(x1, b[2]) - max(x0, b[0])) * max(0.0, min(y1, b[3]) - max(y0, b[1]))
-                if ov > 0.3 * (x1 - x0) * (y1 - y0):
-                    return
-        items.append(it)
+        if not _hides(protected, it, cam):
+            items.append(it)
 
     same, oncoming, park_r, park_l = lanes
     for on, X in ((park_r, st.road_r - 1.2), (park_l, st.road_l + 1.2)):
