@@ -18,9 +18,8 @@ RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu 
         torch==2.14.1 torchvision==0.29.1
 COPY pyproject.toml README.md dagster.yaml workspace.yaml ./
 COPY roadwork_assets ./roadwork_assets
-RUN pip install --no-cache-dir . \
- && mkdir -p "$DAGSTER_HOME" \
- && cp dagster.yaml "$DAGSTER_HOME/dagster.yaml"
+RUN pip install --no-cache-dir .
 
 EXPOSE 3000
-CMD ["dagster", "dev", "-h", "0.0.0.0", "-p", "3000", "-w", "workspace.yaml"]
+# The artifact root may be a fresh volume: create the instance folder at start.
+CMD ["sh", "-c", "mkdir -p \"$DAGSTER_HOME\" && [ -f \"$DAGSTER_HOME/dagster.yaml\" ] || cp dagster.yaml \"$DAGSTER_HOME/\"; exec dagster dev -h 0.0.0.0 -p 3000 -w workspace.yaml"]

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
+from roadwork_assets.contracts.schemas import Provenance
 from roadwork_assets.contracts.errors import ArtifactIntegrityError
 
 SCHEMA_VERSION = 1
@@ -57,6 +58,7 @@ class ThresholdPartStats(_Frozen):
 
 class _PolicyBase(_Frozen):
     schema_version: Literal[1] = 1
+    provenance: Provenance | None = None  # data (logits[val_calib]) and code version
     main_view: int = Field(default=0, ge=0)
     calibrator: CalibratorSpec
     calibrator_candidates: list[CalibratorCandidate] = Field(default_factory=list)

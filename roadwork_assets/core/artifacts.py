@@ -10,6 +10,7 @@ writer is killed with SIGKILL.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -83,10 +84,29 @@ def atomic_write_json(dest: Path, obj: BaseModel | dict[str, Any]) -> Path:
     return atomic_write_text(dest, text + "\n")
 
 
-def atomic_write_parquet(dest: Path, frame: pd.DataFrame) -> Path:
+def atomic_write_parquet(
+    dest: Path, frame: pd.DataFrame, provenance: dict[str, str] | None = None
+) -> Path:
+    """Write a table; ``provenance`` (data/code version) goes into the parquet footer."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    if provenance:
+        meta = dict(table.schema.metadata or {})
+        meta[b"roadwork.provenance"] = json.dumps(provenance, sort_keys=True).encode()
+        table = table.replace_schema_metadata(meta)
     with atomic_path(dest) as tmp:
-        frame.to_parquet(tmp, index=False)
+        pq.write_table(table, tmp)
     return Path(dest)
+
+
+def read_parquet_provenance(path: Path) -> dict[str, str]:
+    import pyarrow.parquet as pq
+
+    meta = pq.read_schema(path).metadata or {}
+    raw = meta.get(b"roadwork.provenance")
+    return json.loads(raw) if raw else {}
 
 
 def atomic_write_npz(dest: Path, **arrays: np.ndarray) -> Path:
@@ -128,6 +148,13 @@ def frame_fingerprint(frame: pd.DataFrame, columns: list[str] | None = None) -> 
     return hashlib.sha256(canon.encode("utf-8")).hexdigest()
 
 
+def combine_versions(parts: dict[str, str]) -> str:
+    """One data version from several named inputs' versions (order-independent)."""
+    text = "\n".join(f"{k}={v}" for k, v in sorted(parts.items()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
 def code_version() -> str:
     """Hash of the package's source files: which code produced an artifact.
 

@@ -96,8 +96,14 @@ class RoadworkClassifier(nn.Module):
         std = cfg.get("std", (0.229, 0.224, 0.225))
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        # Feature standardisation before the head (identity unless a linear probe sets it):
+        # folding it into the head weights loses float32 precision when some frozen
+        # features have tiny variance.
+        dim = backbone.num_features
+        self.register_buffer("feat_mean", torch.zeros(dim))
+        self.register_buffer("feat_std", torch.ones(dim))
         self.dropout = nn.Dropout(head_dropout)
-        self.head = nn.Linear(backbone.num_features, 2)
+        self.head = nn.Linear(dim, 2)
 
     @property
     def num_features(self) -> int:
@@ -107,7 +113,7 @@ class RoadworkClassifier(nn.Module):
         return self.backbone((images - self.mean) / self.std)
 
     def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(feats))
+        return self.head(self.dropout((feats - self.feat_mean) / self.feat_std))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.features(images))

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from roadwork_assets.contracts.errors import BadInputError
-from roadwork_assets.core.artifacts import atomic_write_npz, code_version
+from roadwork_assets.core.artifacts import atomic_write_npz, code_version, combine_versions
 from roadwork_assets.core.data.transforms import load_model_arrays
 from roadwork_assets.core.models.classifier import RoadworkClassifier, build_classifier
 from roadwork_assets.core.training.checkpoint import save_checkpoint
@@ -46,7 +46,7 @@ def build_model(cfg: TrainerConfig, *, with_weights: bool = True) -> RoadworkCla
 
 
 def compute_embeddings(manifest: pd.DataFrame, cfg: TrainerConfig, dest: Path,
-                       split: str) -> dict[str, Any]:
+                       split: str, data_version: str) -> dict[str, Any]:
     """Write the per-split feature cache (npz) and return summary numbers."""
     cfg.apply_threads()
     images = load_model_arrays(manifest["uri"].tolist(), manifest["item_id"].tolist(),
@@ -66,6 +66,8 @@ def compute_embeddings(manifest: pd.DataFrame, cfg: TrainerConfig, dest: Path,
         kind=np.array(kind),
         split=np.array(split),
         backbone=np.array(cfg.backbone),
+        data_version=np.array(data_version),
+        code_version=np.array(code_version()),
     )
     return {"kind": kind, "shape": list(feats.shape), "dtype": str(feats.dtype)}
 
@@ -85,7 +87,6 @@ def train_checkpoint(
     caches: dict[str, dict[str, np.ndarray]],
     cfg: TrainerConfig,
     dest: Path,
-    data_version: str,
     log: Callable[[dict[str, float]], None] | None = None,
 ) -> TrainResult:
     """Train on ``caches['train']``, select on ``caches['val_select']``; write checkpoint.
@@ -101,6 +102,7 @@ def train_checkpoint(
     for split, y in (("train", train_y), ("val_select", sel_y)):
         if len(np.unique(y)) < 2:
             raise BadInputError(f"{split} has only one class ({np.unique(y)}): cannot train")
+    data_version = combine_versions({s: str(c["data_version"]) for s, c in caches.items()})
     model = build_model(cfg)
     if cfg.mode == "frozen":
         result = fit_linear_probe(model, cfg, train_x, train_y, sel_x, sel_y, log=log)
@@ -142,7 +144,10 @@ def compute_logits(payload: dict[str, Any], cache: dict[str, np.ndarray], split:
         logits = predict_view_logits(model, x, n_views=cfg.n_views,
                                      batch_size=run_cfg.batch_size * 2,
                                      device=run_cfg.resolved_device())
+    data_version = combine_versions({"checkpoint": payload["data_version"],
+                                     f"embeddings[{split}]": str(cache["data_version"])})
     atomic_write_npz(dest, logits=logits, labels=y.astype(np.int8), item_ids=cache["item_ids"],
-                     split=np.array(split))
+                     split=np.array(split), data_version=np.array(data_version),
+                     code_version=np.array(code_version()))
     return {"n": int(len(y)), "n_views": int(logits.shape[1]),
             "finite": bool(np.isfinite(logits).all())}

@@ -109,11 +109,9 @@ def embed_views(
 @torch.no_grad()
 def head_view_logits(model: RoadworkClassifier, embeddings: np.ndarray) -> np.ndarray:
     """[N, V, D] embeddings -> [N, V, 2] logits through the head only."""
-    model.eval()
+    model.eval().cpu()
     feats = torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32))
-    w = model.head.weight.detach().cpu()
-    b = model.head.bias.detach().cpu()
-    return (feats @ w.T + b).numpy().astype(np.float32)
+    return model.forward_head(feats).numpy().astype(np.float32)
 
 
 def fit_end_to_end(
@@ -216,10 +214,12 @@ def fit_linear_probe(
             log(row)
         if metrics["nll"] < best["nll"]:
             best = {"nll": metrics["nll"], "epoch": i, "clf": clf, "metrics": metrics}
-    # Fold the standardisation into the head: z = w·(x-mu)/sd + b, split over 2 logits.
-    w = best["clf"].coef_[0] / sd
-    b = float(best["clf"].intercept_[0] - (best["clf"].coef_[0] * mu / sd).sum())
+    # z = w·(x-mu)/sd + b, split symmetrically over the two logits (z1 - z0 = z).
+    w = best["clf"].coef_[0]
+    b = float(best["clf"].intercept_[0])
     with torch.no_grad():
+        model.feat_mean.copy_(torch.tensor(mu, dtype=torch.float32))
+        model.feat_std.copy_(torch.tensor(sd, dtype=torch.float32))
         model.head.weight.copy_(torch.tensor(np.stack([-w / 2, w / 2]), dtype=torch.float32))
         model.head.bias.copy_(torch.tensor([-b / 2, b / 2], dtype=torch.float32))
     model.cpu().eval()

@@ -9,6 +9,7 @@ import pandas as pd
 from roadwork_assets.contracts.errors import InsufficientDataError
 from roadwork_assets.core.artifacts import (
     atomic_write_parquet,
+    code_version,
     frame_fingerprint,
 )
 from roadwork_assets.core.data.dedup import check_split_leakage
@@ -58,8 +59,10 @@ def source_images(
         context.log.info(f"decoded {done}/{total} images")
 
     ingested, quarantined = ingest_images(records, progress=progress)
-    atomic_write_parquet(reg.quarantine_table, quarantined)
-    path = atomic_write_parquet(reg.source_table, ingested)
+    data_version = frame_fingerprint(ingested, ["item_id", "label", "pixel_sha256"])
+    stamp = {"data_version": data_version, "code_version": code_version()}
+    atomic_write_parquet(reg.quarantine_table, quarantined, stamp)
+    path = atomic_write_parquet(reg.source_table, ingested, stamp)
     reads_meta, reads_check = split_reads_result("source_images", None)
     n_pos = int((ingested["label"] == 1).sum())
     yield dg.Output(
@@ -72,7 +75,7 @@ def source_images(
             "n_negative": dg.MetadataValue.int(len(ingested) - n_pos),
             "n_quarantined": dg.MetadataValue.int(len(quarantined)),
             "quarantined": table_md(quarantined),
-            "data_version": dg.MetadataValue.text(frame_fingerprint(ingested, ["item_id", "label", "pixel_sha256"])),
+            "data_version": data_version,
             **path_meta(path),
             **reads_meta,
         },
@@ -113,14 +116,16 @@ def split_assignment(
     check_split_sizes(assignment, min_calib_positives=required_calib_positives(exit_policy))
     assignment = assignment[[c for c in MANIFEST_COLUMNS if c in assignment.columns]]
     report = check_split_leakage(assignment, dataset.near_duplicate_distance)
-    path = atomic_write_parquet(reg.split_assignment, assignment)
+    data_version = frame_fingerprint(assignment)
+    path = atomic_write_parquet(reg.split_assignment, assignment,
+                                {"data_version": data_version, "code_version": code_version()})
     reads_meta, reads_check = split_reads_result("split_assignment", None)
     yield dg.Output(
         path,
         metadata={
             "counts": counts_meta(split_counts(assignment)),
             "fractions": dg.MetadataValue.json(dataset.split_fractions),
-            "data_version": dg.MetadataValue.text(frame_fingerprint(assignment)),
+            "data_version": data_version,
             **path_meta(path),
             **reads_meta,
         },
@@ -155,7 +160,9 @@ def split_manifest(
     rows = split_assignment[split_assignment["split"] == split].reset_index(drop=True)
     if rows.empty:
         raise InsufficientDataError(f"split {split!r} is empty: re-materialize split_assignment")
-    path = atomic_write_parquet(artifacts.registry.split_manifest(split), rows)
+    data_version = frame_fingerprint(rows)
+    path = atomic_write_parquet(artifacts.registry.split_manifest(split), rows,
+                                {"data_version": data_version, "code_version": code_version()})
     reads_meta, reads_check = split_reads_result("split_manifest", split)
     n_pos = int((rows["label"] == 1).sum())
     yield dg.Output(
@@ -165,7 +172,7 @@ def split_manifest(
             "n_images": dg.MetadataValue.int(len(rows)),
             "n_positive": dg.MetadataValue.int(n_pos),
             "n_negative": dg.MetadataValue.int(len(rows) - n_pos),
-            "data_version": dg.MetadataValue.text(frame_fingerprint(rows)),
+            "data_version": data_version,
             "preview": table_md(rows[["item_id", "label", "group_key"]], 10),
             **path_meta(path),
             **reads_meta,

@@ -7,7 +7,7 @@ from pathlib import Path
 import dagster as dg
 import numpy as np
 
-from roadwork_assets.core.artifacts import atomic_write_json
+from roadwork_assets.core.artifacts import atomic_write_json, combine_versions
 from roadwork_assets.core.evaluation.report import evaluate_bundle_policy, plot_reliability
 from roadwork_assets.core.export.bundle import load_bundle
 from roadwork_assets.defs.metadata import path_meta, provenance
@@ -40,7 +40,9 @@ def test_report(
     report, arrays = evaluate_bundle_policy(
         loaded.policy, test["logits"], test["labels"].astype(np.int64),
         bundle_id=loaded.manifest.bundle_id,
-        provenance=provenance(loaded.checkpoint["data_version"]),
+        provenance=provenance(combine_versions({
+            "bundle": loaded.manifest.provenance.data_version,
+            "logits[val_test]": str(test["data_version"])})),
     )
     dest = atomic_write_json(reg.test_report, report)
     plot = plot_reliability(arrays["calibrated"], test["labels"], reg.test_report_plot("reliability"))

@@ -1,11 +1,13 @@
 """The bundle: checkpoint + exactly one policy (chosen by config) + ONNX, hashed."""
 
 
+import json
+
 import dagster as dg
 
 from roadwork_assets.contracts.errors import ArtifactIntegrityError
-from roadwork_assets.core.export.bundle import verify_bundle
-from roadwork_assets.core.export.bundle import build_bundle
+from roadwork_assets.core.artifacts import combine_versions
+from roadwork_assets.core.export.bundle import build_bundle, verify_bundle
 from roadwork_assets.core.training.checkpoint import load_checkpoint
 from roadwork_assets.defs.metadata import provenance
 from roadwork_assets.defs.resources import ArtifactRegistryResource, ExitPolicyResource
@@ -36,12 +38,16 @@ def bundle(
 ):
     reg = artifacts.registry
     payload = load_checkpoint(reg.checkpoint)
+    policy_path = reg.policy(exit_policy.bundle_policy)
+    policy_version = json.loads(policy_path.read_text()).get("provenance") or {}
+    data_version = combine_versions({"checkpoint": payload["data_version"],
+                                     "policy": policy_version.get("data_version", "unknown")})
     directory, manifest, extra = build_bundle(
         reg.bundles_dir,
         reg.latest_bundle_pointer,
         checkpoint_path=reg.checkpoint,
-        policy_path=reg.policy(exit_policy.bundle_policy),
-        provenance=provenance(payload["data_version"]),
+        policy_path=policy_path,
+        provenance=provenance(data_version),
         export_onnx_model=exit_policy.export_onnx,
     )
     reads_meta, reads_check = split_reads_result("bundle", None)

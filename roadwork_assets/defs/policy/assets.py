@@ -8,7 +8,7 @@ from roadwork_assets.contracts.policy_schemas import PolicyParams
 from roadwork_assets.contracts.schemas import validate_artifact
 from roadwork_assets.core.artifacts import atomic_write_json
 from roadwork_assets.core.calibration.policies import fit_policy
-from roadwork_assets.defs.metadata import path_meta
+from roadwork_assets.defs.metadata import path_meta, provenance
 from roadwork_assets.defs.partitions import POLICY_FITTING_SPLITS
 from roadwork_assets.defs.resources import ArtifactRegistryResource, ExitPolicyResource
 from roadwork_assets.defs.split_reads import split_reads_check_spec, split_reads_result
@@ -74,6 +74,8 @@ def _make_policy_asset(name: str, kind: str, registry_name: str, what: str):
             mode=exit_policy.softmax_mode,
             positive_fdr=exit_policy.positive_fdr,
         )
+        params = params.model_copy(
+            update={"provenance": provenance(str(calib["data_version"]))})
         dest = atomic_write_json(artifacts.registry.policy(registry_name), params)
         reads_meta, reads_check = split_reads_result(name, None)
         yield dg.Output(dest, metadata={**_policy_metadata(params), **path_meta(dest), **reads_meta})

@@ -36,7 +36,8 @@ def embeddings(
 ):
     split = context.partition_key
     dest = artifacts.registry.embeddings(split)
-    summary = compute_embeddings(split_manifest, trainer.to_config(), dest, split)
+    data_version = frame_fingerprint(split_manifest)
+    summary = compute_embeddings(split_manifest, trainer.to_config(), dest, split, data_version)
     reads_meta, reads_check = split_reads_result("embeddings", split)
     yield dg.Output(
         dest,
@@ -45,7 +46,7 @@ def embeddings(
             "kind": summary["kind"],
             "shape": dg.MetadataValue.json(summary["shape"]),
             "backbone": trainer.backbone,
-            "data_version": frame_fingerprint(split_manifest),
+            "data_version": data_version,
             **path_meta(dest),
             **reads_meta,
         },
@@ -77,7 +78,6 @@ def checkpoint(
     trainer: TrainerResource = context.resources.trainer
     cfg = trainer.to_config()
     dest = artifacts.registry.checkpoint
-    data_version = _data_version(embeddings)
     mlflow = context.resources.mlflow
     mlflow.log_params({k: v for k, v in cfg.model_dump().items() if v is not None})
 
@@ -87,7 +87,8 @@ def checkpoint(
         step = int(row.get("epoch", 0))
         mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=step)
 
-    result = train_checkpoint(embeddings, cfg, dest, data_version, log=log)
+    result = train_checkpoint(embeddings, cfg, dest, log=log)
+    data_version = load_checkpoint(dest)["data_version"]
     mlflow.log_metrics({f"best_{k}": v for k, v in result.select_metrics.items()})
     mlflow.set_tag("roadwork.checkpoint_sha256", file_sha256(dest))
     reads_meta, reads_check = split_reads_result("checkpoint", None)
@@ -110,13 +111,6 @@ def checkpoint(
     )
     yield reads_check
     yield _checkpoint_check(dest)
-
-
-def _data_version(caches: dict[str, dict[str, np.ndarray]]) -> str:
-    ids = {split: cache["item_ids"].tolist() for split, cache in sorted(caches.items())}
-    frame = pd.DataFrame([(s, i) for s, items in ids.items() for i in items],
-                         columns=["split", "item_id"])
-    return frame_fingerprint(frame, ["item_id", "split"])
 
 
 def _checkpoint_check(path: Path) -> dg.AssetCheckResult:
@@ -158,7 +152,8 @@ def logits(
     summary = compute_logits(checkpoint, embeddings, split, dest, override=trainer.to_config())
     reads_meta, reads_check = split_reads_result("logits", split)
     written = read_npz(dest)
-    yield dg.Output(dest, metadata={"split": split, **summary, "data_version": checkpoint["data_version"],
+    yield dg.Output(dest, metadata={"split": split, **summary,
+                                    "data_version": str(written["data_version"]),
                                     **path_meta(dest), **reads_meta})
     yield reads_check
     yield _logits_check(written, embeddings)
