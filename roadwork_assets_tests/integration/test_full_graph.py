@@ -52,3 +52,34 @@ def test_fnr_on_val_calib_threshold_part_is_within_alpha(materialized_root):
     stats = policy.model_dump()
     assert policy.alpha == 0.05
     assert stats["threshold_part"]["fnr"] <= policy.alpha
+
+
+def test_training_is_tracked_in_mlflow_sqlite(materialized_root):
+    import mlflow
+
+    root, _, _ = materialized_root
+    client = mlflow.MlflowClient(tracking_uri=ArtifactRegistry(root).mlflow_tracking_uri)
+    experiment = client.get_experiment_by_name("roadwork_tests")
+    runs = client.search_runs([experiment.experiment_id])
+    assert runs, "the checkpoint asset logged no MLflow run"
+    run = runs[0]
+    assert "best_nll" in run.data.metrics
+    assert run.data.params["backbone"] == "test_resnet.r160_in1k"
+    history = client.get_metric_history(run.info.run_id, "val_select_nll")
+    assert len(history) >= 1
+
+
+def test_every_artifact_records_data_and_code_version(materialized_root):
+    from roadwork_assets.core.artifacts import code_version, read_parquet_provenance
+
+    root, _, _ = materialized_root
+    reg = ArtifactRegistry(root)
+    assert read_parquet_provenance(reg.split_manifest("train"))["code_version"] == code_version()
+    assert str(read_npz(reg.embeddings("train"))["data_version"])
+    assert str(read_npz(reg.logits("val_calib"))["code_version"]) == code_version()
+    assert load_checkpoint(reg.checkpoint)["code_version"] == code_version()
+    for policy in ("softmax", "gate", "scrc"):
+        prov = json.loads(reg.policy(policy).read_text())["provenance"]
+        assert prov["data_version"] == str(read_npz(reg.logits("val_calib"))["data_version"])
+    report = json.loads(reg.test_report.read_text())
+    assert report["provenance"]["code_version"] == code_version()
