@@ -53,11 +53,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     report = json.loads(report_path.read_text())
     fnr = report["fnr"]
     print(f"[roadwork] whole graph materialized in {time.perf_counter() - t0:.0f}s")
-    print(f"[roadwork] val_test: balanced accuracy {report['balanced_accuracy']:.4f}, "
-          f"accuracy {report['accuracy']:.4f}, MCC {report['mcc']:.4f}, "
+    print(f"[roadwork] val_test, as served at 0.5: balanced accuracy "
+          f"{report['balanced_accuracy']:.4f}, accuracy {report['accuracy']:.4f}, "
+          f"MCC {report['mcc']:.4f}, AUROC {report['auroc']:.4f}, "
           f"FNR {fnr['value']:.4f} ({fnr['errors']}/{fnr['n']}, 95% CI "
           f"[{fnr['ci_low']:.4f}, {fnr['ci_high']:.4f}]), policy FNR "
           f"{report['policy_fnr']['value']:.4f} with {report['policy_defer_rate']:.1%} deferred")
+    print(f"[roadwork] the calibrated model alone at 0.5 (no exit policy): balanced accuracy "
+          f"{report['model_balanced_accuracy']:.4f}")
     print(f"[roadwork] report: {report_path}")
     return 0
 

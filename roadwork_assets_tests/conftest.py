@@ -9,7 +9,7 @@ import pytest
 os.environ.setdefault("DAGSTER_TELEMETRY_DISABLED", "1")
 
 
-def tiny_resources(root, *, n_images: int = 640, alpha: float = 0.05, epochs: int = 3,
+def tiny_resources(root, *, n_images: int = 800, alpha: float = 0.05, epochs: int = 16,
                    bundle_policy: str = "softmax", export_onnx: bool = True) -> dict:
     """Real resources over a tmp root: small generated dataset, short training."""
     from dagster_mlflow import mlflow_tracking
@@ -28,7 +28,7 @@ def tiny_resources(root, *, n_images: int = 640, alpha: float = 0.05, epochs: in
         "io_manager": RegistryIOManager(root=root),
         "artifacts": ArtifactRegistryResource(root=root),
         "dataset": DatasetSource(default_n_images=n_images, default_image_size=64),
-        "trainer": TrainerResource(img_size=48, epochs=epochs, batch_size=64, threads=2),
+        "trainer": TrainerResource(img_size=64, epochs=epochs, batch_size=64, threads=2),
         "exit_policy": ExitPolicyResource(alpha=alpha, bundle_policy=bundle_policy,
                                           export_onnx=export_onnx),
         "mlflow": mlflow_tracking.configured({

@@ -84,8 +84,10 @@ class TestReport(BaseModel):
     """Final evaluation on val_test only.
 
     ``served``: what StreetVision scores — the bundle's emitted probability binarised at
-    0.5, every image answered. ``policy``: the three-way exit (positive / negative /
-    defer); its FNR counts a positive as missed only when the policy says negative.
+    0.5, every image answered (a deferred image is emitted as roadwork). ``policy``: the
+    three-way exit (positive / negative / defer); its FNR counts a positive as missed
+    only when the policy says negative. ``model``: the calibrated probability at 0.5,
+    without the policy — the classifier's own quality.
     """
 
     __test__ = False  # not a pytest class
@@ -107,8 +109,11 @@ class TestReport(BaseModel):
     confusion_matrix: list[list[int]] = Field(description="rows: true 0/1, cols: pred 0/1")
     policy_fnr: RateWithInterval
     policy_defer_rate: float
+    model_balanced_accuracy: float = Field(
+        description="the calibrated model alone, thresholded at 0.5 (no exit policy)")
     served: dict[str, Any]
     policy: dict[str, Any]
+    model: dict[str, Any]
     provenance: Provenance
 
 

@@ -44,7 +44,7 @@ class DatasetSource(dg.ConfigurableResource):
         description="a class-folder tree (roadwork/, none/), a CSV/parquet manifest, or "
         "NATIX parquet file/dir; None = the generated default dataset",
     )
-    default_n_images: int = Field(3000, ge=8)
+    default_n_images: int = Field(4000, ge=8)
     default_image_size: int = Field(128, ge=32)
     default_seed: int = 0
     split_fractions: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_FRACTIONS))
@@ -60,8 +60,8 @@ class TrainerResource(dg.ConfigurableResource):
     mode: Literal["end_to_end", "frozen"] = "end_to_end"
     backbone: str = DEFAULT_BACKBONE
     weights_path: str | None = None
-    img_size: int = 96
-    epochs: int = 14
+    img_size: int = 128
+    epochs: int = 20
     batch_size: int = 64
     lr: float = 3e-3
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -37,9 +37,11 @@ def test_artifacts_exist_and_metrics_are_sane(materialized_root):
     assert {"model_state_dict", "epoch", "best_metric", "config", "backbone_name"} <= set(payload)
     report = json.loads(reg.test_report.read_text())
     assert report["split"] == "val_test"
-    # three epochs on 350 tiny images: clearly better than chance, not more is promised
-    assert report["balanced_accuracy"] > 0.6
+    # 16 short epochs on ~440 images at 64 px: clearly better than chance, no more promised
+    assert report["model_balanced_accuracy"] > 0.6
     assert report["auroc"] > 0.65
+    # what is served obeys the policy: every stage-1 negative is emitted below 0.5
+    assert report["served"]["confusion_matrix"]["fn"] == report["policy"]["confusion_matrix"]["fn"]
     assert 0.0 <= report["fnr"]["ci_low"] <= report["fnr"]["ci_high"] <= 1.0
     bundle = load_bundle(reg.latest_bundle())
     assert bundle.manifest.policy_kind == "softmax"

@@ -492,7 +492,7 @@ class Scene:
     sky: tuple[Color, Color]  # (zenith, horizon), final colours
     ambient: tuple[float, float, float]  # RGB gain of the scene lighting
     pools: list[tuple[float, float, float, float, tuple[float, float, float]]]  # (u, v, su, sv, rgb)
-    vignette: float
+    vignette: float  # lens falloff, applied per frame
     contrast: float  # < 1 pulls colours toward the mean (rain haze)
     blur: float  # output pixels
     noise: float  # sensor noise sigma, 8-bit units

@@ -63,8 +63,10 @@ def evaluate_bundle_policy(
         confusion_matrix=[[cm["tn"], cm["fp"]], [cm["fn"], cm["tp"]]],
         policy_fnr=_rate(policy_rep["fnr"]),
         policy_defer_rate=float(policy_rep["defer_rate"]),
+        model_balanced_accuracy=calib["balanced_accuracy"]["value"],
         served=served,
         policy=policy_rep,
+        model=calib,
         provenance=provenance,
     )
     return report, {"calibrated": calibrated, "emitted": emitted, "decision": decision}

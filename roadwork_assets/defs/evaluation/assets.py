@@ -53,6 +53,7 @@ def test_report(
         dest,
         metadata={
             "balanced_accuracy": dg.MetadataValue.float(report.balanced_accuracy),
+            "model_balanced_accuracy": dg.MetadataValue.float(report.model_balanced_accuracy),
             "accuracy": dg.MetadataValue.float(report.accuracy),
             "mcc": dg.MetadataValue.float(report.mcc),
             "auroc": dg.MetadataValue.float(report.auroc or float("nan")),

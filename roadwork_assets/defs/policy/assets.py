@@ -38,6 +38,11 @@ def _policy_metadata(params: PolicyParams) -> dict[str, dg.MetadataValue]:
             meta[key] = dg.MetadataValue.text(value)
         else:
             meta[key] = dg.MetadataValue.json(value)
+    if raw.get("calibrator_candidates"):
+        rows = ["| method | held-out NLL | ECE | Brier |", "|---|---|---|---|"]
+        rows += [f"| {c['method']} | {c['nll']:.4f} | {c['ece']:.4f} | {c['brier']:.4f} |"
+                 for c in raw["calibrator_candidates"]]
+        meta["calibrator_candidates"] = dg.MetadataValue.md("\n".join(rows))
     return meta
 
 
