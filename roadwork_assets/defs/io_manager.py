@@ -27,21 +27,34 @@ from roadwork_assets.core.artifacts import ArtifactRegistry, read_npz
 from roadwork_assets.core.training.checkpoint import load_checkpoint
 
 _LEDGER_LOCK = threading.Lock()
-_LEDGER: list[tuple[str, str]] = []  # (upstream asset name, partition key)
+# (consuming step key or None when unknown, upstream asset name, partition key)
+_LEDGER: list[tuple[str | None, str, str]] = []
 
 
-def record_read(asset_name: str, partition: str | None) -> None:
+def record_read(asset_name: str, partition: str | None, step_key: str | None = None) -> None:
     if partition is not None:
         with _LEDGER_LOCK:
-            _LEDGER.append((asset_name, partition))
+            _LEDGER.append((step_key, asset_name, partition))
 
 
-def drain_reads() -> list[tuple[str, str]]:
-    """Return and clear what was read since the last drain in this process."""
+def drain_reads(step_key: str | None = None) -> list[tuple[str, str]]:
+    """Return and clear what was read since the last drain in this process.
+
+    Loads made for another step (a step that failed before draining) are dropped, not
+    attributed to this one. Loads with no known step (``load_asset_value``) count for
+    the draining step: steps run one at a time per process.
+    """
     with _LEDGER_LOCK:
-        out = list(_LEDGER)
+        out = [(a, p) for s, a, p in _LEDGER if s is None or step_key is None or s == step_key]
         _LEDGER.clear()
     return out
+
+
+def _step_key(context: dg.InputContext) -> str | None:
+    try:
+        return context.step_context.step.key
+    except Exception:  # AssetValueLoader contexts have no step
+        return None
 
 
 def artifact_path(registry: ArtifactRegistry, asset_name: str, partition: str | None) -> Path:
@@ -106,8 +119,9 @@ class RegistryIOManager(dg.ConfigurableIOManager):
         if not context.has_asset_partitions:
             return read_artifact(self.registry, name, None)
         keys = list(context.asset_partition_keys)
+        step = _step_key(context)
         for key in keys:
-            record_read(name, key)
+            record_read(name, key, step)
         consumer_partitioned = _consumer_is_partitioned(context)
         if consumer_partitioned and len(keys) == 1:
             return read_artifact(self.registry, name, keys[0])

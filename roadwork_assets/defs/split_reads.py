@@ -22,10 +22,13 @@ def split_reads_check_spec(asset_name: str) -> dg.AssetCheckSpec:
 
 
 def split_reads_result(
-    asset_name: str, own_partition: str | None
+    context: dg.AssetExecutionContext,
 ) -> tuple[dict[str, object], dg.AssetCheckResult]:
     """Drain this step's reads; return metadata for the asset and the check result."""
-    reads = drain_reads()
+    asset_name = context.asset_key.path[-1]
+    own_partition = context.partition_key if context.has_partition_key else None
+    step_key = context.op_execution_context.get_step_execution_context().step.key
+    reads = drain_reads(step_key)
     split_reads = sorted({part for _, part in reads})
     bad = forbidden_reads(asset_name, split_reads, own_partition)
     detail = sorted({f"{asset}[{part}]" for asset, part in reads})

@@ -38,7 +38,7 @@ def _thresholds(peek: bool):
         assert set(logits) == {"val_calib"}
         if peek:
             context.load_asset_value(dg.AssetKey("logits"), partition_key="val_test")
-        meta, check = split_reads_result("thresholds", None)
+        meta, check = split_reads_result(context)
         yield dg.Output(None, metadata=meta)
         yield check
 
@@ -85,3 +85,14 @@ def test_peeking_at_val_test_fails_the_blocking_check_and_stops_downstream(tmp_p
     assert "read forbidden split partition(s) ['val_test']" in ev.description
     materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
     assert "downstream" not in materialized
+
+
+def test_reads_left_by_a_failed_step_are_not_blamed_on_the_next_one():
+    from roadwork_assets.defs.io_manager import record_read
+
+    drain_reads()
+    record_read("logits", "val_test", "test_report")  # that step failed before draining
+    record_read("logits", "val_calib", "thresholds")
+    record_read("logits", "train", None)  # an ad-hoc load: counts for the draining step
+    assert drain_reads("thresholds") == [("logits", "val_calib"), ("logits", "train")]
+    assert drain_reads("anything") == []

@@ -63,7 +63,7 @@ def source_images(
     stamp = {"data_version": data_version, "code_version": code_version()}
     atomic_write_parquet(reg.quarantine_table, quarantined, stamp)
     path = atomic_write_parquet(reg.source_table, ingested, stamp)
-    reads_meta, reads_check = split_reads_result("source_images", None)
+    reads_meta, reads_check = split_reads_result(context)
     n_pos = int((ingested["label"] == 1).sum())
     yield dg.Output(
         path,
@@ -119,7 +119,7 @@ def split_assignment(
     data_version = frame_fingerprint(assignment)
     path = atomic_write_parquet(reg.split_assignment, assignment,
                                 {"data_version": data_version, "code_version": code_version()})
-    reads_meta, reads_check = split_reads_result("split_assignment", None)
+    reads_meta, reads_check = split_reads_result(context)
     yield dg.Output(
         path,
         metadata={
@@ -163,7 +163,7 @@ def split_manifest(
     data_version = frame_fingerprint(rows)
     path = atomic_write_parquet(artifacts.registry.split_manifest(split), rows,
                                 {"data_version": data_version, "code_version": code_version()})
-    reads_meta, reads_check = split_reads_result("split_manifest", split)
+    reads_meta, reads_check = split_reads_result(context)
     n_pos = int((rows["label"] == 1).sum())
     yield dg.Output(
         path,

@@ -47,7 +47,7 @@ def test_report(
     dest = atomic_write_json(reg.test_report, report)
     plot = plot_reliability(arrays["calibrated"], test["labels"], reg.test_report_plot("reliability"))
     fnr = report.fnr
-    reads_meta, reads_check = split_reads_result("test_report", None)
+    reads_meta, reads_check = split_reads_result(context)
     cm = report.confusion_matrix
     yield dg.Output(
         dest,

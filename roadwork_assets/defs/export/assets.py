@@ -50,7 +50,7 @@ def bundle(
         provenance=provenance(data_version),
         export_onnx_model=exit_policy.export_onnx,
     )
-    reads_meta, reads_check = split_reads_result("bundle", None)
+    reads_meta, reads_check = split_reads_result(context)
     yield dg.Output(
         reg.latest_bundle_pointer,
         metadata={

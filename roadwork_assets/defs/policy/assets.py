@@ -82,7 +82,7 @@ def _make_policy_asset(name: str, kind: str, registry_name: str, what: str):
         params = params.model_copy(
             update={"provenance": provenance(str(calib["data_version"]))})
         dest = atomic_write_json(artifacts.registry.policy(registry_name), params)
-        reads_meta, reads_check = split_reads_result(name, None)
+        reads_meta, reads_check = split_reads_result(context)
         yield dg.Output(dest, metadata={**_policy_metadata(params), **path_meta(dest), **reads_meta})
         yield reads_check
         yield _schema_check(dest, type(params))

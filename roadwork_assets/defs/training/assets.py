@@ -38,7 +38,7 @@ def embeddings(
     dest = artifacts.registry.embeddings(split)
     data_version = frame_fingerprint(split_manifest)
     summary = compute_embeddings(split_manifest, trainer.to_config(), dest, split, data_version)
-    reads_meta, reads_check = split_reads_result("embeddings", split)
+    reads_meta, reads_check = split_reads_result(context)
     yield dg.Output(
         dest,
         metadata={
@@ -91,7 +91,7 @@ def checkpoint(
     data_version = load_checkpoint(dest)["data_version"]
     mlflow.log_metrics({f"best_{k}": v for k, v in result.select_metrics.items()})
     mlflow.set_tag("roadwork.checkpoint_sha256", file_sha256(dest))
-    reads_meta, reads_check = split_reads_result("checkpoint", None)
+    reads_meta, reads_check = split_reads_result(context)
     yield dg.Output(
         dest,
         metadata={
@@ -150,7 +150,7 @@ def logits(
     split = context.partition_key
     dest = artifacts.registry.logits(split)
     summary = compute_logits(checkpoint, embeddings, split, dest, override=trainer.to_config())
-    reads_meta, reads_check = split_reads_result("logits", split)
+    reads_meta, reads_check = split_reads_result(context)
     written = read_npz(dest)
     yield dg.Output(dest, metadata={"split": split, **summary,
                                     "data_version": str(written["data_version"]),
