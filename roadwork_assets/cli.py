@@ -45,8 +45,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"[roadwork] DAGSTER_HOME={home}  ROADWORK_HOME={default_home()}  "
           f"ROADWORK_DATA={os.environ.get('ROADWORK_DATA') or '(generated default dataset)'}")
     t0 = time.perf_counter()
+    run_config = json.loads(args.config_json) if args.config_json else None
     with dg.DagsterInstance.get() as instance:
-        materialize_all(defs, instance)
+        materialize_all(defs, instance, run_config=run_config)
     from roadwork_assets.core.artifacts import ArtifactRegistry
 
     report_path = ArtifactRegistry(Path(default_home())).test_report
@@ -88,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="roadwork", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="materialize the whole asset graph through Dagster")
+    r = sub.add_parser("run", help="materialize the whole asset graph through Dagster")
+    r.add_argument("--config-json", help="Dagster run config applied to every stage, e.g. "
+                   '\'{"resources": {"trainer": {"config": {"epochs": 5}}}}\'')
     p = sub.add_parser("predict", help="predict images with a bundle (JSON lines)")
     p.add_argument("--bundle", required=True, help="bundle directory")
     p.add_argument("--device", default="cpu")

@@ -24,9 +24,10 @@ def tiny_resources(root, *, n_images: int = 800, alpha: float = 0.05, epochs: in
     )
 
     root = str(root)
+    artifacts = ArtifactRegistryResource(root=root)
     return {
-        "io_manager": RegistryIOManager(root=root),
-        "artifacts": ArtifactRegistryResource(root=root),
+        "io_manager": RegistryIOManager(artifacts=artifacts),
+        "artifacts": artifacts,
         "dataset": DatasetSource(default_n_images=n_images, default_image_size=64),
         "trainer": TrainerResource(img_size=64, epochs=epochs, batch_size=64, threads=2),
         "exit_policy": ExitPolicyResource(alpha=alpha, bundle_policy=bundle_policy,

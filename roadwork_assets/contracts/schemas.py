@@ -41,6 +41,8 @@ class Provenance(BaseModel):
     data_version: str = Field(description="sha256 of the split manifest(s) read")
     code_version: str = Field(description="hash of the roadwork_assets sources")
     created_at: str
+    checkpoint_sha256: str | None = Field(
+        None, description="the checkpoint whose outputs this artifact was fitted/scored on")
 
 
 class BundleFile(BaseModel):

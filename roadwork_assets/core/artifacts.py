@@ -30,6 +30,8 @@ from roadwork_assets.contracts.errors import ArtifactIntegrityError
 from roadwork_assets.contracts.splits import SPLITS
 
 _CHUNK = 1 << 20
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 # --------------------------------------------------------------------------- writes
@@ -44,6 +46,8 @@ def atomic_path(dest: Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    # mkstemp makes 0600 files; artifacts on shared storage must be readable by workers
+    os.chmod(tmp_path, 0o666 & ~_UMASK)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
@@ -64,6 +68,27 @@ def _fsync_dir(directory: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def staged_path(dest: Path) -> Path:
+    """Where an artifact is written before its blocking checks pass (same directory)."""
+    dest = Path(dest)
+    return dest.with_name(f".{dest.name}.staged{dest.suffix}")
+
+
+def promote(staged: Path, dest: Path) -> Path:
+    """Atomically replace ``dest`` with a fully written, checked staged artifact."""
+    os.replace(staged, dest)
+    _fsync_dir(Path(dest).parent)
+    return Path(dest)
+
+
+def reject(staged: Path, dest: Path) -> Path:
+    """Keep a staged artifact that failed its checks beside ``dest`` for inspection;
+    ``dest`` itself (the last good version) is left untouched."""
+    rejected = Path(dest).with_name(f"{Path(dest).name}.rejected{Path(dest).suffix}")
+    os.replace(staged, rejected)
+    return rejected
 
 
 def atomic_write_bytes(dest: Path, data: bytes) -> Path:
@@ -191,8 +216,9 @@ class ArtifactRegistry:
         return self.root / "data" / "default"
 
     @property
-    def extracted_images_dir(self) -> Path:
-        return self.root / "data" / "extracted"
+    def source_cache_dir(self) -> Path:
+        """Where readers put derived copies of source data (e.g. NATIX image bytes)."""
+        return self.root / "data"
 
     @property
     def source_table(self) -> Path:
@@ -217,16 +243,12 @@ class ArtifactRegistry:
     def checkpoint(self) -> Path:
         return self.root / "checkpoint" / "model.pt"
 
-    @property
-    def training_history(self) -> Path:
-        return self.root / "checkpoint" / "history.json"
-
     def logits(self, split: str) -> Path:
         return self.root / "logits" / f"{_check_split(split)}.npz"
 
     # policies
     def policy(self, name: str) -> Path:
-        if name not in {"calibrator", "softmax", "gate", "scrc"}:
+        if name not in {"softmax", "gate", "scrc"}:
             raise ValueError(f"unknown policy artifact {name!r}")
         return self.root / "policies" / f"{name}.json"
 

@@ -23,8 +23,9 @@ import dagster as dg
 import pandas as pd
 
 from roadwork_assets.contracts.splits import SPLITS
-from roadwork_assets.core.artifacts import ArtifactRegistry, read_npz
+from roadwork_assets.core.artifacts import ArtifactRegistry, read_npz, read_parquet_provenance
 from roadwork_assets.core.training.checkpoint import load_checkpoint
+from roadwork_assets.defs.resources import ArtifactRegistryResource
 
 _LEDGER_LOCK = threading.Lock()
 # (consuming step key or None when unknown, upstream asset name, partition key)
@@ -90,20 +91,26 @@ def read_artifact(registry: ArtifactRegistry, asset_name: str, partition: str | 
     if asset_name == "checkpoint":
         return load_checkpoint(path)
     if path.suffix == ".parquet":
-        return pd.read_parquet(path)
+        frame = pd.read_parquet(path)
+        frame.attrs["provenance"] = read_parquet_provenance(path)
+        return frame
     if path.suffix == ".npz":
         return read_npz(path)
     return path  # JSON artifacts: the asset validates them against their schema
 
 
 class RegistryIOManager(dg.ConfigurableIOManager):
-    """Stores nothing itself; resolves registry paths and keeps the read ledger."""
+    """Stores nothing itself; resolves registry paths and keeps the read ledger.
 
-    root: str
+    It shares the ``artifacts`` resource with the assets, so the root assets write to
+    and the root inputs are loaded from cannot be configured apart.
+    """
+
+    artifacts: ArtifactRegistryResource
 
     @property
     def registry(self) -> ArtifactRegistry:
-        return ArtifactRegistry(Path(self.root))
+        return self.artifacts.registry
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
         if obj is None:
@@ -113,6 +120,9 @@ class RegistryIOManager(dg.ConfigurableIOManager):
                 f"asset {context.asset_key.to_user_string()} must write its artifact "
                 f"through the registry and return its Path; got {type(obj).__name__}"
             )
+        if self.registry.root not in obj.resolve().parents:
+            raise ValueError(f"asset {context.asset_key.to_user_string()} returned {obj}, "
+                             f"outside the artifact root {self.registry.root}")
 
     def load_input(self, context: dg.InputContext) -> Any:
         name = context.asset_key.path[-1]

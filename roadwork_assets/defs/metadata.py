@@ -31,11 +31,12 @@ def counts_meta(counts: dict[str, Any]) -> dg.MetadataValue:
     return dg.MetadataValue.json(counts)
 
 
-def provenance(data_version: str) -> Provenance:
+def provenance(data_version: str, checkpoint_sha256: str | None = None) -> Provenance:
     return Provenance(
         data_version=data_version,
         code_version=code_version(),
         created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        checkpoint_sha256=checkpoint_sha256,
     )
 
 

@@ -44,7 +44,7 @@ class DatasetSource(dg.ConfigurableResource):
         description="a class-folder tree (roadwork/, none/), a CSV/parquet manifest, or "
         "NATIX parquet file/dir; None = the generated default dataset",
     )
-    default_n_images: int = Field(4000, ge=8)
+    default_n_images: int = Field(6000, ge=8)
     default_image_size: int = Field(128, ge=32)
     default_seed: int = 0
     split_fractions: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_FRACTIONS))
@@ -61,7 +61,7 @@ class TrainerResource(dg.ConfigurableResource):
     backbone: str = DEFAULT_BACKBONE
     weights_path: str | None = None
     img_size: int = 128
-    epochs: int = 20
+    epochs: int = 14
     batch_size: int = 64
     lr: float = 3e-3
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -110,9 +110,10 @@ def resources_from_env() -> dict[str, object]:
             "backbone": os.environ.get("ROADWORK_BACKBONE", DEFAULT_FROZEN_BACKBONE),
             "img_size": 224,
         }
+    artifacts = ArtifactRegistryResource(root=home)
     return {
-        "io_manager": RegistryIOManager(root=home),
-        "artifacts": ArtifactRegistryResource(root=home),
+        "io_manager": RegistryIOManager(artifacts=artifacts),
+        "artifacts": artifacts,
         "dataset": DatasetSource(spec=os.environ.get("ROADWORK_DATA") or None),
         "trainer": TrainerResource(**trainer_kwargs),
         "exit_policy": ExitPolicyResource(),

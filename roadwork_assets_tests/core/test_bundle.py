@@ -41,7 +41,7 @@ def bundle_dir(tmp_path_factory):
                         mode="three_way")
     atomic_write_json(reg.policy("softmax"), policy)
     directory, manifest, extra = build_bundle(
-        reg.bundles_dir, reg.latest_bundle_pointer, checkpoint_path=reg.checkpoint,
+        reg.bundles_dir, checkpoint_path=reg.checkpoint,
         policy_path=reg.policy("softmax"),
         provenance=Provenance(data_version="d", code_version="c", created_at="now"),
         export_onnx_model=True)
@@ -100,3 +100,33 @@ def test_predictor_emits_probabilities_that_binarise_to_the_policy(bundle_dir):
     assert ((prob >= 0) & (prob <= 1)).all()
     assert ((prob < 0.5) == (decision == 0)).all()
     assert not (prob == 0.5).any()
+
+
+def test_policy_fitted_on_another_checkpoint_is_refused(tmp_path):
+    from roadwork_assets.core.export.bundle import bundle_lineage
+
+    reg = ArtifactRegistry(tmp_path)
+    cfg = TrainerConfig(img_size=32)
+    save_checkpoint(reg.checkpoint, model_state_dict=build_model(cfg).state_dict(), epoch=1,
+                    best_metric=0.5, best_metric_name="nll", config=cfg.model_dump(),
+                    backbone_name=cfg.backbone, mode=cfg.mode, data_version="d", code_version="c")
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    views = np.stack([np.zeros(400), 3 * (2 * y - 1) + rng.normal(size=400)], 1)[:, None, :]
+    policy = fit_policy("softmax", views, y, [f"i{i}" for i in range(400)], alpha=0.1)
+    stale = Provenance(data_version="d", code_version="c", created_at="t",
+                       checkpoint_sha256="0" * 64)
+    atomic_write_json(reg.policy("softmax"), policy.model_copy(update={"provenance": stale}))
+    with pytest.raises(ArtifactIntegrityError, match=r"re-materialize logits\[val_calib\]"):
+        bundle_lineage(reg.checkpoint, reg.policy("softmax"), "thresholds")
+    with pytest.raises(ArtifactIntegrityError, match="materialize `gate_params`"):
+        bundle_lineage(reg.checkpoint, reg.policy("gate"), "gate_params")
+
+
+def test_report_refuses_logits_from_another_checkpoint(bundle_dir):
+    from roadwork_assets.core.evaluation.report import check_same_model
+
+    bundle = load_bundle(bundle_dir)
+    check_same_model(bundle, bundle.manifest.files["checkpoint"].sha256)
+    with pytest.raises(ArtifactIntegrityError, match=r"re-materialize logits\[val_test\]"):
+        check_same_model(bundle, "f" * 64)

@@ -2,6 +2,7 @@
 policy fitter and the evaluator refuse such logits too."""
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from roadwork_assets.contracts.errors import BadInputError
@@ -10,12 +11,14 @@ from roadwork_assets.defs.training.assets import _logits_check
 
 
 def _cache(n=6):
-    return {"labels": np.array([0, 1] * (n // 2), np.int8),
-            "item_ids": np.array([f"img{i}" for i in range(n)])}
+    """The split's manifest, which the check compares the written logits against."""
+    return pd.DataFrame({"item_id": [f"img{i}" for i in range(n)],
+                         "label": np.array([0, 1] * (n // 2), np.int8)})
 
 
-def _written(logits, cache):
-    return {"logits": logits, "labels": cache["labels"].copy(), "item_ids": cache["item_ids"].copy()}
+def _written(logits, manifest):
+    return {"logits": logits, "labels": manifest["label"].to_numpy(np.int8),
+            "item_ids": manifest["item_id"].to_numpy(dtype=str)}
 
 
 def test_finite_aligned_logits_pass():

@@ -9,6 +9,7 @@ import numpy as np
 from roadwork_assets.core.artifacts import ArtifactRegistry, atomic_write_npz
 from roadwork_assets.defs.io_manager import RegistryIOManager, drain_reads
 from roadwork_assets.defs.partitions import POLICY_FITTING_SPLITS, split_partitions
+from roadwork_assets.defs.resources import ArtifactRegistryResource
 from roadwork_assets.defs.split_reads import (
     SPLIT_READS_CHECK,
     split_reads_check_spec,
@@ -58,7 +59,8 @@ def _run(tmp_path, peek: bool):
     return dg.materialize(
         [_logits_stub, _thresholds(peek), _downstream],
         selection=["thresholds", "downstream"],
-        resources={"io_manager": RegistryIOManager(root=str(tmp_path))},
+        resources={"io_manager": RegistryIOManager(
+            artifacts=ArtifactRegistryResource(root=str(tmp_path)))},
         raise_on_error=False,
     )
 

@@ -254,7 +254,10 @@ class PlattScaling(Calibrator):
         # Warm start from temperature scaling (b = 0, a = 1/T): nested model.
         (w0,) = _fit_logistic(z[:, None], t, x0=np.array([1.0]), bounds=[(_MIN_INV_TEMPERATURE, None)])
         features = np.stack([z, np.ones_like(z)], axis=1)
-        a, b = _fit_logistic(features, t, x0=np.array([w0, 0.0]))
+        # a >= 0 keeps the map monotone non-decreasing (a score-inverting model would
+        # move the threshold's operating point); TS's optimum is feasible, so nesting holds.
+        a, b = _fit_logistic(features, t, x0=np.array([w0, 0.0]),
+                             bounds=[(_MIN_INV_TEMPERATURE, None), (None, None)])
         self.a_, self.b_ = float(a), float(b)
         return self
 

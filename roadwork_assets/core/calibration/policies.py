@@ -78,18 +78,32 @@ def _check_labels(labels: Any, n: int) -> np.ndarray:
 
 
 def split_calibration_set(
-    image_ids: Sequence[Any], labels: Any, fit_fraction: float = 0.5, *, salt: str = SPLIT_SALT
+    image_ids: Sequence[Any], labels: Any, fit_fraction: float = 0.5, *, salt: str = SPLIT_SALT,
+    groups: Sequence[Any] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(idx_fit, idx_thr): disjoint, stratified by label, deterministic.
 
     Within each label, images are ordered by sha256(f"{salt}:{image_id}") and the
     first round(fit_fraction * n_label) go to the fit part. The result depends only
     on the set of (id, label) pairs, not on their order. Both are sorted int arrays.
+
+    With ``groups`` (scene / near-duplicate group keys), whole groups go to one part:
+    a group is in the fit part iff sha256(salt:group) maps below ``fit_fraction``.
+    Frames of one scene are not exchangeable with each other, so splitting a group
+    across the parts would let the calibrator see the threshold part's scenes.
+    Stratification is then in expectation only.
     """
     if not 0.0 < fit_fraction < 1.0:
         raise BadInputError(f"fit_fraction must be in (0, 1); got {fit_fraction}")
     ids = [str(i) for i in image_ids]
     y = _check_labels(labels, len(ids))
+    if groups is not None:
+        if len(groups) != len(ids):
+            raise BadInputError(f"{len(groups)} group keys for {len(ids)} calibration items")
+        unit = np.array([int(hashlib.sha256(f"{salt}:{g}".encode()).hexdigest()[:13], 16)
+                         / float(16**13) for g in map(str, groups)])
+        in_fit = unit < fit_fraction
+        return np.flatnonzero(in_fit), np.flatnonzero(~in_fit)
     if len(set(ids)) != len(ids):
         seen: set[str] = set()
         dup = next(i for i in ids if i in seen or seen.add(i))
@@ -312,12 +326,14 @@ def fit_policy(
     n_bins: int = 15,
     main_view: int = 0,
     context: str = "val_calib",
+    groups: Sequence[Any] | None = None,
 ) -> AnyPolicy:
     """Fit a policy of `kind` on val_calib logits [N, V, 2] (view `main_view` is calibrated).
 
     `mode` applies to kind="softmax" (three_way adds an LTT-certified positive-exit
     threshold at FDR `positive_fdr`); `gate_risk`/`gate_C` to "gate";
-    `conformal_alpha`/`conformal_method` to "scrc". `delta` is the LTT failure
+    `conformal_alpha`/`conformal_method` to "scrc". `groups` (scene keys) keeps each
+    group on one side of the fit / threshold split. `delta` is the LTT failure
     probability (used by guarantee="ltt" and by the positive-exit threshold).
     Raises InsufficientDataError when the threshold part has too few positives.
     """
@@ -334,7 +350,7 @@ def fit_policy(
     if len(image_ids) != v.shape[0]:
         raise BadInputError(f"{len(image_ids)} image ids for {v.shape[0]} logit rows")
 
-    idx_fit, idx_thr = split_calibration_set(image_ids, y, fit_fraction)
+    idx_fit, idx_thr = split_calibration_set(image_ids, y, fit_fraction, groups=groups)
     ctx = f"{context} threshold part"
     y_fit, y_thr = y[idx_fit], y[idx_thr]
     n_pos_thr = int(y_thr.sum())
@@ -361,6 +377,8 @@ def fit_policy(
         n_calib_fit=int(idx_fit.size), n_calib_threshold=int(idx_thr.size),
         n_pos_threshold=n_pos_thr, n_neg_threshold=int(idx_thr.size - n_pos_thr),
         fit_fraction=fit_fraction, threshold_part=placeholder,
+        **({"split_rule": "whole groups: sha256(salt:group_key) < fit_fraction -> fit part"}
+           if groups is not None else {}),
     )
     joint = "Both hold together with probability >= 1 - 2*delta (union bound)." if guarantee == "ltt" else ""
 

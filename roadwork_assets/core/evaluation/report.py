@@ -7,13 +7,25 @@ from typing import Any
 
 import numpy as np
 
-from roadwork_assets.contracts.errors import BadInputError
+from roadwork_assets.contracts.errors import ArtifactIntegrityError, BadInputError
 from roadwork_assets.contracts.policy_schemas import PolicyParams
 from roadwork_assets.contracts.schemas import Provenance, RateWithInterval, TestReport
 from roadwork_assets.core.calibration.metrics import classification_report, reliability_bins
 from roadwork_assets.core.calibration.policies import apply_policy, policy_probability
+from roadwork_assets.core.export.bundle import Bundle
 
 ECE_BINS = 15
+
+
+def check_same_model(bundle: Bundle, logits_checkpoint_sha256: str) -> None:
+    """Refuse to score a bundle on logits that another checkpoint produced."""
+    expected = bundle.manifest.files["checkpoint"].sha256
+    if logits_checkpoint_sha256 != expected:
+        raise ArtifactIntegrityError(
+            f"logits[val_test] were computed by checkpoint {logits_checkpoint_sha256[:12]}, "
+            f"but bundle {bundle.manifest.bundle_id} ships checkpoint {expected[:12]}: "
+            "re-materialize logits[val_test] (and the policy and bundle) for one checkpoint"
+        )
 
 
 def _rate(entry: dict[str, Any]) -> RateWithInterval:

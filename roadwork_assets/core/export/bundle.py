@@ -32,6 +32,7 @@ from roadwork_assets.contracts.schemas import (
 )
 from roadwork_assets.core.artifacts import (
     atomic_write_json,
+    combine_versions,
     atomic_write_text,
     file_sha256,
     publish_directory,
@@ -58,16 +59,45 @@ def _describe(directory: Path, name: str) -> BundleFile:
     return BundleFile(path=name, sha256=file_sha256(path), size_bytes=path.stat().st_size)
 
 
+def bundle_lineage(checkpoint_path: Path, policy_path: Path, policy_asset: str) -> dict[str, str]:
+    """The checkpoint and policy must belong together: the policy was fitted on the logits
+    of exactly this checkpoint. Returns {"data_version", "checkpoint_sha256"}."""
+    if not Path(policy_path).exists():
+        raise ArtifactIntegrityError(
+            f"policy file {policy_path} does not exist: materialize `{policy_asset}` or set "
+            "exit_policy.bundle_policy to a policy that was materialized"
+        )
+    payload = load_checkpoint(checkpoint_path)
+    checkpoint_sha = file_sha256(checkpoint_path)
+    fitted_on = (parse_policy(json.loads(Path(policy_path).read_text())).provenance
+                 or Provenance(data_version="unknown", code_version="", created_at=""))
+    if fitted_on.checkpoint_sha256 not in (None, checkpoint_sha):
+        raise ArtifactIntegrityError(
+            f"{policy_path.name} was fitted on the logits of checkpoint "
+            f"{fitted_on.checkpoint_sha256[:12]}, but the checkpoint is now {checkpoint_sha[:12]}: "
+            f"re-materialize logits[val_calib] and `{policy_asset}` before bundling (a policy's "
+            "guarantee holds only for the model it was fitted on)"
+        )
+    data_version = combine_versions({"checkpoint": payload["data_version"],
+                                     "policy": fitted_on.data_version})
+    return {"data_version": data_version, "checkpoint_sha256": checkpoint_sha}
+
+
+def set_latest(latest_pointer: Path, bundle_id: str) -> None:
+    atomic_write_text(latest_pointer, bundle_id + "\n")
+
+
 def build_bundle(
     bundles_dir: Path,
-    latest_pointer: Path,
     *,
     checkpoint_path: Path,
     policy_path: Path,
     provenance: Provenance,
     export_onnx_model: bool = True,
 ) -> tuple[Path, BundleManifest, dict[str, Any]]:
-    """Assemble, hash and publish a bundle; returns (dir, manifest, extra numbers)."""
+    """Assemble, hash and publish a bundle under its content id; returns
+    (dir, manifest, extra numbers). ``LATEST`` is switched separately (``set_latest``),
+    after the caller's checks pass."""
     payload = load_checkpoint(checkpoint_path)
     policy = parse_policy(json.loads(Path(policy_path).read_text()))
     bundles_dir.mkdir(parents=True, exist_ok=True)
@@ -103,14 +133,19 @@ def build_bundle(
         atomic_write_json(staging / MANIFEST, manifest)
         dest = bundles_dir / bundle_id
         if dest.exists():  # identical content already published: keep the old copy
-            verify_bundle(dest)
+            try:
+                verify_bundle(dest)
+            except ArtifactIntegrityError as exc:
+                raise ArtifactIntegrityError(
+                    f"{exc}. The published bundle {dest} with the same content id is damaged: "
+                    "delete that folder and materialize `bundle` again"
+                ) from exc
             remove_tree_quietly(staging)
         else:
             publish_directory(staging, dest)
     except BaseException:
         remove_tree_quietly(staging)
         raise
-    atomic_write_text(latest_pointer, bundle_id + "\n")
     return dest, manifest, extra
 
 

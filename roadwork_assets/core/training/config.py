@@ -22,7 +22,7 @@ class TrainerConfig(BaseModel):
     backbone: str = DEFAULT_BACKBONE
     weights_path: str | None = Field(None, description="local timm weights file (frozen mode)")
     img_size: int = Field(128, ge=16, le=1024)
-    epochs: int = Field(20, ge=1)
+    epochs: int = Field(14, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(0.02, ge=0)

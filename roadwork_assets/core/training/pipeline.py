@@ -19,8 +19,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from roadwork_assets.contracts.errors import BadInputError
-from roadwork_assets.core.artifacts import atomic_write_npz, code_version, combine_versions
+from roadwork_assets.contracts.errors import BadInputError, LeakageError
+from roadwork_assets.core.artifacts import (
+    atomic_write_npz,
+    code_version,
+    combine_versions,
+    file_sha256,
+)
 from roadwork_assets.core.data.transforms import load_model_arrays
 from roadwork_assets.core.models.classifier import RoadworkClassifier, build_classifier
 from roadwork_assets.core.training.checkpoint import save_checkpoint
@@ -45,8 +50,15 @@ def build_model(cfg: TrainerConfig, *, with_weights: bool = True) -> RoadworkCla
     )
 
 
+def weights_fingerprint(cfg: TrainerConfig) -> str:
+    """sha256 of the frozen backbone's weights file ('' when training from scratch)."""
+    if cfg.mode != "frozen" or not cfg.weights_path:
+        return ""
+    return file_sha256(Path(cfg.weights_path).expanduser())
+
+
 def compute_embeddings(manifest: pd.DataFrame, cfg: TrainerConfig, dest: Path,
-                       split: str, data_version: str) -> dict[str, Any]:
+                       split: str, data_version: str, assignment_version: str) -> dict[str, Any]:
     """Write the per-split feature cache (npz) and return summary numbers."""
     cfg.apply_threads()
     images = load_model_arrays(manifest["uri"].tolist(), manifest["item_id"].tolist(),
@@ -66,19 +78,37 @@ def compute_embeddings(manifest: pd.DataFrame, cfg: TrainerConfig, dest: Path,
         kind=np.array(kind),
         split=np.array(split),
         backbone=np.array(cfg.backbone),
+        img_size=np.array(cfg.img_size),
+        n_views=np.array(cfg.n_views),
+        weights_sha256=np.array(weights_fingerprint(cfg)),
+        group_keys=manifest["group_key"].astype(str).to_numpy(dtype=str)
+        if "group_key" in manifest else manifest["item_id"].to_numpy(dtype=str),
         data_version=np.array(data_version),
+        assignment_version=np.array(assignment_version),
         code_version=np.array(code_version()),
     )
-    return {"kind": kind, "shape": list(feats.shape), "dtype": str(feats.dtype)}
+    n_pos = int((manifest["label"] == 1).sum())
+    return {"kind": kind, "shape": list(feats.shape), "dtype": str(feats.dtype),
+            "n_positive": n_pos, "n_negative": int(len(manifest) - n_pos)}
 
 
-def _as_arrays(cache: dict[str, np.ndarray], cfg: TrainerConfig, split: str):
-    kind = str(cache["kind"])
-    expected = "backbone_features" if cfg.mode == "frozen" else "preprocessed_images"
-    if kind != expected or str(cache["backbone"]) != cfg.backbone:
+def _as_arrays(cache: dict[str, np.ndarray], cfg: TrainerConfig, split: str,
+               weights_sha256: str | None = None):
+    """The cache's arrays, refusing a cache made with other settings than ``cfg``."""
+    expected = {
+        "kind": "backbone_features" if cfg.mode == "frozen" else "preprocessed_images",
+        "backbone": cfg.backbone,
+        "img_size": str(cfg.img_size),
+        "n_views": str(cfg.n_views) if cfg.mode == "frozen" else str(cache["n_views"]),
+        "weights_sha256": weights_fingerprint(cfg) if weights_sha256 is None else weights_sha256,
+    }
+    found = {k: str(cache[k]) for k in expected}
+    stale = {k: (found[k], v) for k, v in expected.items() if found[k] != v}
+    if stale:
+        detail = ", ".join(f"{k}: cache {a!r} vs trainer {b!r}" for k, (a, b) in stale.items())
         raise BadInputError(
-            f"embeddings[{split}] were computed for {kind} / {cache['backbone']}, but the "
-            f"trainer is now mode={cfg.mode} / {cfg.backbone}: re-materialize embeddings"
+            f"embeddings[{split}] were computed with other settings ({detail}): "
+            "re-materialize embeddings for every split with the current trainer config"
         )
     return cache["features"], cache["labels"].astype(np.int64)
 
@@ -97,12 +127,19 @@ def train_checkpoint(
         raise BadInputError(f"training reads train and val_select only, got {sorted(caches)}")
     cfg.apply_threads()
     torch.manual_seed(cfg.seed)
-    train_x, train_y = _as_arrays(caches["train"], cfg, "train")
-    sel_x, sel_y = _as_arrays(caches["val_select"], cfg, "val_select")
+    weights_sha256 = weights_fingerprint(cfg)
+    train_x, train_y = _as_arrays(caches["train"], cfg, "train", weights_sha256)
+    sel_x, sel_y = _as_arrays(caches["val_select"], cfg, "val_select", weights_sha256)
     for split, y in (("train", train_y), ("val_select", sel_y)):
         if len(np.unique(y)) < 2:
             raise BadInputError(f"{split} has only one class ({np.unique(y)}): cannot train")
     data_version = combine_versions({s: str(c["data_version"]) for s, c in caches.items()})
+    assignment = {str(c["assignment_version"]) for c in caches.values()}
+    if len(assignment) != 1:
+        raise LeakageError(
+            "embeddings[train] and embeddings[val_select] come from different split "
+            "assignments: re-materialize split_manifest and embeddings for both splits"
+        )
     model = build_model(cfg)
     if cfg.mode == "frozen":
         result = fit_linear_probe(model, cfg, train_x, train_y, sel_x, sel_y, log=log)
@@ -119,7 +156,8 @@ def train_checkpoint(
         mode=cfg.mode,
         data_version=data_version,
         code_version=code_version(),
-        extra={"select_metrics": result.select_metrics, "img_size": cfg.img_size},
+        extra={"select_metrics": result.select_metrics, "img_size": cfg.img_size,
+               "assignment_version": assignment.pop(), "weights_sha256": weights_sha256},
     )
     return result
 
@@ -133,11 +171,23 @@ def model_from_checkpoint(payload: dict[str, Any]) -> tuple[RoadworkClassifier, 
 
 
 def compute_logits(payload: dict[str, Any], cache: dict[str, np.ndarray], split: str,
-                   dest: Path, override: TrainerConfig | None = None) -> dict[str, Any]:
+                   dest: Path, checkpoint_sha256: str,
+                   override: TrainerConfig | None = None) -> dict[str, Any]:
+    """Logits of one split, refusing a split assignment other than the checkpoint's.
+
+    If the assignment changed since training (new seed, fractions, or merged
+    near-duplicate groups), this split may now hold the checkpoint's training images.
+    """
     model, cfg = model_from_checkpoint(payload)
+    if str(cache["assignment_version"]) != payload["assignment_version"]:
+        raise LeakageError(
+            f"embeddings[{split}] come from a different split assignment than the one the "
+            "checkpoint was trained on, so this split may contain training images: "
+            "re-materialize checkpoint (and everything after it) on the current splits"
+        )
     run_cfg = override or cfg
     run_cfg.apply_threads()
-    x, y = _as_arrays(cache, cfg, split)
+    x, y = _as_arrays(cache, cfg, split, weights_sha256=payload["weights_sha256"])
     if cfg.mode == "frozen":
         logits = head_view_logits(model, x)
     else:
@@ -147,7 +197,9 @@ def compute_logits(payload: dict[str, Any], cache: dict[str, np.ndarray], split:
     data_version = combine_versions({"checkpoint": payload["data_version"],
                                      f"embeddings[{split}]": str(cache["data_version"])})
     atomic_write_npz(dest, logits=logits, labels=y.astype(np.int8), item_ids=cache["item_ids"],
-                     split=np.array(split), data_version=np.array(data_version),
+                     group_keys=cache["group_keys"], split=np.array(split),
+                     data_version=np.array(data_version),
+                     checkpoint_sha256=np.array(checkpoint_sha256),
                      code_version=np.array(code_version()))
-    return {"n": int(len(y)), "n_views": int(logits.shape[1]),
-            "finite": bool(np.isfinite(logits).all())}
+    return {"n": int(len(y)), "n_positive": int(y.sum()), "n_negative": int(len(y) - y.sum()),
+            "n_views": int(logits.shape[1]), "finite": bool(np.isfinite(logits).all())}

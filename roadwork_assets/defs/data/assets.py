@@ -11,6 +11,7 @@ from roadwork_assets.core.artifacts import (
     atomic_write_parquet,
     code_version,
     frame_fingerprint,
+    staged_path,
 )
 from roadwork_assets.core.data.dedup import check_split_leakage
 from roadwork_assets.core.data.ingest import ingest_images
@@ -20,6 +21,7 @@ from roadwork_assets.core.data.synthetic import generate_default_dataset
 from roadwork_assets.core.calibration.risk_control import crc_min_positives, ltt_min_positives
 from roadwork_assets.defs.metadata import counts_meta, path_meta, table_md
 from roadwork_assets.defs.partitions import split_partitions
+from roadwork_assets.defs.promotion import publish
 from roadwork_assets.defs.resources import (
     ArtifactRegistryResource,
     DatasetSource,
@@ -53,7 +55,7 @@ def source_images(
     else:
         spec, kind = dataset.spec, "user dataset (ROADWORK_DATA)"
     context.log.info(f"reading {kind}: {spec}")
-    records = load_source(spec, cache_dir=reg.root / "data")
+    records = load_source(spec, cache_dir=reg.source_cache_dir)
 
     def progress(done: int, total: int) -> None:
         context.log.info(f"decoded {done}/{total} images")
@@ -61,9 +63,12 @@ def source_images(
     ingested, quarantined = ingest_images(records, progress=progress)
     data_version = frame_fingerprint(ingested, ["item_id", "label", "pixel_sha256"])
     stamp = {"data_version": data_version, "code_version": code_version()}
-    atomic_write_parquet(reg.quarantine_table, quarantined, stamp)
-    path = atomic_write_parquet(reg.source_table, ingested, stamp)
+    atomic_write_parquet(staged_path(reg.quarantine_table), quarantined, stamp)
+    atomic_write_parquet(staged_path(reg.source_table), ingested, stamp)
     reads_meta, reads_check = split_reads_result(context)
+    path, promo = publish(context, [(staged_path(reg.source_table), reg.source_table),
+                                    (staged_path(reg.quarantine_table), reg.quarantine_table)],
+                          None, [reads_check])
     n_pos = int((ingested["label"] == 1).sum())
     yield dg.Output(
         path,
@@ -78,6 +83,7 @@ def source_images(
             "data_version": data_version,
             **path_meta(path),
             **reads_meta,
+            **promo,
         },
     )
     yield reads_check
@@ -117,21 +123,10 @@ def split_assignment(
     assignment = assignment[[c for c in MANIFEST_COLUMNS if c in assignment.columns]]
     report = check_split_leakage(assignment, dataset.near_duplicate_distance)
     data_version = frame_fingerprint(assignment)
-    path = atomic_write_parquet(reg.split_assignment, assignment,
-                                {"data_version": data_version, "code_version": code_version()})
+    staged = atomic_write_parquet(staged_path(reg.split_assignment), assignment,
+                                  {"data_version": data_version, "code_version": code_version()})
     reads_meta, reads_check = split_reads_result(context)
-    yield dg.Output(
-        path,
-        metadata={
-            "counts": counts_meta(split_counts(assignment)),
-            "fractions": dg.MetadataValue.json(dataset.split_fractions),
-            "data_version": data_version,
-            **path_meta(path),
-            **reads_meta,
-        },
-    )
-    yield reads_check
-    yield dg.AssetCheckResult(
+    leakage_check = dg.AssetCheckResult(
         check_name=LEAKAGE_CHECK,
         passed=report.ok,
         metadata={
@@ -143,6 +138,20 @@ def split_assignment(
         },
         description=report.summary(),
     )
+    path, promo = publish(context, staged, reg.split_assignment, [reads_check, leakage_check])
+    yield dg.Output(
+        path,
+        metadata={
+            "counts": counts_meta(split_counts(assignment)),
+            "fractions": dg.MetadataValue.json(dataset.split_fractions),
+            "data_version": data_version,
+            **path_meta(path),
+            **reads_meta,
+            **promo,
+        },
+    )
+    yield reads_check
+    yield leakage_check
 
 
 @dg.asset(
@@ -161,9 +170,12 @@ def split_manifest(
     if rows.empty:
         raise InsufficientDataError(f"split {split!r} is empty: re-materialize split_assignment")
     data_version = frame_fingerprint(rows)
-    path = atomic_write_parquet(artifacts.registry.split_manifest(split), rows,
-                                {"data_version": data_version, "code_version": code_version()})
+    dest = artifacts.registry.split_manifest(split)
+    staged = atomic_write_parquet(staged_path(dest), rows, {
+        "data_version": data_version, "code_version": code_version(),
+        "assignment_version": frame_fingerprint(split_assignment)})
     reads_meta, reads_check = split_reads_result(context)
+    path, promo = publish(context, staged, dest, [reads_check])
     n_pos = int((rows["label"] == 1).sum())
     yield dg.Output(
         path,
@@ -176,6 +188,7 @@ def split_manifest(
             "preview": table_md(rows[["item_id", "label", "group_key"]], 10),
             **path_meta(path),
             **reads_meta,
+            **promo,
         },
     )
     yield reads_check

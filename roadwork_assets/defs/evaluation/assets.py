@@ -7,11 +7,16 @@ from pathlib import Path
 import dagster as dg
 import numpy as np
 
-from roadwork_assets.core.artifacts import atomic_write_json, combine_versions
-from roadwork_assets.core.evaluation.report import evaluate_bundle_policy, plot_reliability
+from roadwork_assets.core.artifacts import atomic_write_json, combine_versions, staged_path
+from roadwork_assets.core.evaluation.report import (
+    check_same_model,
+    evaluate_bundle_policy,
+    plot_reliability,
+)
 from roadwork_assets.core.export.bundle import load_bundle
 from roadwork_assets.defs.metadata import path_meta, provenance
 from roadwork_assets.defs.partitions import FINAL_EVALUATION_SPLITS
+from roadwork_assets.defs.promotion import publish
 from roadwork_assets.defs.resources import ArtifactRegistryResource
 from roadwork_assets.defs.split_reads import split_reads_check_spec, split_reads_result
 
@@ -37,6 +42,7 @@ def test_report(
     reg = artifacts.registry
     loaded = load_bundle(bundle)
     test = logits["val_test"]
+    check_same_model(loaded, str(test["checkpoint_sha256"]))
     report, arrays = evaluate_bundle_policy(
         loaded.policy, test["logits"], test["labels"].astype(np.int64),
         bundle_id=loaded.manifest.bundle_id,
@@ -44,10 +50,11 @@ def test_report(
             "bundle": loaded.manifest.provenance.data_version,
             "logits[val_test]": str(test["data_version"])})),
     )
-    dest = atomic_write_json(reg.test_report, report)
+    staged = atomic_write_json(staged_path(reg.test_report), report)
     plot = plot_reliability(arrays["calibrated"], test["labels"], reg.test_report_plot("reliability"))
     fnr = report.fnr
     reads_meta, reads_check = split_reads_result(context)
+    dest, promo = publish(context, staged, reg.test_report, [reads_check])
     cm = report.confusion_matrix
     yield dg.Output(
         dest,
@@ -73,6 +80,7 @@ def test_report(
             "n_images": report.n_images,
             **path_meta(dest),
             **reads_meta,
+            **promo,
         },
     )
     yield reads_check

@@ -1,14 +1,15 @@
 """The bundle: checkpoint + exactly one policy (chosen by config) + ONNX, hashed."""
 
 
-import json
-
 import dagster as dg
 
 from roadwork_assets.contracts.errors import ArtifactIntegrityError
-from roadwork_assets.core.artifacts import combine_versions
-from roadwork_assets.core.export.bundle import build_bundle, verify_bundle
-from roadwork_assets.core.training.checkpoint import load_checkpoint
+from roadwork_assets.core.export.bundle import (
+    build_bundle,
+    bundle_lineage,
+    set_latest,
+    verify_bundle,
+)
 from roadwork_assets.defs.metadata import provenance
 from roadwork_assets.defs.resources import ArtifactRegistryResource, ExitPolicyResource
 from roadwork_assets.defs.split_reads import split_reads_check_spec, split_reads_result
@@ -16,6 +17,7 @@ from roadwork_assets.defs.split_reads import split_reads_check_spec, split_reads
 BUNDLE_CHECK = "one_policy_and_hashes_match"
 ONNX_CHECK = "onnx_matches_torch"
 ONNX_TOLERANCE = 1e-3
+POLICY_ASSET = {"softmax": "thresholds", "gate": "gate_params", "scrc": "conformal_sets"}
 
 
 @dg.asset(
@@ -37,22 +39,36 @@ def bundle(
     exit_policy: ExitPolicyResource,
 ):
     reg = artifacts.registry
-    payload = load_checkpoint(reg.checkpoint)
     policy_path = reg.policy(exit_policy.bundle_policy)
-    policy_version = json.loads(policy_path.read_text()).get("provenance") or {}
-    data_version = combine_versions({"checkpoint": payload["data_version"],
-                                     "policy": policy_version.get("data_version", "unknown")})
+    lineage = bundle_lineage(reg.checkpoint, policy_path, POLICY_ASSET[exit_policy.bundle_policy])
     directory, manifest, extra = build_bundle(
         reg.bundles_dir,
-        reg.latest_bundle_pointer,
         checkpoint_path=reg.checkpoint,
         policy_path=policy_path,
-        provenance=provenance(data_version),
+        provenance=provenance(lineage["data_version"], lineage["checkpoint_sha256"]),
         export_onnx_model=exit_policy.export_onnx,
     )
     reads_meta, reads_check = split_reads_result(context)
+    try:
+        verify_bundle(directory)
+        verified = dg.AssetCheckResult(check_name=BUNDLE_CHECK, passed=True,
+                                       metadata={"n_files": len(manifest.files)})
+    except ArtifactIntegrityError as exc:
+        verified = dg.AssetCheckResult(check_name=BUNDLE_CHECK, passed=False, description=str(exc))
+    diff = extra.get("onnx_max_abs_diff")
+    parity = dg.AssetCheckResult(
+        check_name=ONNX_CHECK,
+        passed=diff is None or diff <= ONNX_TOLERANCE,
+        description="ONNX export disabled" if diff is None else f"max |diff| = {diff:.2e}",
+        metadata={} if diff is None else {"max_abs_diff": dg.MetadataValue.float(diff)},
+    )
+    promoted = all(c.passed for c in (reads_check, verified, parity))
+    if promoted:  # serving (`LATEST`) switches only to a bundle that passed its checks
+        set_latest(reg.latest_bundle_pointer, manifest.bundle_id)
+    else:
+        context.log.error(f"bundle {directory} failed a blocking check; LATEST unchanged")
     yield dg.Output(
-        reg.latest_bundle_pointer,
+        reg.latest_bundle_pointer if promoted else directory,
         metadata={
             "bundle_id": manifest.bundle_id,
             "bundle_dir": dg.MetadataValue.path(str(directory)),
@@ -63,20 +79,11 @@ def bundle(
             "data_version": manifest.provenance.data_version,
             "code_version": manifest.provenance.code_version,
             **{k: dg.MetadataValue.float(v) for k, v in extra.items()},
+            "checkpoint_sha256": lineage["checkpoint_sha256"],
+            "promoted": dg.MetadataValue.bool(promoted),
             **reads_meta,
         },
     )
     yield reads_check
-    try:
-        verify_bundle(directory)
-        yield dg.AssetCheckResult(check_name=BUNDLE_CHECK, passed=True,
-                                  metadata={"n_files": len(manifest.files)})
-    except ArtifactIntegrityError as exc:
-        yield dg.AssetCheckResult(check_name=BUNDLE_CHECK, passed=False, description=str(exc))
-    diff = extra.get("onnx_max_abs_diff")
-    yield dg.AssetCheckResult(
-        check_name=ONNX_CHECK,
-        passed=diff is None or diff <= ONNX_TOLERANCE,
-        description="ONNX export disabled" if diff is None else f"max |diff| = {diff:.2e}",
-        metadata={} if diff is None else {"max_abs_diff": dg.MetadataValue.float(diff)},
-    )
+    yield verified
+    yield parity

@@ -1,27 +1,30 @@
 """Exit-policy assets, each fitted on val_calib only (part A fits, part B thresholds)."""
 
 
+import json
+
 import dagster as dg
 import numpy as np
 
-from roadwork_assets.contracts.policy_schemas import PolicyParams
-from roadwork_assets.contracts.schemas import validate_artifact
-from roadwork_assets.core.artifacts import atomic_write_json
+from roadwork_assets.contracts.errors import ArtifactIntegrityError
+from roadwork_assets.contracts.policy_schemas import PolicyParams, parse_policy
+from roadwork_assets.core.artifacts import atomic_write_json, staged_path
 from roadwork_assets.core.calibration.policies import fit_policy
 from roadwork_assets.defs.metadata import path_meta, provenance
 from roadwork_assets.defs.partitions import POLICY_FITTING_SPLITS
+from roadwork_assets.defs.promotion import publish
 from roadwork_assets.defs.resources import ArtifactRegistryResource, ExitPolicyResource
 from roadwork_assets.defs.split_reads import split_reads_check_spec, split_reads_result
 
 SCHEMA_CHECK = "schema_valid"
 
-# asset name -> (policy kind, registry name, what it is)
+# asset name -> (policy kind, what it is)
 POLICY_ASSETS = {
-    "thresholds": ("softmax", "softmax", "calibrated three-way exit (t_lo, t_hi) with an FNR "
+    "thresholds": ("softmax", "calibrated three-way exit (t_lo, t_hi) with an FNR "
                    "guarantee from conformal risk control or Learn-then-Test"),
-    "gate_params": ("gate", "gate", "learned failure gate on uncertainty features, compared "
+    "gate_params": ("gate", "learned failure gate on uncertainty features, compared "
                     "with the max-probability baseline by AURC"),
-    "conformal_sets": ("scrc", "scrc", "split-conformal prediction sets (LAC and "
+    "conformal_sets": ("scrc", "split-conformal prediction sets (LAC and "
                        "class-conditional); singletons exit, the rest defer"),
 }
 
@@ -46,7 +49,7 @@ def _policy_metadata(params: PolicyParams) -> dict[str, dg.MetadataValue]:
     return meta
 
 
-def _make_policy_asset(name: str, kind: str, registry_name: str, what: str):
+def _make_policy_asset(name: str, kind: str, what: str):
     @dg.asset(
         name=name,
         group_name="policy",
@@ -70,6 +73,9 @@ def _make_policy_asset(name: str, kind: str, registry_name: str, what: str):
             calib["logits"],
             calib["labels"],
             calib["item_ids"].tolist(),
+            # val_calib is split into fit / threshold parts by group key, so frames of
+            # one scene (or near-duplicates) never sit on both sides
+            groups=calib["group_keys"].tolist(),
             alpha=exit_policy.alpha,
             delta=exit_policy.delta,
             guarantee=exit_policy.guarantee,
@@ -79,30 +85,29 @@ def _make_policy_asset(name: str, kind: str, registry_name: str, what: str):
             mode=exit_policy.softmax_mode,
             positive_fdr=exit_policy.positive_fdr,
         )
-        params = params.model_copy(
-            update={"provenance": provenance(str(calib["data_version"]))})
-        dest = atomic_write_json(artifacts.registry.policy(registry_name), params)
+        params = params.model_copy(update={"provenance": provenance(
+            str(calib["data_version"]), checkpoint_sha256=str(calib["checkpoint_sha256"]))})
+        dest = artifacts.registry.policy(kind)
+        staged = atomic_write_json(staged_path(dest), params)
+        schema = _schema_check(staged)
         reads_meta, reads_check = split_reads_result(context)
-        yield dg.Output(dest, metadata={**_policy_metadata(params), **path_meta(dest), **reads_meta})
+        path, promo = publish(context, staged, dest, [reads_check, schema])
+        yield dg.Output(path, metadata={**_policy_metadata(params), **path_meta(path),
+                                        **reads_meta, **promo})
         yield reads_check
-        yield _schema_check(dest, type(params))
+        yield schema
 
     return _policy_asset
 
 
-def _schema_check(path, model) -> dg.AssetCheckResult:
-    import json
-
-    from roadwork_assets.contracts.errors import ArtifactIntegrityError
-    from roadwork_assets.contracts.policy_schemas import parse_policy
-
+def _schema_check(path) -> dg.AssetCheckResult:
+    """Re-read what was written and validate it as a reader (the bundle) will."""
     try:
-        parse_policy(json.loads(path.read_text()))
-        validate_artifact(json.loads(path.read_text()), model, str(path))
+        parsed = parse_policy(json.loads(path.read_text()))
     except (ArtifactIntegrityError, ValueError) as exc:
         return dg.AssetCheckResult(check_name=SCHEMA_CHECK, passed=False, description=str(exc))
     return dg.AssetCheckResult(check_name=SCHEMA_CHECK, passed=True,
-                               metadata={"schema": model.__name__})
+                               metadata={"schema": type(parsed).__name__})
 
 
-policy_assets = [_make_policy_asset(n, k, r, w) for n, (k, r, w) in POLICY_ASSETS.items()]
+policy_assets = [_make_policy_asset(n, k, w) for n, (k, w) in POLICY_ASSETS.items()]

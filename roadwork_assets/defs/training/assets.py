@@ -1,6 +1,5 @@
 """Training assets: embeddings[split] -> checkpoint (train + val_select) -> logits[split]."""
 
-
 from pathlib import Path
 
 import dagster as dg
@@ -8,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from roadwork_assets.contracts.errors import ArtifactIntegrityError
-from roadwork_assets.core.artifacts import file_sha256, frame_fingerprint, read_npz
+from roadwork_assets.core.artifacts import file_sha256, frame_fingerprint, read_npz, staged_path
 from roadwork_assets.core.training.checkpoint import load_checkpoint
 from roadwork_assets.core.training.pipeline import (
     compute_embeddings,
@@ -17,6 +16,7 @@ from roadwork_assets.core.training.pipeline import (
 )
 from roadwork_assets.defs.metadata import floats, path_meta
 from roadwork_assets.defs.partitions import MODEL_FITTING_SPLITS, split_partitions
+from roadwork_assets.defs.promotion import publish
 from roadwork_assets.defs.resources import ArtifactRegistryResource, TrainerResource
 from roadwork_assets.defs.split_reads import split_reads_check_spec, split_reads_result
 
@@ -37,18 +37,25 @@ def embeddings(
     split = context.partition_key
     dest = artifacts.registry.embeddings(split)
     data_version = frame_fingerprint(split_manifest)
-    summary = compute_embeddings(split_manifest, trainer.to_config(), dest, split, data_version)
+    assignment_version = split_manifest.attrs.get("provenance", {}).get("assignment_version", "")
+    summary = compute_embeddings(split_manifest, trainer.to_config(), staged_path(dest), split,
+                                 data_version, assignment_version)
     reads_meta, reads_check = split_reads_result(context)
+    path, promo = publish(context, staged_path(dest), dest, [reads_check])
     yield dg.Output(
-        dest,
+        path,
         metadata={
             "split": split,
             "kind": summary["kind"],
             "shape": dg.MetadataValue.json(summary["shape"]),
+            "n_positive": summary["n_positive"],
+            "n_negative": summary["n_negative"],
             "backbone": trainer.backbone,
             "data_version": data_version,
-            **path_meta(dest),
+            "assignment_version": assignment_version,
+            **path_meta(path),
             **reads_meta,
+            **promo,
         },
     )
     yield reads_check
@@ -78,6 +85,7 @@ def checkpoint(
     trainer: TrainerResource = context.resources.trainer
     cfg = trainer.to_config()
     dest = artifacts.registry.checkpoint
+    staged = staged_path(dest)
     mlflow = context.resources.mlflow
     mlflow.log_params({k: v for k, v in cfg.model_dump().items() if v is not None})
 
@@ -87,13 +95,18 @@ def checkpoint(
         step = int(row.get("epoch", 0))
         mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=step)
 
-    result = train_checkpoint(embeddings, cfg, dest, log=log)
-    data_version = load_checkpoint(dest)["data_version"]
-    mlflow.log_metrics({f"best_{k}": v for k, v in result.select_metrics.items()})
-    mlflow.set_tag("roadwork.checkpoint_sha256", file_sha256(dest))
+    try:
+        result = train_checkpoint(embeddings, cfg, staged, log=log)
+        mlflow.log_metrics({f"best_{k}": v for k, v in result.select_metrics.items()})
+        mlflow.set_tag("roadwork.checkpoint_sha256", file_sha256(staged))
+        run_id = mlflow.active_run().info.run_id if mlflow.active_run() else ""
+    finally:
+        mlflow.end_run()  # dagster-mlflow only ends runs on failure; close ours here
+    loaded = _checkpoint_check(staged)
     reads_meta, reads_check = split_reads_result(context)
+    path, promo = publish(context, staged, dest, [reads_check, loaded])
     yield dg.Output(
-        dest,
+        path,
         metadata={
             "mode": cfg.mode,
             "backbone": cfg.backbone,
@@ -103,14 +116,14 @@ def checkpoint(
             "best_metric_name": result.best_metric_name,
             **{f"val_select_{k}": v for k, v in floats(result.select_metrics).items()},
             "history": dg.MetadataValue.md(pd.DataFrame(result.history).round(4).to_markdown(index=False)),
-            "data_version": data_version,
-            "mlflow_run_id": str(mlflow.active_run().info.run_id) if mlflow.active_run() else "",
-            **path_meta(dest),
+            "mlflow_run_id": str(run_id),
+            **path_meta(path),
             **reads_meta,
+            **promo,
         },
     )
     yield reads_check
-    yield _checkpoint_check(dest)
+    yield loaded
 
 
 def _checkpoint_check(path: Path) -> dg.AssetCheckResult:
@@ -123,7 +136,8 @@ def _checkpoint_check(path: Path) -> dg.AssetCheckResult:
         check_name=CHECKPOINT_CHECK,
         passed=True,
         metadata={"keys": dg.MetadataValue.json(sorted(payload)),
-                  "n_tensors": len(payload["model_state_dict"])},
+                  "n_tensors": len(payload["model_state_dict"]),
+                  "data_version": payload["data_version"]},
     )
 
 
@@ -136,7 +150,8 @@ LOGITS_CHECK = "logits_finite_and_aligned"
     check_specs=[
         split_reads_check_spec("logits"),
         dg.AssetCheckSpec(LOGITS_CHECK, asset="logits", blocking=True,
-                          description="finite, one row per manifest item, same order and labels"),
+                          description="finite; one row per split_manifest item, same order "
+                          "and labels"),
     ],
     description="[N, views, 2] logits of one split from the checkpoint.",
 )
@@ -144,35 +159,47 @@ def logits(
     context: dg.AssetExecutionContext,
     checkpoint: dict,
     embeddings: dict[str, np.ndarray],
+    split_manifest: pd.DataFrame,
     artifacts: ArtifactRegistryResource,
     trainer: TrainerResource,
 ):
     split = context.partition_key
-    dest = artifacts.registry.logits(split)
-    summary = compute_logits(checkpoint, embeddings, split, dest, override=trainer.to_config())
+    reg = artifacts.registry
+    dest = reg.logits(split)
+    staged = staged_path(dest)
+    summary = compute_logits(checkpoint, embeddings, split, staged,
+                             checkpoint_sha256=file_sha256(reg.checkpoint),
+                             override=trainer.to_config())
+    written = read_npz(staged)
+    aligned = _logits_check(written, split_manifest)
     reads_meta, reads_check = split_reads_result(context)
-    written = read_npz(dest)
-    yield dg.Output(dest, metadata={"split": split, **summary,
+    path, promo = publish(context, staged, dest, [reads_check, aligned])
+    yield dg.Output(path, metadata={"split": split, **summary,
                                     "data_version": str(written["data_version"]),
-                                    **path_meta(dest), **reads_meta})
+                                    "checkpoint_sha256": str(written["checkpoint_sha256"]),
+                                    **path_meta(path), **reads_meta, **promo})
     yield reads_check
-    yield _logits_check(written, embeddings)
+    yield aligned
 
 
-def _logits_check(written: dict[str, np.ndarray], cache: dict[str, np.ndarray]) -> dg.AssetCheckResult:
+def _logits_check(written: dict[str, np.ndarray], manifest: pd.DataFrame) -> dg.AssetCheckResult:
+    """Compare written logits with the split's manifest (not with the cache they came from)."""
     z = written["logits"]
     problems = []
     bad_rows = np.flatnonzero(~np.isfinite(z).all(axis=(1, 2)))
     if len(bad_rows):
         ids = written["item_ids"][bad_rows[:10]].tolist()
         problems.append(f"{len(bad_rows)} item(s) with NaN/inf logits, e.g. {ids}")
-    if len(z) != len(cache["labels"]) or not np.array_equal(written["item_ids"], cache["item_ids"]):
-        problems.append("item ids differ from the split's manifest order")
-    elif not np.array_equal(written["labels"], cache["labels"]):
-        problems.append("labels differ from the split's manifest")
+    ids = manifest["item_id"].astype(str).to_numpy()
+    labels = manifest["label"].to_numpy(np.int8)
+    if len(z) != len(ids) or not np.array_equal(written["item_ids"].astype(str), ids):
+        problems.append("item ids differ from split_manifest (order or membership): "
+                        "re-materialize embeddings and logits for this split")
+    elif not np.array_equal(written["labels"], labels):
+        problems.append("labels differ from split_manifest: re-materialize embeddings")
     return dg.AssetCheckResult(
         check_name=LOGITS_CHECK,
         passed=not problems,
-        description="; ".join(problems) or "finite and aligned",
+        description="; ".join(problems) or "finite and aligned with split_manifest",
         metadata={"n": len(z), "shape": dg.MetadataValue.json(list(z.shape))},
     )

@@ -59,7 +59,8 @@ def test_frozen_dinov2_loads_local_weights_and_never_updates_them(tmp_path, weig
     caches = {}
     for split, part in (("train", frame.iloc[:16]), ("val_select", frame.iloc[16:])):
         dest = tmp_path / f"emb_{split}.npz"
-        summary = compute_embeddings(part.reset_index(drop=True), cfg, dest, split, "dv-" + split)
+        summary = compute_embeddings(part.reset_index(drop=True), cfg, dest, split,
+                                     "dv-" + split, assignment_version="a1")
         assert summary["kind"] == "backbone_features"
         assert summary["shape"] == [len(part), 2, 384]
         caches[split] = read_npz(dest)
@@ -76,7 +77,8 @@ def test_frozen_dinov2_loads_local_weights_and_never_updates_them(tmp_path, weig
     assert state["backbone.pos_embed"].shape[1] == 1 + 4 * 4
     assert result.select_metrics["auroc"] > 0.9
     logits_path = tmp_path / "logits.npz"
-    compute_logits(payload, caches["val_select"], "val_select", logits_path)
+    compute_logits(payload, caches["val_select"], "val_select", logits_path,
+                   checkpoint_sha256="c" * 64)
     z = read_npz(logits_path)["logits"]
     assert z.shape == (8, 2, 2) and np.isfinite(z).all()
     # the exported model (backbone + head) on images reproduces the cached-feature logits
@@ -87,6 +89,31 @@ def test_frozen_dinov2_loads_local_weights_and_never_updates_them(tmp_path, weig
     with torch.no_grad():
         direct = model(to_float(torch.from_numpy(imgs))).numpy()
     np.testing.assert_allclose(direct, z[:, 0], atol=1e-4)
+
+
+def test_stale_caches_and_changed_splits_are_refused(tmp_path, weights_file):
+    """A cache made with other settings, or a split assignment that changed since the
+    checkpoint was trained (val_test could now hold training images), is refused."""
+    from roadwork_assets.contracts.errors import LeakageError
+
+    frame = _images(tmp_path, n=8)
+    cfg = TrainerConfig(img_size=32, epochs=1, threads=2)
+    caches = {}
+    for split, assignment in (("train", "a1"), ("val_select", "a1"), ("val_test", "a2")):
+        dest = tmp_path / f"{split}.npz"
+        compute_embeddings(frame, cfg, dest, split, "dv", assignment_version=assignment)
+        caches[split] = read_npz(dest)
+    ckpt = tmp_path / "model.pt"
+    train_checkpoint({k: caches[k] for k in ("train", "val_select")}, cfg, ckpt)
+    payload = load_checkpoint(ckpt)
+    with pytest.raises(LeakageError, match="different split assignment"):
+        compute_logits(payload, caches["val_test"], "val_test", tmp_path / "l.npz", "c" * 64)
+    with pytest.raises(BadInputError, match="img_size: cache '32' vs trainer '48'"):
+        train_checkpoint({k: caches[k] for k in ("train", "val_select")},
+                         TrainerConfig(img_size=48, epochs=1), tmp_path / "m2.pt")
+    mixed = {"train": caches["train"], "val_select": caches["val_test"]}
+    with pytest.raises(LeakageError, match="different split"):
+        train_checkpoint(mixed, cfg, tmp_path / "m3.pt")
 
 
 def test_missing_or_mismatched_weights_are_clear_errors(tmp_path, weights_file):
