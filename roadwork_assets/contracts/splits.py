@@ -9,12 +9,9 @@ the partitions it actually read so a blocking check can compare those too.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
-
 from roadwork_assets.contracts.errors import LeakageError
 
 SPLITS: tuple[str, ...] = ("train", "val_select", "val_calib", "val_test")
-Split = Literal["train", "val_select", "val_calib", "val_test"]
 
 # Sentinel for "the partition being materialized, and only that one": a partitioned
 # asset computing per-split features/logits reads its own split of its parents.
@@ -83,17 +80,3 @@ def forbidden_reads(
     """The partitions in `reads` that `asset_name` may not read (sorted)."""
     rule = rule_for(asset_name)
     return sorted(s for s in set(reads) if not rule.allows(s, own_partition))
-
-
-def assert_reads_allowed(
-    asset_name: str, reads: set[str] | list[str], own_partition: str | None = None
-) -> None:
-    bad = forbidden_reads(asset_name, reads, own_partition)
-    if bad:
-        rule = rule_for(asset_name)
-        allowed = sorted(rule.may_read)
-        raise LeakageError(
-            f"asset {asset_name!r} read split partition(s) {bad}, but its policy "
-            f"({rule.role}: {rule.reason}) allows only {allowed}"
-            + (f" with own partition {own_partition!r}" if own_partition else "")
-        )

@@ -47,7 +47,12 @@ def check_view_logits(view_logits: Any) -> np.ndarray:
     if v.ndim != 3 or v.shape[2] != 2 or v.shape[1] < 1:
         raise BadInputError(f"view logits must have shape [N, V, 2] with V >= 1; got {v.shape}")
     if not np.all(np.isfinite(v)):
-        raise BadInputError("view logits contain non-finite values (NaN/inf)")
+        rows = np.flatnonzero(~np.isfinite(v).all(axis=(1, 2)))
+        raise BadInputError(
+            f"view logits contain non-finite values (NaN/inf) in {rows.size} row(s), first "
+            f"rows {rows[:10].tolist()}: the model diverged or the logits file is damaged; "
+            "re-materialize checkpoint and logits"
+        )
     return v
 
 

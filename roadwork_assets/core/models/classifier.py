@@ -22,9 +22,6 @@ from torch import nn
 
 from roadwork_assets.contracts.errors import BadInputError
 
-BackboneMode = str  # "frozen" | "end_to_end"
-
-
 def create_backbone(
     name: str,
     *,

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score, log_loss, roc_auc_score
 
+from roadwork_assets.contracts.errors import BadInputError
 from roadwork_assets.core.data.transforms import make_views, to_float
 from roadwork_assets.core.models.classifier import RoadworkClassifier, freeze_backbone
 from roadwork_assets.core.training.config import TrainerConfig
@@ -69,41 +70,29 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_view_logits(
-    model: RoadworkClassifier,
-    images_uint8: np.ndarray,
-    *,
-    n_views: int,
-    batch_size: int,
-    device: torch.device,
-) -> np.ndarray:
+def _map_views(fn, images_uint8: np.ndarray, n_views: int, batch_size: int, dim: int) -> np.ndarray:
+    """Apply ``fn`` to every deterministic view of every batch: [N, 3, S, S] -> [N, V, dim]."""
+    out = np.empty((len(images_uint8), n_views, dim), dtype=np.float32)
+    for start in range(0, len(images_uint8), batch_size):
+        batch = to_float(torch.from_numpy(images_uint8[start : start + batch_size]))
+        for v, view in enumerate(make_views(batch, n_views)):
+            out[start : start + len(batch), v] = fn(view).float().cpu().numpy()
+    return out
+
+
+def predict_view_logits(model: RoadworkClassifier, images_uint8: np.ndarray, *, n_views: int,
+                        batch_size: int, device: torch.device) -> np.ndarray:
     """[N, 3, S, S] uint8 -> [N, V, 2] float32 logits over deterministic views."""
     model.eval().to(device)
-    out = np.empty((len(images_uint8), n_views, 2), dtype=np.float32)
-    for start in range(0, len(images_uint8), batch_size):
-        batch = to_float(torch.from_numpy(images_uint8[start : start + batch_size]).to(device))
-        for v, view in enumerate(make_views(batch, n_views)):
-            out[start : start + len(batch), v] = model(view).float().cpu().numpy()
-    return out
+    return _map_views(lambda x: model(x.to(device)), images_uint8, n_views, batch_size, 2)
 
 
-@torch.no_grad()
-def embed_views(
-    model: RoadworkClassifier,
-    images_uint8: np.ndarray,
-    *,
-    n_views: int,
-    batch_size: int,
-    device: torch.device,
-) -> np.ndarray:
+def embed_views(model: RoadworkClassifier, images_uint8: np.ndarray, *, n_views: int,
+                batch_size: int, device: torch.device) -> np.ndarray:
     """Frozen-backbone features: [N, 3, S, S] uint8 -> [N, V, D] float32."""
     model.eval().to(device)
-    out = np.empty((len(images_uint8), n_views, model.num_features), dtype=np.float32)
-    for start in range(0, len(images_uint8), batch_size):
-        batch = to_float(torch.from_numpy(images_uint8[start : start + batch_size]).to(device))
-        for v, view in enumerate(make_views(batch, n_views)):
-            out[start : start + len(batch), v] = model.features(view).float().cpu().numpy()
-    return out
+    return _map_views(lambda x: model.features(x.to(device)), images_uint8, n_views,
+                      batch_size, model.num_features)
 
 
 @torch.no_grad()
@@ -156,9 +145,14 @@ def fit_end_to_end(
             loss.backward()
             opt.step()
             sched.step()
-            total_loss += float(loss) * len(idx)
+            total_loss += float(loss.detach()) * len(idx)
         sel_logits = predict_view_logits(model, select_x, n_views=1,
                                          batch_size=cfg.batch_size * 2, device=device)[:, 0]
+        if not (math.isfinite(total_loss) and np.isfinite(sel_logits).all()):
+            raise BadInputError(
+                f"training diverged at epoch {epoch} (loss or val_select logits are NaN/inf) "
+                f"with lr={cfg.lr}: lower trainer.lr (e.g. {cfg.lr / 3:.1e}) and rerun checkpoint"
+            )
         metrics = _selection_metrics(sel_logits, select_y)
         row = {"epoch": epoch, "train_loss": total_loss / len(perm),
                "seconds": time.perf_counter() - t0,

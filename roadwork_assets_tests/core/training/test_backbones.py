@@ -138,3 +138,15 @@ def test_attention_switch_gives_the_same_outputs():
     torch.testing.assert_close(eager, fused, atol=1e-4, rtol=1e-4)
     with pytest.raises(BadInputError, match="attn_impl"):
         set_attention_impl(model, "flash")
+
+
+def test_diverged_training_names_the_epoch_and_the_fix(tmp_path):
+    frame = _images(tmp_path, n=8)
+    cfg = TrainerConfig(img_size=32, epochs=3, threads=2, lr=1e12)
+    caches = {}
+    for split in ("train", "val_select"):
+        compute_embeddings(frame, cfg, tmp_path / f"{split}.npz", split, "dv", "a1")
+        caches[split] = read_npz(tmp_path / f"{split}.npz")
+    with pytest.raises(BadInputError, match=r"training diverged at epoch \d .*lower trainer.lr"):
+        train_checkpoint(caches, cfg, tmp_path / "model.pt")
+    assert not (tmp_path / "model.pt").exists()
