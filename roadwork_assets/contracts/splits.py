@@ -36,13 +36,20 @@ def _rule(role: str, reason: str, *splits: str) -> ReadRule:
     return ReadRule(role=role, may_read=frozenset(splits), reason=reason)
 
 
+# Unpartitioned assets whose content spans every split (all images and labels): reading
+# one of them counts as reading every split partition, for the graph audit and at run
+# time alike. Only the splitter may.
+ALL_SPLITS_ASSETS: frozenset[str] = frozenset({"source_images", "split_assignment"})
+
 # Asset name -> rule. Assets without split-partitioned parents (source_images,
 # split_assignment, bundle, ...) read no split partition and are listed with an
 # empty set so that adding a split-partitioned parent to them fails the policy test.
 SPLIT_READ_POLICY: dict[str, ReadRule] = {
     "source_images": _rule("ingestion", "reads raw data, before any split exists"),
-    "split_assignment": _rule("splitting", "assigns splits; reads no partition"),
-    "split_manifest": _rule("splitting", "one split's rows of the assignment"),
+    "split_assignment": _rule("splitting", "assigns every source image to a split", *SPLITS),
+    "split_manifest": _rule(
+        "splitting", "selects one split's rows from the full assignment", *SPLITS
+    ),
     "embeddings": _rule(
         "feature extraction", "frozen features of its own split only", SAME_PARTITION
     ),

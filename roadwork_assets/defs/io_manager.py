@@ -22,7 +22,7 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
-from roadwork_assets.contracts.splits import SPLITS
+from roadwork_assets.contracts.splits import ALL_SPLITS_ASSETS, SPLITS
 from roadwork_assets.core.artifacts import ArtifactRegistry, read_npz, read_parquet_provenance
 from roadwork_assets.core.training.checkpoint import load_checkpoint
 from roadwork_assets.defs.resources import ArtifactRegistryResource
@@ -127,6 +127,9 @@ class RegistryIOManager(dg.ConfigurableIOManager):
     def load_input(self, context: dg.InputContext) -> Any:
         name = context.asset_key.path[-1]
         if not context.has_asset_partitions:
+            if name in ALL_SPLITS_ASSETS:  # holds every split's rows
+                for split in SPLITS:
+                    record_read(name, split, _step_key(context))
             return read_artifact(self.registry, name, None)
         keys = list(context.asset_partition_keys)
         step = _step_key(context)

@@ -10,11 +10,20 @@ from __future__ import annotations
 
 import dagster as dg
 
-from roadwork_assets.contracts.splits import SAME_PARTITION, SPLIT_READ_POLICY, SPLITS
+from roadwork_assets.contracts.splits import (
+    ALL_SPLITS_ASSETS,
+    SAME_PARTITION,
+    SPLIT_READ_POLICY,
+    SPLITS,
+)
 
 
 def derived_split_reads(asset_graph) -> dict[str, dict[str | None, set[str]]]:
-    """{asset: {own partition or None: split partitions readable from parents}}."""
+    """{asset: {own partition or None: split partitions readable from parents}}.
+
+    A parent in ALL_SPLITS_ASSETS (unpartitioned, but holding every split's images and
+    labels) counts as all four partitions.
+    """
     out: dict[str, dict[str | None, set[str]]] = {}
     for key in asset_graph.get_all_asset_keys():
         node = asset_graph.get(key)
@@ -23,6 +32,10 @@ def derived_split_reads(asset_graph) -> dict[str, dict[str | None, set[str]]]:
         )
         reads: dict[str | None, set[str]] = {p: set() for p in own_keys}
         for parent in node.parent_keys:
+            if parent.to_user_string() in ALL_SPLITS_ASSETS:
+                for own in own_keys:
+                    reads[own] |= set(SPLITS)
+                continue
             parent_def = asset_graph.get(parent).partitions_def
             if parent_def is None or set(parent_def.get_partition_keys()) != set(SPLITS):
                 continue

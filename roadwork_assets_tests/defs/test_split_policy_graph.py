@@ -30,9 +30,11 @@ def test_derived_reads_match_policy_table_exactly(graph):
     assert derived["test_report"] == {None: {"val_test"}}
     for per_split in ("embeddings", "logits"):
         assert derived[per_split] == {s: {s} for s in SPLITS}
-    for reads_none in ("source_images", "split_assignment", "bundle"):
+    for reads_none in ("source_images", "bundle"):
         assert derived[reads_none] == {None: set()}
-    assert derived["split_manifest"] == {s: set() for s in SPLITS}
+    # the splitter reads the full table: every split, and it is the only one allowed to
+    assert derived["split_assignment"] == {None: set(SPLITS)}
+    assert derived["split_manifest"] == {s: set(SPLITS) for s in SPLITS}
 
 
 def _sneaky_asset(mapping):
@@ -63,6 +65,15 @@ def test_policy_fitter_reading_test_split_instead_fails(tmp_path):
     assert any("'thresholds' can read split 'val_test'" in p for p in problems)
     assert any("policy allows split 'val_calib' but the graph never reads it" in p
                for p in problems)
+
+
+def test_policy_fitter_reading_the_full_split_table_fails(tmp_path):
+    @dg.asset(name="thresholds", ins={"split_assignment": dg.AssetIn()})
+    def peeks_at_labels(split_assignment):
+        return None
+
+    problems = audit_split_reads(_graph_with(peeks_at_labels, tmp_path))
+    assert any("'thresholds' can read split 'val_test'" in p for p in problems)
 
 
 def test_unlisted_asset_reading_splits_is_refused_at_definitions_time(tmp_path, monkeypatch):
