@@ -25,6 +25,7 @@ Application: `apply_policy(params, view_logits)` -> (decision, remapped_prob).
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -57,7 +58,9 @@ from roadwork_assets.core.calibration.metrics import brier, decision_confidence,
 from roadwork_assets.core.calibration.risk_control import (
     FnrThreshold,
     crc_fnr_threshold,
+    crc_min_positives,
     ltt_fnr_threshold,
+    ltt_min_positives,
     ltt_positive_exit_threshold,
 )
 
@@ -117,6 +120,13 @@ def split_calibration_set(
         fit.append(order[:n_fit])
         thr.append(order[n_fit:])
     return np.sort(np.concatenate(fit)), np.sort(np.concatenate(thr))
+
+
+def min_calib_positives(alpha: float, guarantee: str, delta: float, fit_fraction: float) -> int:
+    """Positives val_calib needs so that its threshold part (the 1 - fit_fraction share
+    that ``split_calibration_set`` leaves for risk control) can meet ``alpha``."""
+    need = crc_min_positives(alpha) if guarantee == "crc" else ltt_min_positives(alpha, delta)
+    return math.ceil(need / (1.0 - fit_fraction))
 
 
 def _stratified_holdout(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

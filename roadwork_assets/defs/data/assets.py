@@ -1,8 +1,6 @@
 """Data assets: source images -> split assignment -> split_manifest[split]."""
 
 
-import math
-
 import dagster as dg
 import pandas as pd
 
@@ -18,7 +16,7 @@ from roadwork_assets.core.data.ingest import ingest_images
 from roadwork_assets.core.data.sources import load_source
 from roadwork_assets.core.data.splits import assign_splits, check_split_sizes, split_counts
 from roadwork_assets.core.data.synthetic import generate_default_dataset
-from roadwork_assets.core.calibration.risk_control import crc_min_positives, ltt_min_positives
+from roadwork_assets.core.calibration.policies import min_calib_positives
 from roadwork_assets.defs.metadata import counts_meta, path_meta, table_md
 from roadwork_assets.defs.partitions import split_partitions
 from roadwork_assets.defs.promotion import publish
@@ -89,15 +87,6 @@ def source_images(
     yield reads_check
 
 
-def required_calib_positives(policy: ExitPolicyResource) -> int:
-    """Positives val_calib needs so its threshold part can meet alpha."""
-    if policy.guarantee == "crc":
-        need = crc_min_positives(policy.alpha)
-    else:
-        need = ltt_min_positives(policy.alpha, policy.delta)
-    return math.ceil(need / (1.0 - policy.calib_fit_fraction))
-
-
 @dg.asset(
     group_name="data",
     check_specs=[
@@ -119,7 +108,9 @@ def split_assignment(
     reg = artifacts.registry
     assignment = assign_splits(source_images, dataset.split_fractions, seed=dataset.split_seed,
                                near_duplicate_distance=dataset.near_duplicate_distance)
-    check_split_sizes(assignment, min_calib_positives=required_calib_positives(exit_policy))
+    check_split_sizes(assignment, min_calib_positives=min_calib_positives(
+        exit_policy.alpha, exit_policy.guarantee, exit_policy.delta,
+        exit_policy.calib_fit_fraction))
     assignment = assignment[[c for c in MANIFEST_COLUMNS if c in assignment.columns]]
     report = check_split_leakage(assignment, dataset.near_duplicate_distance)
     data_version = frame_fingerprint(assignment)

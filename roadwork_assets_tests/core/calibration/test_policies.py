@@ -202,3 +202,12 @@ def test_end_to_end_crc_policy_keeps_expected_fnr(rng):
     fnrs = np.asarray(fnrs)
     se = fnrs.std(ddof=1) / np.sqrt(reps)
     assert alpha - 2 / (min(n_pos) + 1) - 3 * se <= fnrs.mean() <= alpha + 3 * se
+
+
+def test_min_calib_positives_covers_the_threshold_part():
+    from roadwork_assets.core.calibration.policies import min_calib_positives
+
+    # CRC at alpha=0.02 needs 49 positives in the threshold part, which gets half of val_calib
+    assert min_calib_positives(0.02, "crc", 0.1, 0.5) == 98
+    assert min_calib_positives(0.02, "ltt", 0.1, 0.5) == 2 * 114
+    assert min_calib_positives(0.1, "crc", 0.1, 0.75) == 36
