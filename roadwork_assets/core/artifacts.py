@@ -194,6 +194,20 @@ def code_version() -> str:
     return h.hexdigest()[:16]
 
 
+def make_provenance(data_version: str, checkpoint_sha256: str | None = None):
+    """Provenance stamp for a JSON artifact: data version, this code's version, now."""
+    import datetime as dt
+
+    from roadwork_assets.contracts.schemas import Provenance
+
+    return Provenance(
+        data_version=data_version,
+        code_version=code_version(),
+        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        checkpoint_sha256=checkpoint_sha256,
+    )
+
+
 # --------------------------------------------------------------------------- registry
 def _check_split(split: str) -> str:
     if split not in SPLITS:

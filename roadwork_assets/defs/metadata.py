@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 import pandas as pd
 
-from roadwork_assets.contracts.schemas import Provenance
-from roadwork_assets.core.artifacts import code_version, file_sha256
+from roadwork_assets.core.artifacts import file_sha256
 
 
 def path_meta(path: Path) -> dict[str, dg.MetadataValue]:
@@ -31,13 +29,6 @@ def counts_meta(counts: dict[str, Any]) -> dg.MetadataValue:
     return dg.MetadataValue.json(counts)
 
 
-def provenance(data_version: str, checkpoint_sha256: str | None = None) -> Provenance:
-    return Provenance(
-        data_version=data_version,
-        code_version=code_version(),
-        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        checkpoint_sha256=checkpoint_sha256,
-    )
 
 
 def floats(metrics: dict[str, Any]) -> dict[str, dg.MetadataValue]:

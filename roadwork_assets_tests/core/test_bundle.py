@@ -42,8 +42,7 @@ def bundle_dir(tmp_path_factory):
     atomic_write_json(reg.policy("softmax"), policy)
     directory, manifest, extra = build_bundle(
         reg.bundles_dir, checkpoint_path=reg.checkpoint,
-        policy_path=reg.policy("softmax"),
-        provenance=Provenance(data_version="d", code_version="c", created_at="now"),
+        policy_path=reg.policy("softmax"), policy_asset="thresholds",
         export_onnx_model=True)
     assert extra["onnx_max_abs_diff"] < 1e-4
     return directory

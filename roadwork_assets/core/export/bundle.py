@@ -33,6 +33,7 @@ from roadwork_assets.contracts.schemas import (
 from roadwork_assets.core.artifacts import (
     atomic_write_json,
     combine_versions,
+    make_provenance,
     atomic_write_text,
     file_sha256,
     publish_directory,
@@ -59,15 +60,17 @@ def _describe(directory: Path, name: str) -> BundleFile:
     return BundleFile(path=name, sha256=file_sha256(path), size_bytes=path.stat().st_size)
 
 
-def bundle_lineage(checkpoint_path: Path, policy_path: Path, policy_asset: str) -> dict[str, str]:
+def bundle_lineage(checkpoint_path: Path, policy_path: Path, policy_asset: str,
+                   payload: dict[str, Any] | None = None) -> dict[str, str]:
     """The checkpoint and policy must belong together: the policy was fitted on the logits
-    of exactly this checkpoint. Returns {"data_version", "checkpoint_sha256"}."""
+    of exactly this checkpoint. Returns {"data_version", "checkpoint_sha256"}.
+    ``payload``: the checkpoint already loaded, to avoid reading it twice."""
     if not Path(policy_path).exists():
         raise ArtifactIntegrityError(
             f"policy file {policy_path} does not exist: materialize `{policy_asset}` or set "
             "exit_policy.bundle_policy to a policy that was materialized"
         )
-    payload = load_checkpoint(checkpoint_path)
+    payload = payload if payload is not None else load_checkpoint(checkpoint_path)
     checkpoint_sha = file_sha256(checkpoint_path)
     fitted_on = (parse_policy(json.loads(Path(policy_path).read_text())).provenance
                  or Provenance(data_version="unknown", code_version="", created_at=""))
@@ -92,13 +95,15 @@ def build_bundle(
     *,
     checkpoint_path: Path,
     policy_path: Path,
-    provenance: Provenance,
+    policy_asset: str = "the policy asset",
     export_onnx_model: bool = True,
 ) -> tuple[Path, BundleManifest, dict[str, Any]]:
-    """Assemble, hash and publish a bundle under its content id; returns
+    """Check lineage, assemble, hash and publish a bundle under its content id; returns
     (dir, manifest, extra numbers). ``LATEST`` is switched separately (``set_latest``),
     after the caller's checks pass."""
     payload = load_checkpoint(checkpoint_path)
+    lineage = bundle_lineage(checkpoint_path, policy_path, policy_asset, payload=payload)
+    provenance = make_provenance(lineage["data_version"], lineage["checkpoint_sha256"])
     policy = parse_policy(json.loads(Path(policy_path).read_text()))
     bundles_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=bundles_dir))

@@ -7,14 +7,19 @@ from pathlib import Path
 import dagster as dg
 import numpy as np
 
-from roadwork_assets.core.artifacts import atomic_write_json, combine_versions, staged_path
+from roadwork_assets.core.artifacts import (
+    atomic_write_json,
+    combine_versions,
+    make_provenance,
+    staged_path,
+)
 from roadwork_assets.core.evaluation.report import (
     check_same_model,
     evaluate_bundle_policy,
     plot_reliability,
 )
 from roadwork_assets.core.export.bundle import load_bundle
-from roadwork_assets.defs.metadata import path_meta, provenance
+from roadwork_assets.defs.metadata import path_meta
 from roadwork_assets.defs.partitions import FINAL_EVALUATION_SPLITS
 from roadwork_assets.defs.promotion import publish
 from roadwork_assets.defs.resources import ArtifactRegistryResource
@@ -46,7 +51,7 @@ def test_report(
     report, arrays = evaluate_bundle_policy(
         loaded.policy, test["logits"], test["labels"].astype(np.int64),
         bundle_id=loaded.manifest.bundle_id,
-        provenance=provenance(combine_versions({
+        provenance=make_provenance(combine_versions({
             "bundle": loaded.manifest.provenance.data_version,
             "logits[val_test]": str(test["data_version"])})),
     )

@@ -4,13 +4,7 @@
 import dagster as dg
 
 from roadwork_assets.contracts.errors import ArtifactIntegrityError
-from roadwork_assets.core.export.bundle import (
-    build_bundle,
-    bundle_lineage,
-    set_latest,
-    verify_bundle,
-)
-from roadwork_assets.defs.metadata import provenance
+from roadwork_assets.core.export.bundle import build_bundle, set_latest, verify_bundle
 from roadwork_assets.defs.resources import ArtifactRegistryResource, ExitPolicyResource
 from roadwork_assets.defs.split_reads import split_reads_check_spec, split_reads_result
 
@@ -39,13 +33,11 @@ def bundle(
     exit_policy: ExitPolicyResource,
 ):
     reg = artifacts.registry
-    policy_path = reg.policy(exit_policy.bundle_policy)
-    lineage = bundle_lineage(reg.checkpoint, policy_path, POLICY_ASSET[exit_policy.bundle_policy])
     directory, manifest, extra = build_bundle(
         reg.bundles_dir,
         checkpoint_path=reg.checkpoint,
-        policy_path=policy_path,
-        provenance=provenance(lineage["data_version"], lineage["checkpoint_sha256"]),
+        policy_path=reg.policy(exit_policy.bundle_policy),
+        policy_asset=POLICY_ASSET[exit_policy.bundle_policy],
         export_onnx_model=exit_policy.export_onnx,
     )
     reads_meta, reads_check = split_reads_result(context)
@@ -79,7 +71,7 @@ def bundle(
             "data_version": manifest.provenance.data_version,
             "code_version": manifest.provenance.code_version,
             **{k: dg.MetadataValue.float(v) for k, v in extra.items()},
-            "checkpoint_sha256": lineage["checkpoint_sha256"],
+            "checkpoint_sha256": manifest.provenance.checkpoint_sha256,
             "promoted": dg.MetadataValue.bool(promoted),
             **reads_meta,
         },

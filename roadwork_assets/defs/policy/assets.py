@@ -8,9 +8,9 @@ import numpy as np
 
 from roadwork_assets.contracts.errors import ArtifactIntegrityError
 from roadwork_assets.contracts.policy_schemas import PolicyParams, parse_policy
-from roadwork_assets.core.artifacts import atomic_write_json, staged_path
+from roadwork_assets.core.artifacts import atomic_write_json, make_provenance, staged_path
 from roadwork_assets.core.calibration.policies import fit_policy
-from roadwork_assets.defs.metadata import path_meta, provenance
+from roadwork_assets.defs.metadata import path_meta
 from roadwork_assets.defs.partitions import POLICY_FITTING_SPLITS
 from roadwork_assets.defs.promotion import publish
 from roadwork_assets.defs.resources import ArtifactRegistryResource, ExitPolicyResource
@@ -85,7 +85,7 @@ def _make_policy_asset(name: str, kind: str, what: str):
             mode=exit_policy.softmax_mode,
             positive_fdr=exit_policy.positive_fdr,
         )
-        params = params.model_copy(update={"provenance": provenance(
+        params = params.model_copy(update={"provenance": make_provenance(
             str(calib["data_version"]), checkpoint_sha256=str(calib["checkpoint_sha256"]))})
         dest = artifacts.registry.policy(kind)
         staged = atomic_write_json(staged_path(dest), params)

@@ -36,8 +36,10 @@ def embeddings(
 ):
     split = context.partition_key
     dest = artifacts.registry.embeddings(split)
-    data_version = frame_fingerprint(split_manifest)
-    assignment_version = split_manifest.attrs.get("provenance", {}).get("assignment_version", "")
+    # the versions split_manifest stamped into its parquet footer: one source of truth
+    stamp = split_manifest.attrs.get("provenance", {})
+    data_version = stamp.get("data_version") or frame_fingerprint(split_manifest)
+    assignment_version = stamp.get("assignment_version", "")
     summary = compute_embeddings(split_manifest, trainer.to_config(), staged_path(dest), split,
                                  data_version, assignment_version)
     reads_meta, reads_check = split_reads_result(context)
