@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from roadwork_assets.contracts.schemas import Provenance
 from roadwork_assets.contracts.errors import ArtifactIntegrityError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: calibration_unit, n_calibration_units; unfitted records
 POLICY_KINDS = ("softmax", "gate", "scrc")
 CalibratorMethod = Literal["temperature", "classwise_temperature", "platt", "beta", "isotonic"]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -57,7 +57,7 @@ class ThresholdPartStats(_Frozen):
 
 
 class _PolicyBase(_Frozen):
-    schema_version: Literal[1] = 1
+    schema_version: Literal[2] = 2
     provenance: Provenance | None = None  # data (logits[val_calib]) and code version
     main_view: int = Field(default=0, ge=0)
     calibrator: CalibratorSpec
@@ -72,6 +72,10 @@ class _PolicyBase(_Frozen):
     n_calib_threshold: int = Field(ge=1)
     n_pos_threshold: int = Field(ge=1)
     n_neg_threshold: int = Field(ge=0)
+    # the exchangeable unit of the FNR guarantee: "group" = one per scene/group with
+    # roadwork (the guarantee is for a new scene), "image" = one per positive image
+    calibration_unit: Literal["image", "group"]
+    n_calibration_units: int = Field(ge=1)  # units with roadwork in the threshold part
     fit_fraction: Level = 0.5
     split_rule: str = "sha256(salt:image_id) order within each label; fit part first"
     threshold_part: ThresholdPartStats

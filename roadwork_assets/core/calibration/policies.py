@@ -7,7 +7,10 @@ Fitting (val_calib only):
      guarantee (DOMAIN.md).
   2. `select_calibrator` on the fit part (held-out NLL), refit on the whole part.
   3. t_lo on the threshold part's positives: CRC (E[FNR] <= α) or LTT
-     (P(FNR <= α) >= 1 - δ). A roadwork image counts as missed only when the
+     (P(FNR <= α) >= 1 - δ). With group keys the exchangeable unit is the group
+     (scene): the guarantee is on the share of a new scene's roadwork images
+     missed, since frames of one scene are not exchangeable with each other
+     (`calibration_unit` in the artifact). A roadwork image counts as missed only when the
      policy's final decision is "negative" (calibrated p <= t_lo); deferrals are
      never misses. Every kind below only ever says "negative" when p <= t_lo, so
      the FNR guarantee holds for the whole cascade's stage-1 output.
@@ -123,10 +126,49 @@ def split_calibration_set(
 
 
 def min_calib_positives(alpha: float, guarantee: str, delta: float, fit_fraction: float) -> int:
-    """Positives val_calib needs so that its threshold part (the 1 - fit_fraction share
-    that ``split_calibration_set`` leaves for risk control) can meet ``alpha``."""
+    """Positives val_calib needs so that its threshold part can meet ``alpha``, *if* the
+    split were stratified by image. Kept for callers that have no group keys; the split
+    is by group, so use `check_calibration_capacity`, which computes the real split."""
     need = crc_min_positives(alpha) if guarantee == "crc" else ltt_min_positives(alpha, delta)
     return math.ceil(need / (1.0 - fit_fraction))
+
+
+def units_needed(alpha: float, guarantee: str, delta: float) -> int:
+    """Exchangeable units with roadwork the threshold part needs: CRC k = ⌊α(n+1)⌋ >= 1,
+    i.e. n >= ⌈1/α⌉ - 1; LTT (fixed sequence) (1-α)^n <= δ."""
+    if guarantee not in ("crc", "ltt"):
+        raise BadInputError(f"guarantee must be 'crc' or 'ltt'; got {guarantee!r}")
+    return crc_min_positives(alpha) if guarantee == "crc" else ltt_min_positives(alpha, delta)
+
+
+def check_calibration_capacity(
+    item_ids: Sequence[Any], labels: Any, group_keys: Sequence[Any] | None, *,
+    alpha: float, guarantee: str, delta: float, fit_fraction: float,
+) -> int:
+    """Units (groups) with roadwork in the threshold part of val_calib; refuse too few.
+
+    The threshold part is computed exactly as `split_calibration_set` (same salt,
+    by group) will compute it when the policy is fitted; the count is of the units
+    the risk control sees: groups with at least one positive (every image is its
+    own group when ``group_keys`` is None). Raises InsufficientDataError when that
+    count is below `units_needed(alpha, guarantee, delta)`; returns it otherwise.
+    """
+    y = _check_labels(labels, len(item_ids))
+    _, idx_thr = split_calibration_set(item_ids, y, fit_fraction, groups=group_keys)
+    keys = np.asarray([str(g) for g in (item_ids if group_keys is None else group_keys)])
+    pos = y == 1
+    have = int(np.unique(keys[idx_thr][y[idx_thr] == 1]).size)
+    need = units_needed(alpha, guarantee, delta)
+    if have < need:
+        scenes = "groups" if group_keys is not None else "images (no group keys: one group each)"
+        raise InsufficientDataError(
+            f"val_calib has {int(pos.sum())} positive images in {int(np.unique(keys[pos]).size)} "
+            f"{scenes}; its threshold part (the 1 - fit_fraction = {1 - fit_fraction:g} share, "
+            f"chosen by group) has {have} groups with roadwork; the exit policy at alpha={alpha:g} "
+            f"({guarantee}{f', delta={delta:g}' if guarantee == 'ltt' else ''}) needs at least "
+            f"{need}. Add roadwork images from more scenes, raise the val_calib fraction, or raise alpha."
+        )
+    return have
 
 
 def _stratified_holdout(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -277,22 +319,40 @@ def _statement(
         "FNR = P(decision = negative | roadwork): a roadwork image counts as missed only when "
         f"the policy decides 'negative' (calibrated p <= t_lo = {fnr.t_lo:.6g}); deferrals are not misses"
     )
-    if fnr.method == "crc":
+    by_group = fnr.unit == "group"
+    if by_group:
+        units = (f"{fnr.n_units} scenes/groups with roadwork ({fnr.n_pos} positive images) of the {ctx}, "
+                 "one exchangeable unit per group with loss L_g(t) = share of the group's roadwork "
+                 "images with p <= t")
+        risk = "the expected share of a new scene's roadwork images missed"
+    else:
+        units = f"{fnr.n_pos} positives of the {ctx}, one exchangeable unit per image"
+        risk = "the FNR"
+    if fnr.method == "crc" and by_group:
         head = (
-            f"Conformal risk control (Angelopoulos et al. 2022) on the {fnr.n_pos} positives of the "
-            f"{ctx}: t_lo lies just below the k={fnr.k}-th smallest calibrated positive score, so "
+            f"Conformal risk control (Angelopoulos et al. 2022) on the {units}: t_lo is the largest t "
+            f"with (sum_g L_g(t) + 1)/(n_g + 1) <= alpha, so E[share of a new scene's roadwork images "
+            f"missed] <= alpha = {fnr.alpha:g}, the expectation taken over the draw of the threshold part "
+            "and of the new scene (marginal, not conditional on this draw)."
+        )
+    elif fnr.method == "crc":
+        head = (
+            f"Conformal risk control (Angelopoulos et al. 2022) on the {units}: t_lo lies just below "
+            f"the k={fnr.k}-th smallest calibrated positive score, so "
             f"E[FNR] <= k/(n+1) = {fnr.k / (fnr.n_pos + 1):.4g} <= alpha = {fnr.alpha:g}, the expectation "
             "taken over the draw of the threshold part (marginal, not conditional on this draw)."
         )
     else:
         head = (
-            f"Learn-then-Test (Angelopoulos et al. 2021) on the {fnr.n_pos} positives of the {ctx}: "
-            f"exact binomial / Hoeffding-Bentkus p-values, {fnr.fwer} FWER control over {fnr.n_grid} "
+            f"Learn-then-Test (Angelopoulos et al. 2021) on the {units}: "
+            f"Hoeffding-Bentkus p-values on the mean unit loss, {fnr.fwer} FWER control over {fnr.n_grid} "
             f"fixed thresholds; with probability >= 1 - delta = {1 - fnr.delta:g} over the draw of the "
-            f"threshold part, FNR <= alpha = {fnr.alpha:g}."
+            f"threshold part, {risk} <= alpha = {fnr.alpha:g}."
         )
+    population = ("deployment scenes are exchangeable with val_calib's scenes (frames within a scene "
+                  "need not be)") if by_group else "deployment images are exchangeable with val_calib"
     tail = (
-        f"Assumes deployment images are exchangeable with val_calib; the calibrator was fitted on "
+        f"Assumes {population}; the calibrator was fitted on "
         f"the disjoint fit part (n={n_fit}). Achieved rates on the threshold part are in-sample estimates."
     )
     return " ".join([head, miss_def + ".", *extra, tail])
@@ -343,7 +403,8 @@ def fit_policy(
     `mode` applies to kind="softmax" (three_way adds an LTT-certified positive-exit
     threshold at FDR `positive_fdr`); `gate_risk`/`gate_C` to "gate";
     `conformal_alpha`/`conformal_method` to "scrc". `groups` (scene keys) keeps each
-    group on one side of the fit / threshold split. `delta` is the LTT failure
+    group on one side of the fit / threshold split and makes the group the
+    exchangeable unit of the FNR guarantee (see risk_control). `delta` is the LTT failure
     probability (used by guarantee="ltt" and by the positive-exit threshold).
     Raises InsufficientDataError when the threshold part has too few positives.
     """
@@ -371,10 +432,12 @@ def fit_policy(
     p_fit, p_thr = cal.predict_proba(main[idx_fit]), cal.predict_proba(main[idx_thr])
 
     pos_thr = p_thr[y_thr == 1]
+    # the exchangeable unit: one per group (scene) when group keys are given
+    pos_groups = None if groups is None else [str(groups[i]) for i in idx_thr[y_thr == 1]]
     if guarantee == "crc":
-        fnr = crc_fnr_threshold(pos_thr, alpha, context=ctx)
+        fnr = crc_fnr_threshold(pos_thr, alpha, groups=pos_groups, context=ctx)
     else:
-        fnr = ltt_fnr_threshold(pos_thr, alpha, delta, grid, fwer=fwer, context=ctx)
+        fnr = ltt_fnr_threshold(pos_thr, alpha, delta, grid, fwer=fwer, groups=pos_groups, context=ctx)
     t_lo = fnr.t_lo
 
     placeholder = ThresholdPartStats(fnr=0, n_misses=0, defer_rate=0, coverage=1, fpr=0)
@@ -386,6 +449,7 @@ def fit_policy(
         guarantee="crc_expectation" if guarantee == "crc" else "ltt_high_probability",
         n_calib_fit=int(idx_fit.size), n_calib_threshold=int(idx_thr.size),
         n_pos_threshold=n_pos_thr, n_neg_threshold=int(idx_thr.size - n_pos_thr),
+        calibration_unit=fnr.unit, n_calibration_units=int(fnr.n_units or n_pos_thr),
         fit_fraction=fit_fraction, threshold_part=placeholder,
         **({"split_rule": "whole groups: sha256(salt:group_key) < fit_fraction -> fit part"}
            if groups is not None else {}),

@@ -20,6 +20,7 @@ from roadwork_assets.contracts.policy_schemas import (
 from roadwork_assets.core.calibration.policies import (
     DEFAULT_CALIBRATOR_METHODS,
     apply_policy,
+    check_calibration_capacity,
     fit_policy,
     policy_probability,
     remap_probability,
@@ -139,7 +140,7 @@ def test_policy_json_round_trip(kind, kw, fitted, calib_data):
     np.testing.assert_array_equal(d1, d2)
     np.testing.assert_array_equal(r1, r2)
     data = json.loads(text)
-    assert data["schema_version"] == 1 and data["kind"] == kind
+    assert data["schema_version"] == 2 and data["kind"] == kind
     assert params.threshold_part.fnr <= 0.05 + 1e-12 or params.guarantee == "ltt_high_probability"
     assert "deferrals are not misses" in params.guarantee_statement
 
@@ -162,8 +163,8 @@ def test_fitted_policy_kinds_and_fields(fitted):
 
 def test_unknown_schema_version_kind_or_bad_fields_are_refused(fitted):
     data = json.loads(policy_to_json(fitted["softmax[]"]))
-    with pytest.raises(ArtifactIntegrityError, match="schema_version=2"):
-        parse_policy(data | {"schema_version": 2})
+    with pytest.raises(ArtifactIntegrityError, match="schema_version=1"):
+        parse_policy(data | {"schema_version": 1})
     with pytest.raises(ArtifactIntegrityError, match="kind='cascade'"):
         parse_policy(data | {"kind": "cascade"})
     with pytest.raises(ArtifactIntegrityError, match="must be >= t_lo"):
@@ -204,10 +205,82 @@ def test_end_to_end_crc_policy_keeps_expected_fnr(rng):
     assert alpha - 2 / (min(n_pos) + 1) - 3 * se <= fnrs.mean() <= alpha + 3 * se
 
 
-def test_min_calib_positives_covers_the_threshold_part():
+def test_min_calib_positives_is_still_importable():
     from roadwork_assets.core.calibration.policies import min_calib_positives
 
     # CRC at alpha=0.02 needs 49 positives in the threshold part, which gets half of val_calib
     assert min_calib_positives(0.02, "crc", 0.1, 0.5) == 98
     assert min_calib_positives(0.02, "ltt", 0.1, 0.5) == 2 * 114
     assert min_calib_positives(0.1, "crc", 0.1, 0.75) == 36
+
+
+# ------------------------------------------------------- grouped calibration
+def _scene_data(rng, n_scenes, frames, pos_share=0.5):
+    """Multi-view logits of scenes with `frames` frames each; a scene is all roadwork or all none."""
+    n = n_scenes * frames
+    scene_y = (rng.uniform(size=n_scenes) < pos_share).astype(np.int64)
+    y = np.repeat(scene_y, frames)
+    z = np.repeat(rng.normal(0.0, 1.5, n_scenes), frames) + 2.0 * (2 * y - 1) + rng.normal(0, 0.3, n)
+    logits = np.stack([np.zeros((n, 1)), z[:, None]], axis=-1)
+    groups = [f"scene{i // frames}" for i in range(n)]
+    return logits, y, [f"img{i}" for i in range(n)], groups
+
+
+def test_fit_policy_with_groups_calibrates_one_unit_per_scene(rng):
+    logits, y, ids, groups = _scene_data(rng, 300, 8)
+    params = fit_policy("softmax", logits, y, ids, groups=groups, alpha=0.05)
+    _, idx_thr = split_calibration_set(ids, y, 0.5, groups=groups)
+    scenes_with_roadwork = {groups[i] for i in idx_thr if y[i] == 1}
+    assert params.calibration_unit == "group"
+    assert params.n_calibration_units == len(scenes_with_roadwork) < params.n_pos_threshold
+    assert "share of a new scene's roadwork images missed" in params.guarantee_statement
+    assert "scenes are exchangeable" in params.guarantee_statement
+    plain = fit_policy("softmax", logits, y, ids, alpha=0.05)
+    assert plain.calibration_unit == "image" and plain.n_calibration_units == plain.n_pos_threshold
+
+
+def test_check_calibration_capacity_counts_scenes_of_the_real_split(rng):
+    """200 roadwork images in 20 scenes: the old image-count rule (2 x 19 = 38 at α = 0.05)
+    passes, but the group split leaves about 10 scenes with roadwork for the threshold
+    part, and CRC at α = 0.05 needs 19 units."""
+    from roadwork_assets.core.calibration.policies import min_calib_positives
+
+    _, y, ids, groups = _scene_data(rng, 40, 10, pos_share=0.5)
+    assert int(y.sum()) >= min_calib_positives(0.05, "crc", 0.1, 0.5)
+    _, idx_thr = split_calibration_set(ids, y, 0.5, groups=groups)
+    have = len({groups[i] for i in idx_thr if y[i] == 1})
+    msg = (rf"val_calib has {int(y.sum())} positive images in \d+ groups; its threshold part "
+           rf"\(the 1 - fit_fraction = 0.5 share, chosen by group\) has {have} groups with roadwork; "
+           r"the exit policy at alpha=0.05 \(crc\) needs at least 19\. Add roadwork images from more scenes")
+    with pytest.raises(InsufficientDataError, match=msg):
+        check_calibration_capacity(ids, y, groups, alpha=0.05, guarantee="crc", delta=0.1, fit_fraction=0.5)
+    # enough at α = 0.2 (needs 4): returns the unit count of the real split
+    assert check_calibration_capacity(ids, y, groups, alpha=0.2, guarantee="crc", delta=0.1,
+                                      fit_fraction=0.5) == have
+    # LTT at α = 0.1, δ = 0.1 needs 22 groups: refused with the LTT count
+    with pytest.raises(InsufficientDataError, match=r"alpha=0.1 \(ltt, delta=0.1\) needs at least 22"):
+        check_calibration_capacity(ids, y, groups, alpha=0.1, guarantee="ltt", delta=0.1, fit_fraction=0.5)
+    # without group keys every image is a unit, and the split is the stratified one
+    _, idx_img = split_calibration_set(ids, y, 0.5)
+    assert check_calibration_capacity(ids, y, None, alpha=0.05, guarantee="crc", delta=0.1,
+                                      fit_fraction=0.5) == int(y[idx_img].sum())
+
+
+def test_check_calibration_capacity_agrees_with_fit_policy(rng):
+    """Where the capacity check passes, fit_policy's risk control has enough units; where
+    it refuses, fit_policy refuses too."""
+    passed = []
+    for n_scenes, alpha in ((120, 0.05), (40, 0.05), (60, 0.1)):
+        logits, y, ids, groups = _scene_data(rng, n_scenes, 6)
+        try:
+            n_units = check_calibration_capacity(ids, y, groups, alpha=alpha, guarantee="crc",
+                                                 delta=0.1, fit_fraction=0.5)
+        except InsufficientDataError:
+            passed.append(False)
+            with pytest.raises(InsufficientDataError, match="groups with roadwork"):
+                fit_policy("softmax", logits, y, ids, groups=groups, alpha=alpha)
+        else:
+            passed.append(True)
+            params = fit_policy("softmax", logits, y, ids, groups=groups, alpha=alpha)
+            assert params.n_calibration_units == n_units
+    assert set(passed) == {True, False}  # both branches were exercised
