@@ -12,7 +12,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import stats
 from scipy.special import expit, logit
+
+# Violation-rate tests: exact one-sided binomial test of H0 "rate <= δ" at this level,
+# with enough draws to detect a true rate of 1.5·δ with probability >= MIN_POWER.
+FALSE_ALARM, MIN_POWER, EFFECT = 1e-3, 0.9, 1.5
 
 
 def softplus(x):
@@ -52,3 +57,20 @@ def miscalibrated(rng):
     z = 3.0 * x + 0.7 + rng.normal(0.0, 1.0, x.size)
     logits = np.stack([-0.4 * z, 0.6 * z], axis=1)  # z1 - z0 = z, z1 and z0 scaled unequally
     return logits, y
+
+
+def violation_test_power(n_draws: int, delta: float, level: float = FALSE_ALARM,
+                         effect: float = EFFECT) -> float:
+    """P(the level-`level` one-sided binomial test rejects | true rate = effect·δ).
+
+    The test rejects iff violations >= c, c the smallest count with P(Bin(n, δ) >= c)
+    <= level; power = P(Bin(n, effect·δ) >= c)."""
+    c = int(stats.binom.isf(level, n_draws, delta)) + 1
+    while c > 0 and stats.binom.sf(c - 2, n_draws, delta) <= level:  # guard the float edge
+        c -= 1
+    return float(stats.binom.sf(c - 1, n_draws, effect * delta))
+
+
+def violation_rate_ok(violations: int, n_draws: int, delta: float, level: float = FALSE_ALARM) -> bool:
+    """False iff the exact one-sided binomial test rejects 'violation rate <= δ' at `level`."""
+    return stats.binomtest(violations, n_draws, delta, alternative="greater").pvalue > level

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zlib
 
 import numpy as np
 import pytest
@@ -40,17 +41,22 @@ POLICY_CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def calib_data():
-    """val_calib-like multi-view logits [N, 3, 2], labels and ids."""
-    rng = np.random.default_rng(7)
-    n = 3000
+def _views(rng, n):
+    """val_calib-like multi-view logits [N, 3, 2] and labels: y ~ Bernoulli(σ(2x)), an
+    over-confident shifted margin, and a main view that is noise on 20% of the images."""
     x = rng.uniform(-3, 3, n)
     y = (rng.uniform(size=n) < expit(2 * x)).astype(np.int64)
     z = 3.0 * x[:, None] + 0.5 + rng.normal(0, 0.8, (n, 3))
     bad = rng.uniform(size=n) < 0.2
     z[bad, 0] = rng.normal(0, 3, bad.sum())
-    logits = np.stack([-0.5 * z, 0.5 * z], axis=-1)
+    return np.stack([-0.5 * z, 0.5 * z], axis=-1), y
+
+
+@pytest.fixture(scope="module")
+def calib_data():
+    """val_calib-like multi-view logits [N, 3, 2], labels and ids."""
+    n = 3000
+    logits, y = _views(np.random.default_rng(7), n)
     ids = [f"img_{i:05d}" for i in range(n)]
     return logits, y, ids
 
@@ -141,7 +147,6 @@ def test_policy_json_round_trip(kind, kw, fitted, calib_data):
     np.testing.assert_array_equal(r1, r2)
     data = json.loads(text)
     assert data["schema_version"] == 2 and data["kind"] == kind
-    assert params.threshold_part.fnr <= 0.05 + 1e-12 or params.guarantee == "ltt_high_probability"
     assert "deferrals are not misses" in params.guarantee_statement
 
 
@@ -155,7 +160,7 @@ def test_fitted_policy_kinds_and_fields(fitted):
     assert soft3.threshold_part.defer_rate > 0
     assert isinstance(gate, GatePolicyParams) and gate.gate.beats_baseline
     assert gate.gate.aurc_gate < gate.gate.aurc_baseline
-    assert isinstance(scrc, ScrcPolicyParams) and scrc.coverage["coverage_pos"] >= 0.85
+    assert isinstance(scrc, ScrcPolicyParams) and set(scrc.coverage) >= {"coverage_pos", "coverage_neg"}
     for p in fitted.values():
         assert p.n_calib_fit + p.n_calib_threshold == 3000
         assert p.threshold_part.coverage == pytest.approx(1 - p.threshold_part.defer_rate)
@@ -181,6 +186,46 @@ def test_too_few_positives_through_fit_policy(calib_data):
     msg = r"val_calib threshold part has 30 positives; α=0\.02 needs at least 49"
     with pytest.raises(InsufficientDataError, match=msg):
         fit_policy("softmax", logits[keep], y[keep], [ids[i] for i in keep], alpha=0.02)
+
+
+# (draws, n_calib, n_test): the gate fits a logistic regression per draw (~0.5 s)
+OUT_OF_SAMPLE = {"gate": (5, 3000, 20000)}
+
+
+@pytest.mark.parametrize(("kind", "kw"), POLICY_CASES)
+def test_served_fnr_out_of_sample(kind, kw):
+    """Every kind, fitted on fresh val_calib draws and served on fresh test images from the
+    same generator: mean served FNR (roadwork decided 'negative') <= α + 3 SE.
+
+    CRC promises E[FNR] <= α and LTT P(FNR <= α) >= 1 - δ (hence also a mean near or
+    below α); the gate and set-valued kinds only turn decisions into deferrals, so their
+    FNR is at most the stage-1 one. Measured mean ± SE at α = 0.05: softmax two-way
+    0.0503 ± 0.0018, three-way 0.0495 ± 0.0017, three-way LTT 0.0365 ± 0.0015, gate
+    0.0181 ± 0.0009 (5 draws), scrc 0.0478 ± 0.0015, LAC 0.0474 ± 0.0016. With SE ≈ 0.0017
+    a rule serving FNR α + 0.01 (≈ 6 SE above α) fails with probability > 0.99.
+    For scrc also the Mondrian positive-class coverage out of sample is >= 1 - α_c - 3 SE.
+    """
+    alpha = 0.05
+    rng = np.random.default_rng(zlib.crc32(f"{kind}{sorted(kw.items())}".encode()))
+    draws, n_cal, n_test = OUT_OF_SAMPLE.get(kind, (30, 3000, 20000))
+    fnr, cov_pos = [], []
+    for r in range(draws):
+        logits, y = _views(rng, n_cal)
+        params = fit_policy(kind, logits, y, [f"{r}-{i}" for i in range(n_cal)], alpha=alpha, **kw)
+        test_logits, y_test = _views(rng, n_test)
+        decision, _ = apply_policy(params, test_logits)
+        fnr.append(np.mean(decision[y_test == 1] == 0))
+        if kind == "scrc" and params.conformal_method == "mondrian":
+            p = policy_probability(params, test_logits)
+            cov_pos.append(np.mean(1.0 - p[y_test == 1] <= params.q1))
+    fnr = np.asarray(fnr)
+    se = fnr.std(ddof=1) / np.sqrt(draws)
+    assert fnr.mean() <= alpha + 3 * se, (fnr.mean(), se)
+    assert fnr.mean() > alpha / 5  # not vacuous (never deciding 'negative' would pass)
+    if cov_pos:
+        cov_pos = np.asarray(cov_pos)
+        se_c = cov_pos.std(ddof=1) / np.sqrt(cov_pos.size)
+        assert cov_pos.mean() >= 1 - params.conformal_alpha - 3 * se_c
 
 
 def test_end_to_end_crc_policy_keeps_expected_fnr(rng):

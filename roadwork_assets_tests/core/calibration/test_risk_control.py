@@ -20,7 +20,14 @@ from roadwork_assets.core.calibration.risk_control import (
     ltt_positive_exit_threshold,
 )
 
-from .conftest import draw, true_fnr, true_positive_exit_fdr
+from .conftest import (
+    MIN_POWER,
+    draw,
+    true_fnr,
+    true_positive_exit_fdr,
+    violation_rate_ok,
+    violation_test_power,
+)
 
 
 # ------------------------------------------------------------------------ CRC
@@ -78,15 +85,20 @@ def test_crc_too_few_positives_names_the_needed_count():
 # ------------------------------------------------------------------------ LTT
 @pytest.mark.parametrize("fwer", ["fixed_sequence", "bonferroni"])
 def test_ltt_violation_rate_at_most_delta_over_fresh_draws(rng, fwer):
-    """P(FNR(t_lo) > α) <= δ: violations over 300 fresh draws <= δ + 3 binomial SDs."""
-    alpha, delta, reps = 0.1, 0.1, 300
+    """P(FNR(t_lo) > α) <= δ, by an exact one-sided binomial test (level 1e-3) of the
+    violations of the closed-form FNR over 900 fresh draws.
+
+    Power: a true violation rate of 1.5·δ = 0.15 is detected with probability 0.93
+    (computed with scipy.stats.binom and asserted, so the draw count cannot silently
+    shrink). Measured violation rates: 0.07 (fixed sequence), 0.00 (Bonferroni)."""
+    alpha, delta, reps = 0.1, 0.1, 900
+    assert violation_test_power(reps, delta) >= MIN_POWER
     x, y, _ = draw(rng, (reps, 1000))
     true = np.array([
         true_fnr(ltt_fnr_threshold(expit(2 * x[r][y[r] == 1]), alpha, delta, fwer=fwer).t_lo)
         for r in range(reps)
     ])
-    violation_rate = np.mean(true > alpha)
-    assert violation_rate <= delta + 3 * np.sqrt(delta * (1 - delta) / reps)
+    assert violation_rate_ok(int(np.sum(true > alpha)), reps, delta), np.mean(true > alpha)
     assert np.median(true) > alpha / 3  # and it is not vacuous (t_lo = 0 would pass)
 
 
@@ -159,8 +171,12 @@ def test_crc_matches_mapie_multilabel_crc_on_a_grid(rng):
 
 # ------------------------------------------------------------- positive exits
 def test_positive_exit_fdr_holds_with_probability_1_minus_delta(rng):
-    beta, delta, reps = 0.05, 0.1, 200
-    x_ref, y_ref, s_ref = draw(rng, 2000)
+    """P(FDR(t_hi) > β) <= δ, by an exact one-sided binomial test (level 1e-3) over 900
+    fresh threshold parts, true FDR in closed form. Power to detect a true violation
+    rate of 1.5·δ: 0.93 (asserted). Measured violation rate: 0.08."""
+    beta, delta, reps = 0.05, 0.1, 900
+    assert violation_test_power(reps, delta) >= MIN_POWER
+    _, y_ref, s_ref = draw(rng, 2000)
     x, y, _ = draw(rng, (reps, 2000))
     fdr, t_his = [], []
     for r in range(reps):
@@ -171,7 +187,7 @@ def test_positive_exit_fdr_holds_with_probability_1_minus_delta(rng):
         t_his.append(res.t_hi)
         fdr.append(true_positive_exit_fdr(res.t_hi) if res.certified else 0.0)
     fdr = np.asarray(fdr)
-    assert np.mean(fdr > beta) <= delta + 3 * np.sqrt(delta * (1 - delta) / reps)
+    assert violation_rate_ok(int(np.sum(fdr > beta)), reps, delta), np.mean(fdr > beta)
     assert np.median(t_his) < 0.99  # positive exits exist: not vacuous
 
 
