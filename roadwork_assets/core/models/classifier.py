@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from roadwork_assets.contracts.errors import BadInputError
+from roadwork_assets.core.models.weights import load_backbone_weights, read_weights_file
+
 
 def create_backbone(
     name: str,
@@ -32,32 +34,24 @@ def create_backbone(
 ) -> nn.Module:
     """A timm feature extractor (``num_classes=0``), optionally with local weights.
 
-    Local weights go through timm's own loader (``pretrained_cfg_overlay=dict(file=..)``),
-    which applies the model's checkpoint filter (e.g. DINOv2 key conversion) and loads
-    with ``weights_only=True``.
+    Local weights are read by ``core.models.weights`` (safetensors, or ``torch.load``
+    with ``weights_only=True``; never timm's own file loader), passed through timm's
+    checkpoint filter for the architecture (DINOv2/DINOv3 key conversion, position
+    embeddings resampled to ``img_size``) and loaded strictly.
     """
     kwargs: dict = {"num_classes": 0, "drop_rate": drop_rate}
     if _is_vit(name):
         kwargs["img_size"] = img_size
-    if weights_path is not None:
-        path = Path(weights_path).expanduser()
-        if not path.is_file():
-            raise BadInputError(
-                f"backbone weights file {path} does not exist: download the "
-                f"{name} weights (.safetensors or .pth) to this machine and point "
-                "ROADWORK_WEIGHTS / the trainer's weights_path at it"
-            )
-        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+    # a missing or unsafe file fails before any model is built
+    state = read_weights_file(weights_path) if weights_path is not None else None
     try:
-        model = timm.create_model(name, **kwargs)
-    except RuntimeError as exc:  # shape / key mismatch between file and architecture
-        raise BadInputError(
-            f"weights file {weights_path} does not fit timm model {name!r}: {exc}"
-        ) from exc
+        model = timm.create_model(name, pretrained=False, **kwargs)
     except Exception as exc:
         if "Unknown model" in str(exc) or "Invalid model" in str(exc):
             raise BadInputError(f"timm has no model named {name!r}: {exc}") from exc
         raise
+    if weights_path is not None:
+        load_backbone_weights(model, name, weights_path, state=state)
     set_attention_impl(model, attn_impl)
     return model
 
