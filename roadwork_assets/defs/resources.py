@@ -16,6 +16,7 @@ import dagster as dg
 from pydantic import Field
 
 from roadwork_assets.core.artifacts import ArtifactRegistry
+from roadwork_assets.core.data.similarity import NearDuplicateRule
 from roadwork_assets.core.data.splits import DEFAULT_FRACTIONS
 from roadwork_assets.core.training.config import (
     DEFAULT_BACKBONE,
@@ -50,8 +51,24 @@ class DatasetSource(dg.ConfigurableResource):
     split_fractions: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_FRACTIONS))
     split_seed: int = 0
     near_duplicate_distance: int = Field(
-        6, ge=0, le=20, description="max pHash Hamming distance counted as a near-duplicate"
+        6, ge=0, le=20, description="max pHash Hamming distance of a near-duplicate candidate"
     )
+    near_duplicate_max_residual: float = Field(
+        0.75, gt=0, description="max aligned-thumbnail residual that confirms a pHash candidate "
+        "as a copy of the same photo (core.data.similarity)")
+    max_group_share: float = Field(
+        0.01, gt=0, le=1, description="blocking check split_shape: no group (scene, or copies "
+        "of one photo) may hold more than this share of the images")
+
+    def near_duplicate_rule(self) -> NearDuplicateRule:
+        return NearDuplicateRule(max_distance=self.near_duplicate_distance,
+                                 max_residual=self.near_duplicate_max_residual)
+
+    def split_settings(self) -> dict[str, object]:
+        """What the split depends on besides the data; a previous assignment made with
+        other settings is not reused."""
+        return {"fractions": dict(sorted(self.split_fractions.items())), "seed": self.split_seed,
+                "rule": self.near_duplicate_rule().model_dump()}
 
 
 class TrainerResource(dg.ConfigurableResource):

@@ -69,15 +69,6 @@ def test_groups_stay_in_one_split():
     assert (out.groupby("group_id")["split"].nunique() == 1).all()
 
 
-def test_near_duplicates_without_group_are_kept_together():
-    frame = _frame(300)
-    # item 5 is a near copy of item 200 (3 bits differ) and has no group id
-    h = int(frame.loc[200, "phash"], 16) ^ 0b10101
-    frame.loc[5, "phash"] = f"{h:016x}"
-    out = assign_splits(frame, near_duplicate_distance=6).set_index("item_id")
-    assert out.loc["img000005", "split"] == out.loc["img000200", "split"]
-
-
 @pytest.mark.parametrize("bad", [
     {"train": 0.5, "val_select": 0.5},
     {"train": 0.7, "val_select": 0.1, "val_calib": 0.1, "val_test": 0.2},

@@ -5,7 +5,8 @@ Three detectors over a table with ``item_id``, ``split``, ``pixel_sha256``, ``ph
 
 - :func:`find_exact_duplicates` - identical decoded pixels (any container) in >1 split;
 - :func:`find_near_duplicates` - 64-bit pHashes within ``max_distance`` bits in
-  different splits (a resized / re-compressed / slightly cropped copy);
+  different splits (a resized / re-compressed / slightly cropped copy), confirmed by
+  the thumbnails (``core.data.similarity``) so that a shared layout is not a copy;
 - :func:`find_shared_groups` - one ``group_id`` (scene, sequence) in >1 split.
 
 Near duplicates use multi-index hashing (Norouzi et al., CVPR 2012), so the cost is far
@@ -31,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from roadwork_assets.contracts.errors import BadInputError, LeakageError
+from roadwork_assets.core.data.similarity import NearDuplicateRule, confirm_pairs, thumbnail_array
 
 __all__ = [
     "DEFAULT_MAX_DISTANCE",
@@ -200,17 +202,29 @@ def find_exact_duplicates(df: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values(["pixel_sha256", "split", "item_id"]).reset_index(drop=True)
 
 
-def find_near_duplicates(df: pd.DataFrame, max_distance: int = DEFAULT_MAX_DISTANCE) -> pd.DataFrame:
-    """Pairs of items in different splits whose pHashes differ in <= max_distance bits.
+def find_near_duplicates(
+    df: pd.DataFrame, max_distance: int | NearDuplicateRule = DEFAULT_MAX_DISTANCE
+) -> pd.DataFrame:
+    """Pairs of items in different splits that are copies of one photo.
+
+    A pair is a candidate when the pHashes differ in <= ``max_distance`` bits (or the
+    rule's ``max_distance``); when the table has a ``thumb`` column (every ingested
+    table has) the candidate must also be confirmed by the thumbnails
+    (:func:`roadwork_assets.core.data.similarity.confirm_pairs`), so distinct
+    low-texture scenes that merely share a pHash are not reported.
 
     Columns ``item_id_a``, ``split_a``, ``item_id_b``, ``split_b``, ``distance``. Pairs
     with identical ``pixel_sha256`` (if that column is present) are left to
     :func:`find_exact_duplicates` so a copy is not reported twice.
     """
+    rule = _as_rule(max_distance)
     _require(df, ("item_id", "split", "phash"), "find_near_duplicates")
     hashes = phash_array(df["phash"])
     split_codes = pd.factorize(df["split"])[0]
-    i, j, distance = near_duplicate_pairs(hashes, max_distance, codes=split_codes)
+    i, j, distance = near_duplicate_pairs(hashes, rule.max_distance, codes=split_codes)
+    if "thumb" in df.columns and len(i):
+        keep = confirm_pairs(thumbnail_array(df["thumb"].tolist()), i, j, rule)
+        i, j, distance = i[keep], j[keep], distance[keep]
     if "pixel_sha256" in df.columns and len(i):
         sha = df["pixel_sha256"].to_numpy()
         not_exact = sha[i] != sha[j]
@@ -234,6 +248,10 @@ def find_shared_groups(df: pd.DataFrame) -> pd.DataFrame:
     leaking = splits_per_group.index[splits_per_group > 1]
     out = grouped.loc[grouped["group_id"].isin(leaking), ["group_id", "item_id", "split"]]
     return out.sort_values(["group_id", "split", "item_id"]).reset_index(drop=True)
+
+
+def _as_rule(rule: int | NearDuplicateRule) -> NearDuplicateRule:
+    return rule if isinstance(rule, NearDuplicateRule) else NearDuplicateRule(max_distance=int(rule))
 
 
 # --------------------------------------------------------------------------- report
@@ -273,11 +291,14 @@ class LeakageReport:
 
 
 def check_split_leakage(
-    df: pd.DataFrame, max_distance: int = DEFAULT_MAX_DISTANCE, *, max_examples: int = 10
+    df: pd.DataFrame, max_distance: int | NearDuplicateRule = DEFAULT_MAX_DISTANCE, *,
+    max_examples: int = 10,
 ) -> LeakageReport:
     """Run all three detectors; ``group_id`` may be absent (no group check then)."""
+    rule = _as_rule(max_distance)
+    max_distance = rule.max_distance
     exact = find_exact_duplicates(df)
-    near = find_near_duplicates(df, max_distance)
+    near = find_near_duplicates(df, rule)
     if "group_id" in df.columns:
         shared = find_shared_groups(df)
     else:

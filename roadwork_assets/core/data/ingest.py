@@ -29,6 +29,7 @@ from roadwork_assets.core.data.images import (
     perceptual_hash,
     pixel_sha256,
 )
+from roadwork_assets.core.data.similarity import thumbnail
 from roadwork_assets.core.data.sources import RECORD_COLUMNS, source_quarantine
 
 __all__ = ["QUARANTINE_COLUMNS", "ingest_images"]
@@ -46,7 +47,8 @@ def ingest_images(
     """Decode and fingerprint each record; return ``(ingested, quarantined)``.
 
     ``ingested`` is ``records`` (good rows, original order) plus ``pixel_sha256``,
-    ``phash`` (16 hex chars), ``width`` and ``height`` (after EXIF orientation).
+    ``phash`` (16 hex chars), ``thumb`` (32x32 grey thumbnail, 1024 bytes: the second
+    near-duplicate signal, see ``core.data.similarity``), ``width`` and ``height`` (after EXIF orientation).
     ``quarantined`` has ``item_id``, ``uri``, ``reason`` and also lists rows the source
     reader set aside (``records.attrs["quarantine"]``). Images are dropped as soon as
     they are hashed, so memory stays at one decoded image. ``progress(done, total)`` is
@@ -62,6 +64,7 @@ def ingest_images(
     good = np.zeros(total, dtype=bool)
     sha = np.empty(total, dtype=object)
     phash = np.empty(total, dtype=object)
+    thumb = np.empty(total, dtype=object)
     width = np.zeros(total, dtype=np.int32)
     height = np.zeros(total, dtype=np.int32)
     quarantined: list[dict] = []
@@ -74,6 +77,7 @@ def ingest_images(
         try:
             sha[i] = pixel_sha256(img)
             phash[i] = f"{perceptual_hash(img):016x}"
+            thumb[i] = thumbnail(img)
             width[i], height[i] = img.size
             good[i] = True
         finally:
@@ -84,6 +88,7 @@ def ingest_images(
     ingested = records.loc[good].copy()
     ingested["pixel_sha256"] = sha[good]
     ingested["phash"] = phash[good]
+    ingested["thumb"] = thumb[good]
     ingested["width"] = width[good]
     ingested["height"] = height[good]
     ingested = ingested.reset_index(drop=True)

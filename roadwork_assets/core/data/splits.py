@@ -19,12 +19,14 @@ and ranks move when data is added — that would break stability, which matters 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from roadwork_assets.contracts.errors import BadInputError, InsufficientDataError
 from roadwork_assets.contracts.splits import SPLITS
+from roadwork_assets.core.data.similarity import NearDuplicateRule, confirm_pairs, thumbnail_array
 
 DEFAULT_FRACTIONS: dict[str, float] = {
     "train": 0.55,
@@ -57,36 +59,40 @@ def group_keys(frame: pd.DataFrame) -> pd.Series:
     return "pixels:" + frame["pixel_sha256"].astype("string")
 
 
-def merge_near_duplicate_groups(frame: pd.DataFrame, max_distance: int) -> pd.Series:
-    """Group keys where near-duplicate images (pHash within ``max_distance``) share one key.
+def near_duplicate_links(frame: pd.DataFrame, rule: NearDuplicateRule) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs (i, j) of ``frame`` rows that are copies of one photo.
 
-    A resized or re-compressed copy without a group id would otherwise be hashed on its
-    own and could land in another split. Each connected component of the near-duplicate
-    graph takes the smallest base key of its members, so an image that joins no
-    component keeps its key: stability only yields where a new image links two existing
-    components (then the merged component follows one of the two keys).
+    A candidate (pHash within ``rule.max_distance``) is a link only when the stored
+    thumbnails confirm it (``core.data.similarity``): pHash alone never links, so
+    low-texture or dark scenes that share a layout fingerprint stay apart.
     """
+    from roadwork_assets.core.data.dedup import near_duplicate_pairs, phash_array
+
+    if "phash" not in frame or len(frame) < 2:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if "thumb" not in frame:
+        raise BadInputError(
+            "near-duplicate merging needs the 'thumb' column that source_images writes "
+            "(a pHash match alone is not proof of a copy); re-materialize source_images, "
+            "or pass near_duplicate_distance=None to split on group keys only"
+        )
+    i, j, _ = near_duplicate_pairs(phash_array(frame["phash"]), rule.max_distance)
+    keep = confirm_pairs(thumbnail_array(frame["thumb"].tolist()), i, j, rule)
+    return i[keep], j[keep]
+
+
+def _components(base: pd.Series, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Connected components over shared base keys and confirmed links."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    from roadwork_assets.core.data.dedup import near_duplicate_pairs, phash_array
-
-    base = group_keys(frame).astype(str).reset_index(drop=True)
-    if "phash" not in frame or max_distance < 0 or len(frame) < 2:
-        return base
-    i, j, _ = near_duplicate_pairs(phash_array(frame["phash"]), max_distance)
-    if len(i) == 0:
-        return base
-    # also join items that already share a base key, so components respect groups
     codes, _ = pd.factorize(base)
-    n = len(frame)
+    n = len(base)
     rows = np.concatenate([i, np.arange(n)])
     cols = np.concatenate([j, n + codes])
-    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n + codes.max() + 1,) * 2)
-    _, comp = connected_components(graph, directed=False)
-    comp = comp[:n]
-    smallest = base.groupby(comp).transform("min")
-    return smallest
+    size = n + (codes.max() + 1 if n else 0)
+    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(size, size))
+    return connected_components(graph, directed=False)[1][:n]
 
 
 def _unit_hash(keys: pd.Series, seed: int) -> np.ndarray:
@@ -98,34 +104,128 @@ def _unit_hash(keys: pd.Series, seed: int) -> np.ndarray:
     return out
 
 
-def assign_splits(
+@dataclass(frozen=True, eq=False)
+class SplitResult:
+    """What :func:`split_images` decided.
+
+    ``assignment``: the input rows sorted by item_id with ``group_key`` and ``split``.
+    ``held_out``: new images left out of every split (``item_id``, ``uri``, ``reason``):
+    near-copies of images that already sit in two different splits, which no split
+    can take without leaking. ``n_kept_from_previous``: images whose split came from
+    the previous assignment.
+    """
+
+    assignment: pd.DataFrame
+    held_out: pd.DataFrame
+    n_kept_from_previous: int
+
+
+def split_images(
     frame: pd.DataFrame,
     fractions: dict[str, float] | None = None,
     seed: int = 0,
-    near_duplicate_distance: int | None = None,
-) -> pd.DataFrame:
-    """Return ``frame`` sorted by item_id with a ``split`` column and ``group_key``.
+    rule: NearDuplicateRule | None = None,
+    previous: pd.DataFrame | None = None,
+) -> SplitResult:
+    """Assign every image a split; copies of one photo and one group share a split.
 
-    Requires columns ``item_id``, ``label``, ``pixel_sha256``; ``group_id`` optional.
-    With ``near_duplicate_distance`` (and a ``phash`` column), near-duplicate images are
-    kept in one split (see :func:`merge_near_duplicate_groups`).
+    Units: images sharing a group id (else identical pixels) share a base key; with a
+    ``rule``, confirmed near-copies (:func:`near_duplicate_links`) join their
+    components. A component's split is
+
+    - the split its members already had in ``previous`` (the last promoted assignment,
+      matched by decoded-pixel sha256), so adding images never moves an existing image
+      and removing images never moves the rest, near-copies included;
+    - for a component with no previous member: the bucket of the cumulative fractions
+      that u = sha256(seed, key) falls into, key = the smallest base key among its
+      members (a pure function of the data, so a fresh run is reproducible).
+
+    A new image linked to previous images in two different splits is held out (see
+    :class:`SplitResult`); the previous images keep their splits. ``previous`` must come
+    from the same fractions, seed and rule; the caller checks that.
     """
     fr = validate_fractions(fractions or DEFAULT_FRACTIONS)
     missing = {"item_id", "label", "pixel_sha256"} - set(frame.columns)
     if missing:
         raise BadInputError(f"cannot assign splits: missing columns {sorted(missing)}")
     out = frame.sort_values("item_id", kind="stable").reset_index(drop=True).copy()
-    if near_duplicate_distance is None:
-        out["group_key"] = group_keys(out).astype(str).to_numpy()
+    base = group_keys(out).astype(str).reset_index(drop=True)
+    i, j = near_duplicate_links(out, rule) if rule is not None else (np.zeros(0, np.int64),) * 2
+    comp = _components(base, i, j) if len(out) else np.zeros(0, np.int64)
+
+    prev_split = pd.Series([None] * len(out), dtype=object)
+    prev_key = pd.Series([None] * len(out), dtype=object)
+    if previous is not None and len(previous):
+        need = {"pixel_sha256", "split", "group_key"} - set(previous.columns)
+        if need:
+            raise BadInputError(f"previous split assignment lacks column(s) {sorted(need)}; "
+                                "delete it to re-split from scratch")
+        by_sha = previous.drop_duplicates("pixel_sha256").set_index("pixel_sha256")
+        prev_split = out["pixel_sha256"].map(by_sha["split"]).astype(object)
+        prev_key = out["pixel_sha256"].map(by_sha["group_key"]).astype(object)
+    has_prev = prev_split.notna().to_numpy()
+
+    table = pd.DataFrame({"comp": comp, "base": base, "prev_split": prev_split,
+                          "prev_key": prev_key})
+    fresh_key = table.groupby("comp")["base"].transform("min")
+    prior = table[has_prev].groupby("comp")
+    n_prior_splits = prior["prev_split"].nunique().reindex(range(comp.max() + 1 if len(comp) else 0),
+                                                           fill_value=0)
+    comp_split = prior["prev_split"].first()
+    comp_key = prior["prev_key"].min()
+    n_splits_here = n_prior_splits.to_numpy()[comp] if len(comp) else np.zeros(0, int)
+
+    key = fresh_key.to_numpy(dtype=object).copy()
+    split = np.empty(len(out), dtype=object)
+    single = n_splits_here == 1
+    key[single] = comp_key.reindex(comp[single]).to_numpy()
+    split[single] = comp_split.reindex(comp[single]).to_numpy()
+    # conflicting components: previous images keep exactly what they had
+    conflict = n_splits_here > 1
+    keep_prev = conflict & has_prev
+    key[keep_prev] = prev_key.to_numpy()[keep_prev]
+    split[keep_prev] = prev_split.to_numpy()[keep_prev]
+    held = conflict & ~has_prev
+
+    fresh = n_splits_here == 0
+    if fresh.any():
+        uniq = pd.unique(key[fresh])
+        u = pd.Series(_unit_hash(pd.Series(uniq), seed), index=uniq)
+        edges = np.cumsum([fr[s] for s in SPLITS])
+        edges[-1] = 1.0 + 1e-12
+        split[fresh] = np.asarray(SPLITS, dtype=object)[
+            np.searchsorted(edges, u.reindex(key[fresh]).to_numpy(), side="right")]
+
+    out["group_key"] = key
+    out["split"] = split
+    held_rows = out.loc[held, [c for c in ("item_id", "uri") if c in out.columns]].copy()
+    if len(held_rows):
+        splits_of = table[has_prev].groupby("comp")["prev_split"].agg(lambda v: sorted(set(v)))
+        held_rows["reason"] = [
+            f"{item!r} is a near-copy of images already in splits {splits_of[c]}; no split can "
+            "take it without leaking. Remove the copy, or give it the group id of the scene "
+            "it belongs to"
+            for item, c in zip(held_rows["item_id"], comp[held])]
     else:
-        out["group_key"] = merge_near_duplicate_groups(out, near_duplicate_distance).to_numpy()
-    u_group = pd.Series(_unit_hash(pd.Series(out["group_key"].unique()), seed),
-                        index=out["group_key"].unique())
-    u = out["group_key"].map(u_group).to_numpy()
-    edges = np.cumsum([fr[s] for s in SPLITS])
-    edges[-1] = 1.0 + 1e-12
-    out["split"] = np.asarray(SPLITS, dtype=object)[np.searchsorted(edges, u, side="right")]
-    return out
+        held_rows["reason"] = pd.Series(dtype=object)
+    assignment = out.loc[~held].reset_index(drop=True)
+    return SplitResult(assignment, held_rows.reset_index(drop=True), int(has_prev.sum()))
+
+
+def assign_splits(
+    frame: pd.DataFrame,
+    fractions: dict[str, float] | None = None,
+    seed: int = 0,
+    near_duplicate_distance: int | None = None,
+    *,
+    rule: NearDuplicateRule | None = None,
+    previous: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """:func:`split_images`' assignment. ``near_duplicate_distance`` is shorthand for
+    ``rule=NearDuplicateRule(max_distance=...)``; None (and no rule) splits on group keys only."""
+    if rule is None and near_duplicate_distance is not None:
+        rule = NearDuplicateRule(max_distance=near_duplicate_distance)
+    return split_images(frame, fractions, seed, rule, previous).assignment
 
 
 def split_counts(assignment: pd.DataFrame) -> dict[str, dict[str, int]]:
@@ -161,3 +261,91 @@ def check_split_sizes(assignment: pd.DataFrame, min_calib_positives: int) -> Non
             "fitting part and a threshold part). Add roadwork images, raise the "
             "val_calib fraction, or raise alpha."
         )
+
+
+@dataclass(frozen=True, eq=False)
+class SplitShapeReport:
+    """Does the realised split look like the configured one? See :func:`split_shape_report`."""
+
+    ok: bool
+    realised: dict[str, float]
+    configured: dict[str, float]
+    tolerance: dict[str, float]
+    max_group_images: int
+    largest_groups: pd.DataFrame
+    problems: tuple[str, ...]
+
+    def summary(self) -> str:
+        shares = ", ".join(f"{s} {self.realised[s]:.3f} (configured {self.configured[s]:.2f} "
+                           f"+- {self.tolerance[s]:.3f})" for s in self.realised)
+        if self.ok:
+            top = self.largest_groups.head(1)
+            biggest = (f"; largest group {top['group_key'].iloc[0]!r} has {top['n_images'].iloc[0]} "
+                       f"images (cap {self.max_group_images})" if len(top) else "")
+            return f"split shape ok: {shares}{biggest}"
+        return "split shape wrong: " + " ".join(self.problems) + f" Realised shares: {shares}."
+
+
+def split_shape_report(
+    assignment: pd.DataFrame,
+    fractions: dict[str, float] | None = None,
+    max_group_share: float = 0.01,
+    *,
+    z: float = 4.0,
+    min_group_cap: int = 4,
+    top: int = 10,
+) -> SplitShapeReport:
+    """Check the realised split fractions and the largest group.
+
+    Each group lands in split s with probability p_s independently, so the realised
+    image share of s has variance p_s (1 - p_s) sum_g n_g^2 / N^2 (groups of sizes n_g,
+    N images): the binomial variance, inflated by the group sizes. A share further than
+    ``z`` standard errors from p_s (z = 4: a false alarm per split of 6e-5) means the
+    assignment is not the hash split it claims to be, or one group dominates.
+
+    No group may hold more than ``max(ceil(max_group_share * N), min_group_cap)`` images:
+    a giant group is almost always a near-duplicate rule or a group id gone wrong, and
+    it alone decides the make-up of whichever split it lands in.
+    """
+    fr = validate_fractions(fractions or DEFAULT_FRACTIONS)
+    n = len(assignment)
+    grouped = assignment.assign(_pos=(assignment["label"] == 1)).groupby("group_key", sort=False)
+    sizes = grouped.agg(n_images=("item_id", "size"), split=("split", "first"),
+                        n_positive=("_pos", "sum")).reset_index()
+    sizes = sizes.sort_values(["n_images", "group_key"], ascending=[False, True])
+    sizes["share"] = sizes["n_images"] / max(n, 1)
+    cap = max(int(np.ceil(max_group_share * n)), min_group_cap)
+    shown = sizes.head(max(top, 3)).copy()
+    members = assignment[assignment["group_key"].isin(shown["group_key"])]
+    first_ids = members.sort_values("item_id").groupby("group_key")["item_id"].agg(
+        lambda v: ", ".join(map(str, v.head(5))))
+    shown["examples"] = shown["group_key"].map(first_ids)
+    sum_sq = float((sizes["n_images"].astype(np.float64) ** 2).sum())
+    realised, tol, problems = {}, {}, []
+    for s in SPLITS:
+        p = fr[s]
+        realised[s] = float((assignment["split"] == s).mean()) if n else 0.0
+        tol[s] = z * float(np.sqrt(p * (1 - p) * sum_sq)) / max(n, 1)
+        if abs(realised[s] - p) > tol[s]:
+            problems.append(
+                f"split {s!r} holds {realised[s]:.3f} of the images, configured {p:.2f} "
+                f"(tolerance +- {tol[s]:.3f}, {z:g} standard errors).")
+    big = shown[shown["n_images"] > cap]
+    for row in big.head(3).itertuples(index=False):
+        problems.append(
+            f"group {row.group_key!r} has {row.n_images} images ({row.share:.1%} of {n}; cap "
+            f"{cap} = {max_group_share:.1%}), in {row.split}, e.g. {row.examples}.")
+    if (sizes["n_images"] > cap).any():
+        problems.append(
+            "A group this large is usually distinct scenes joined by a group id or by the "
+            "near-duplicate rule: check the group ids of these images, lower "
+            "dataset.near_duplicate_distance, or raise dataset.max_group_share if one scene "
+            "really has this many images.")
+    elif problems:
+        problems.append("Check dataset.split_fractions, or re-split from scratch by deleting "
+                        "the previous split assignment under ROADWORK_HOME.")
+    return SplitShapeReport(
+        ok=not problems, realised=realised, configured=fr, tolerance=tol,
+        max_group_images=cap, largest_groups=shown.head(top).reset_index(drop=True),
+        problems=tuple(problems),
+    )

@@ -1,5 +1,6 @@
 """Data assets: source images -> split assignment -> split_manifest[split]."""
 
+import json
 
 import dagster as dg
 import pandas as pd
@@ -9,12 +10,18 @@ from roadwork_assets.core.artifacts import (
     atomic_write_parquet,
     code_version,
     frame_fingerprint,
+    read_parquet_provenance,
     staged_path,
 )
 from roadwork_assets.core.data.dedup import check_split_leakage
 from roadwork_assets.core.data.ingest import ingest_images
 from roadwork_assets.core.data.sources import load_source
-from roadwork_assets.core.data.splits import assign_splits, check_split_sizes, split_counts
+from roadwork_assets.core.data.splits import (
+    check_split_sizes,
+    split_counts,
+    split_images,
+    split_shape_report,
+)
 from roadwork_assets.core.data.synthetic import generate_default_dataset
 from roadwork_assets.core.calibration.policies import min_calib_positives
 from roadwork_assets.defs.metadata import counts_meta, path_meta, table_md
@@ -28,8 +35,9 @@ from roadwork_assets.defs.resources import (
 from roadwork_assets.defs.split_reads import split_reads_check_spec, split_reads_result
 
 MANIFEST_COLUMNS = ["item_id", "uri", "label", "group_id", "group_key", "pixel_sha256",
-                    "phash", "width", "height", "split"]
+                    "phash", "thumb", "width", "height", "split"]
 LEAKAGE_CHECK = "no_cross_split_leakage"
+SHAPE_CHECK = "split_shape"
 
 
 @dg.asset(
@@ -93,7 +101,11 @@ def source_images(
         split_reads_check_spec("split_assignment"),
         dg.AssetCheckSpec(LEAKAGE_CHECK, asset="split_assignment", blocking=True,
                           description="no exact duplicate (decoded pixels), near-duplicate "
-                          "(pHash) or shared group id across split partitions"),
+                          "(pHash confirmed by thumbnails) or shared group id across split "
+                          "partitions"),
+        dg.AssetCheckSpec(SHAPE_CHECK, asset="split_assignment", blocking=True,
+                          description="realised split fractions within a group-aware binomial "
+                          "tolerance of the configured ones; no group above max_group_share"),
     ],
     description="Deterministic split of every image into train / val_select / val_calib / "
     "val_test from a hash of its group key (scene id, else pixels; near-duplicates merged).",
@@ -106,16 +118,21 @@ def split_assignment(
     exit_policy: ExitPolicyResource,
 ):
     reg = artifacts.registry
-    assignment = assign_splits(source_images, dataset.split_fractions, seed=dataset.split_seed,
-                               near_duplicate_distance=dataset.near_duplicate_distance)
+    settings = json.dumps(dataset.split_settings(), sort_keys=True)
+    previous = _previous_assignment(context, reg.split_assignment, settings)
+    result = split_images(source_images, dataset.split_fractions, seed=dataset.split_seed,
+                          rule=dataset.near_duplicate_rule(), previous=previous)
+    assignment = result.assignment
     check_split_sizes(assignment, min_calib_positives=min_calib_positives(
         exit_policy.alpha, exit_policy.guarantee, exit_policy.delta,
         exit_policy.calib_fit_fraction))
     assignment = assignment[[c for c in MANIFEST_COLUMNS if c in assignment.columns]]
-    report = check_split_leakage(assignment, dataset.near_duplicate_distance)
-    data_version = frame_fingerprint(assignment)
+    report = check_split_leakage(assignment, dataset.near_duplicate_rule())
+    shape = split_shape_report(assignment, dataset.split_fractions, dataset.max_group_share)
+    data_version = frame_fingerprint(assignment.drop(columns=["thumb"], errors="ignore"))
     staged = atomic_write_parquet(staged_path(reg.split_assignment), assignment,
-                                  {"data_version": data_version, "code_version": code_version()})
+                                  {"data_version": data_version, "code_version": code_version(),
+                                   "split_settings": settings})
     reads_meta, reads_check = split_reads_result(context)
     leakage_check = dg.AssetCheckResult(
         check_name=LEAKAGE_CHECK,
@@ -129,12 +146,34 @@ def split_assignment(
         },
         description=report.summary(),
     )
-    path, promo = publish(context, staged, reg.split_assignment, [reads_check, leakage_check])
+    largest = shape.largest_groups[["group_key", "n_images", "n_positive", "share", "split",
+                                    "examples"]]
+    shape_check = dg.AssetCheckResult(
+        check_name=SHAPE_CHECK,
+        passed=shape.ok,
+        metadata={
+            "realised_fractions": dg.MetadataValue.json(shape.realised),
+            "tolerance": dg.MetadataValue.json(shape.tolerance),
+            "max_group_images": shape.max_group_images,
+            "largest_groups": table_md(largest, 10),
+        },
+        description=shape.summary(),
+    )
+    path, promo = publish(context, staged, reg.split_assignment,
+                          [reads_check, leakage_check, shape_check])
     yield dg.Output(
         path,
         metadata={
             "counts": counts_meta(split_counts(assignment)),
             "fractions": dg.MetadataValue.json(dataset.split_fractions),
+            "realised_fractions": dg.MetadataValue.json(shape.realised),
+            "largest_groups": table_md(largest, 10),
+            "largest_group_images": dg.MetadataValue.int(int(largest["n_images"].iloc[0])
+                                                         if len(largest) else 0),
+            "n_groups": dg.MetadataValue.int(int(assignment["group_key"].nunique())),
+            "kept_from_previous_assignment": dg.MetadataValue.int(result.n_kept_from_previous),
+            "n_held_out": dg.MetadataValue.int(len(result.held_out)),
+            "held_out": table_md(result.held_out),
             "data_version": data_version,
             **path_meta(path),
             **reads_meta,
@@ -143,6 +182,25 @@ def split_assignment(
     )
     yield reads_check
     yield leakage_check
+    yield shape_check
+
+
+def _previous_assignment(context, path, settings: str) -> pd.DataFrame | None:
+    """The last promoted assignment, when it was made with the same split settings.
+
+    Reusing it is what keeps every existing image in its split when images are added
+    or removed (core.data.splits.split_images). Read by path on purpose: it is this
+    asset's own earlier output, not an input.
+    """
+    if not path.exists():
+        return None
+    stamp = read_parquet_provenance(path)
+    if stamp.get("split_settings") != settings:
+        context.log.warning(
+            "split settings changed since the last split assignment (or it predates them): "
+            "re-splitting from scratch, so existing images may move between splits")
+        return None
+    return pd.read_parquet(path, columns=["pixel_sha256", "split", "group_key"])
 
 
 @dg.asset(
@@ -160,11 +218,12 @@ def split_manifest(
     rows = split_assignment[split_assignment["split"] == split].reset_index(drop=True)
     if rows.empty:
         raise InsufficientDataError(f"split {split!r} is empty: re-materialize split_assignment")
-    data_version = frame_fingerprint(rows)
+    data_version = frame_fingerprint(rows.drop(columns=["thumb"], errors="ignore"))
     dest = artifacts.registry.split_manifest(split)
     staged = atomic_write_parquet(staged_path(dest), rows, {
         "data_version": data_version, "code_version": code_version(),
-        "assignment_version": frame_fingerprint(split_assignment)})
+        "assignment_version": frame_fingerprint(
+            split_assignment.drop(columns=["thumb"], errors="ignore"))})
     reads_meta, reads_check = split_reads_result(context)
     path, promo = publish(context, staged, dest, [reads_check])
     n_pos = int((rows["label"] == 1).sum())
