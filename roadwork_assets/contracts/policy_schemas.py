@@ -4,8 +4,13 @@ Three kinds share one decision rule on the calibrated main-view probability p:
 negative iff p <= t_lo, positive iff p > t_hi, defer otherwise; the gate kind
 adds "defer if the gate says the stage-1 decision is likely wrong", the scrc
 kind adds "defer unless the conformal set is a singleton". `parse_policy` is the
-only way an artifact dict becomes a policy: unknown versions or kinds are
-refused with an ArtifactIntegrityError that says what to do.
+only way an artifact dict becomes an applicable policy: unknown versions or kinds
+are refused with an ArtifactIntegrityError that says what to do.
+
+A policy that could not be fitted for a data reason (too few scenes with roadwork,
+say) is still written, as an `UnfittedPolicy` record (`fitted: false` plus the
+reason), so one unfittable policy never blocks the others; `parse_policy_artifact`
+reads either, and only the bundle that is configured to ship it refuses it.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ class ThresholdPartStats(_Frozen):
 
 class _PolicyBase(_Frozen):
     schema_version: Literal[2] = 2
+    fitted: Literal[True] = True
     provenance: Provenance | None = None  # data (logits[val_calib]) and code version
     main_view: int = Field(default=0, ge=0)
     calibrator: CalibratorSpec
@@ -116,6 +122,9 @@ class GateSpec(_Frozen):
     aurc_gate: float
     aurc_baseline: float
     beats_baseline: bool
+    # no stage-1 decision of the fit part was wrong: a constant gate with tau = 1 that
+    # accepts every image (a near-perfect stage 1 needs no gate)
+    accepts_all: bool = False
 
     @model_validator(mode="after")
     def _check_lengths(self):
@@ -143,14 +152,42 @@ class ScrcPolicyParams(_PolicyBase):
     coverage: dict[str, float | None] = Field(default_factory=dict)
 
 
+class UnfittedPolicy(_Frozen):
+    """The artifact of a policy that could not be fitted for a data reason.
+
+    Written in place of the policy so that its asset still materializes; applying or
+    bundling it is refused with `reason`.
+    """
+
+    schema_version: Literal[2] = 2
+    fitted: Literal[False] = False
+    kind: Literal["softmax", "gate", "scrc"]
+    reason: str = Field(min_length=1)  # the InsufficientDataError message, verbatim
+    error: str = "InsufficientDataError"  # the exception class that stopped the fit
+    provenance: Provenance | None = None
+
+
 PolicyParams = Annotated[
     Union[SoftmaxPolicyParams, GatePolicyParams, ScrcPolicyParams], Field(discriminator="kind")
 ]
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(PolicyParams)
 
 
+def parse_policy_artifact(
+    data: Any,
+) -> SoftmaxPolicyParams | GatePolicyParams | ScrcPolicyParams | UnfittedPolicy:
+    """Validate a policy artifact dict, fitted (`parse_policy`) or an `UnfittedPolicy`."""
+    if isinstance(data, dict) and data.get("fitted") is False and data.get("schema_version") == SCHEMA_VERSION:
+        try:
+            return UnfittedPolicy.model_validate(data)
+        except ValidationError as err:
+            raise ArtifactIntegrityError(f"unfitted-policy record is invalid: {err}") from err
+    return parse_policy(data)
+
+
 def parse_policy(data: Any) -> SoftmaxPolicyParams | GatePolicyParams | ScrcPolicyParams:
-    """Validate a policy artifact dict; refuse unknown schema versions and kinds."""
+    """Validate a fitted policy artifact dict; refuse unknown schema versions and kinds,
+    and unfitted records (they cannot be applied)."""
     if not isinstance(data, dict):
         raise ArtifactIntegrityError(f"a policy artifact must be a JSON object; got {type(data).__name__}")
     version = data.get("schema_version")
@@ -160,6 +197,12 @@ def parse_policy(data: Any) -> SoftmaxPolicyParams | GatePolicyParams | ScrcPoli
             f"{SCHEMA_VERSION} only. Re-fit the policy with this version of roadwork_assets."
         )
     kind = data.get("kind")
+    if data.get("fitted") is False:
+        reason = " ".join(str(data.get("reason", "no reason recorded")).split())
+        raise ArtifactIntegrityError(
+            f"policy artifact of kind {kind!r} records fitted: false ({reason}); it cannot be "
+            "applied. Add calibration data and re-fit it, or use another policy kind."
+        )
     if kind not in POLICY_KINDS:
         raise ArtifactIntegrityError(
             f"policy artifact has kind={kind!r}; known kinds are {list(POLICY_KINDS)}."

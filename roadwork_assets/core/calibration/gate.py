@@ -84,7 +84,11 @@ class FailureGate:
     """Standardised L2 logistic regression of "stage-1 wrong" on gate features.
 
     Learned: `mean_`, `scale_`, `coef_`, `intercept_` (plain numbers, so the gate is
-    saved as JSON and applied with numpy only).
+    saved as JSON and applied with numpy only), `constant_`.
+
+    When no stage-1 decision of the fit part is wrong (a near-perfect model) there is
+    nothing to regress on: the gate is constant, coef = 0 and P(wrong) = 1/(n+2)
+    (the Laplace estimate from 0 wrong of n), and `constant_` is True.
     """
 
     def __init__(self, C: float = 1.0) -> None:
@@ -94,14 +98,19 @@ class FailureGate:
         x = np.asarray(features, dtype=np.float64)
         w = np.asarray(wrong).ravel().astype(np.int64)
         n_wrong = int(w.sum())
-        if n_wrong == 0 or n_wrong == w.size:
+        if w.size == 0 or n_wrong == w.size:
             raise InsufficientDataError(
-                f"the failure gate needs both right and wrong stage-1 decisions on its fit part; "
+                f"the failure gate needs some right stage-1 decisions on its fit part; "
                 f"got {n_wrong} wrong of {w.size}. Add calibration images or use kind='softmax'."
             )
         self.mean_ = x.mean(axis=0)
         scale = x.std(axis=0)
         self.scale_ = np.where(scale > 0, scale, 1.0)  # constant features (V = 1) drop out
+        self.constant_ = n_wrong == 0
+        if self.constant_:  # nothing wrong to learn from: a success, not an error
+            self.coef_ = np.zeros(x.shape[1])
+            self.intercept_ = float(logit(1.0 / (w.size + 2)))
+            return self
         lr = LogisticRegression(C=self.C, max_iter=1000).fit((x - self.mean_) / self.scale_, w)
         self.coef_ = lr.coef_.ravel().astype(np.float64)
         self.intercept_ = float(lr.intercept_[0])
@@ -131,6 +140,7 @@ class FailureGate:
         g.scale_ = np.asarray(data["scale"], dtype=np.float64)
         g.coef_ = np.asarray(data["coef"], dtype=np.float64)
         g.intercept_ = float(data["intercept"])
+        g.constant_ = not np.any(g.coef_)
         return g
 
 
@@ -145,6 +155,7 @@ class GateFit:
     selective_risk_upper: float | None  # one-sided Clopper–Pearson (1 - delta) bound at tau
     aurc_gate: float
     aurc_baseline: float
+    accepts_all: bool = False  # no wrong stage-1 decision on the fit part: tau = 1
 
     @property
     def beats_baseline(self) -> bool:
@@ -169,12 +180,15 @@ def fit_failure_gate(
     among accepted images is <= gate_risk — a plug-in estimate, not a guarantee;
     the (1 - delta) Clopper–Pearson upper bound at that tau is reported next to
     it. If no candidate reaches the target, tau = -1 and the gate defers everything.
+    If no stage-1 decision of the fit part is wrong, the gate is constant and accepts
+    everything (tau = 1, `accepts_all`); the held-out error rate is still reported.
     """
     gate = FailureGate(C=C).fit(features_fit, wrong_fit)
     g_fit = gate.predict_proba(features_fit)
     g_eval = gate.predict_proba(features_eval)
     w_eval = np.asarray(wrong_eval).ravel().astype(np.float64)
-    cands = np.unique(np.quantile(g_fit, np.linspace(0.0, 1.0, 201)))
+    # accept-all gate: the only candidate is tau = 1 (every P(wrong) <= 1)
+    cands = np.array([1.0]) if gate.constant_ else np.unique(np.quantile(g_fit, np.linspace(0.0, 1.0, 201)))
     order = np.argsort(g_eval)
     g_sorted, w_sorted = g_eval[order], w_eval[order]
     n_acc = np.searchsorted(g_sorted, cands, side="right")
@@ -183,16 +197,20 @@ def fit_failure_gate(
         risk = np.where(n_acc > 0, n_err / np.maximum(n_acc, 1), np.inf)
     ok = np.flatnonzero((n_acc > 0) & (risk <= gate_risk))
     n = max(g_eval.size, 1)
-    if ok.size:
-        i = int(ok[-1])
+    sel_risk: float | None = None
+    upper: float | None = None
+    if gate.constant_ or ok.size:
+        i = 0 if gate.constant_ else int(ok[-1])
         tau, na, ne = float(cands[i]), int(n_acc[i]), int(n_err[i])
-        # one-sided exact (Clopper–Pearson) upper bound at level 1 - delta
-        upper = 1.0 if ne == na else float(stats.beta.ppf(1.0 - delta, ne + 1, na - ne))
-        sel_risk: float | None = ne / na
+        if na:
+            sel_risk = ne / na
+            # one-sided exact (Clopper–Pearson) upper bound at level 1 - delta
+            upper = 1.0 if ne == na else float(stats.beta.ppf(1.0 - delta, ne + 1, na - ne))
     else:
-        tau, na, sel_risk, upper = -1.0, 0, None, None
+        tau, na = -1.0, 0
     return GateFit(
         gate=gate, tau=tau, gate_risk=gate_risk, risk_met=bool(ok.size), accept_rate=na / n,
         selective_risk=sel_risk, selective_risk_upper=upper,
         aurc_gate=aurc(-g_eval, w_eval), aurc_baseline=aurc(baseline_confidence_eval, w_eval),
+        accepts_all=bool(gate.constant_),
     )

@@ -493,7 +493,7 @@ def fit_policy(
             **gf.gate.to_params(), tau=gf.tau, gate_risk=gate_risk, risk_met=gf.risk_met,
             accept_rate=gf.accept_rate, selective_risk=gf.selective_risk,
             selective_risk_upper=gf.selective_risk_upper, aurc_gate=gf.aurc_gate,
-            aurc_baseline=gf.aurc_baseline, beats_baseline=gf.beats_baseline,
+            aurc_baseline=gf.aurc_baseline, beats_baseline=gf.beats_baseline, accepts_all=gf.accepts_all,
         )
         extra = [
             "Stage 1 is two-way at t_lo; the failure gate (fitted on the fit part) only turns decisions "
@@ -501,6 +501,9 @@ def fit_policy(
             f"Its accept threshold targets an error rate <= {gate_risk:g} among accepted images: a plug-in "
             "estimate on the threshold part, not a guarantee.",
         ]
+        if gf.accepts_all:
+            extra.append(f"No stage-1 decision of the fit part was wrong (0 of {idx_fit.size}): the gate "
+                         "accepts every image, so this policy decides like softmax two-way.")
         params = GatePolicyParams(
             **common, t_hi=t_lo, gate=spec, guarantee_statement=_statement(fnr, ctx, idx_fit.size, extra)
         )

@@ -22,8 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from roadwork_assets.contracts.errors import ArtifactIntegrityError
-from roadwork_assets.contracts.policy_schemas import PolicyParams, parse_policy
+from roadwork_assets.contracts.errors import ArtifactIntegrityError, InsufficientDataError
+from roadwork_assets.contracts.policy_schemas import (
+    PolicyParams,
+    UnfittedPolicy,
+    parse_policy,
+    parse_policy_artifact,
+)
 from roadwork_assets.contracts.schemas import (
     BundleFile,
     BundleManifest,
@@ -60,6 +65,19 @@ def _describe(directory: Path, name: str) -> BundleFile:
     return BundleFile(path=name, sha256=file_sha256(path), size_bytes=path.stat().st_size)
 
 
+def _fitted_policy(policy_path: Path, policy_asset: str) -> PolicyParams:
+    """The configured policy, or a one-line refusal if its asset recorded `fitted: false`."""
+    policy = parse_policy_artifact(json.loads(Path(policy_path).read_text()))
+    if isinstance(policy, UnfittedPolicy):
+        reason = " ".join(policy.reason.split())
+        raise InsufficientDataError(
+            f"cannot bundle policy {policy.kind!r}: `{policy_asset}` could not be fitted: {reason.rstrip('.')}. "
+            "Set exit_policy.bundle_policy to a policy that was fitted, or add calibration data "
+            f"and re-materialize `{policy_asset}`."
+        )
+    return policy
+
+
 def bundle_lineage(checkpoint_path: Path, policy_path: Path, policy_asset: str,
                    payload: dict[str, Any] | None = None) -> dict[str, str]:
     """The checkpoint and policy must belong together: the policy was fitted on the logits
@@ -72,7 +90,7 @@ def bundle_lineage(checkpoint_path: Path, policy_path: Path, policy_asset: str,
         )
     payload = payload if payload is not None else load_checkpoint(checkpoint_path)
     checkpoint_sha = file_sha256(checkpoint_path)
-    fitted_on = (parse_policy(json.loads(Path(policy_path).read_text())).provenance
+    fitted_on = (_fitted_policy(policy_path, policy_asset).provenance
                  or Provenance(data_version="unknown", code_version="", created_at=""))
     if fitted_on.checkpoint_sha256 not in (None, checkpoint_sha):
         raise ArtifactIntegrityError(
@@ -119,7 +137,11 @@ def build_bundle(
 
             model, _ = model_from_checkpoint(payload)
             export_onnx(model, img_size, staging / ONNX_FILE)
-            extra["onnx_max_abs_diff"] = onnx_parity(model, staging / ONNX_FILE, img_size)
+            # judged on what is served: this policy's probability and decision
+            parity = onnx_parity(model, staging / ONNX_FILE, img_size, policy,
+                                 n_views=int(payload["config"]["n_views"]))
+            extra.update(parity.metadata())
+            extra["onnx_parity"] = parity  # a ParityReport: `.passed`, `.summary()`
             files["onnx"] = ONNX_FILE
         described = {role: _describe(staging, name) for role, name in files.items()}
         bundle_id = hashlib.sha256(

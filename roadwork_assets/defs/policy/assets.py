@@ -1,4 +1,9 @@
-"""Exit-policy assets, each fitted on val_calib only (part A fits, part B thresholds)."""
+"""Exit-policy assets, each fitted on val_calib only (part A fits, part B thresholds).
+
+A policy that cannot be fitted for a data reason (InsufficientDataError) still
+materializes: its artifact is an `UnfittedPolicy` record (`fitted: false` and the
+reason), so it never blocks the other policies or a bundle that ships another one.
+"""
 
 
 import json
@@ -6,8 +11,12 @@ import json
 import dagster as dg
 import numpy as np
 
-from roadwork_assets.contracts.errors import ArtifactIntegrityError
-from roadwork_assets.contracts.policy_schemas import PolicyParams, parse_policy
+from roadwork_assets.contracts.errors import ArtifactIntegrityError, InsufficientDataError
+from roadwork_assets.contracts.policy_schemas import (
+    PolicyParams,
+    UnfittedPolicy,
+    parse_policy_artifact,
+)
 from roadwork_assets.core.artifacts import atomic_write_json, make_provenance, staged_path
 from roadwork_assets.core.calibration.policies import fit_policy
 from roadwork_assets.defs.metadata import path_meta
@@ -29,7 +38,7 @@ POLICY_ASSETS = {
 }
 
 
-def _policy_metadata(params: PolicyParams) -> dict[str, dg.MetadataValue]:
+def _policy_metadata(params: PolicyParams | UnfittedPolicy) -> dict[str, dg.MetadataValue]:
     raw = params.model_dump(mode="json")
     meta: dict[str, dg.MetadataValue] = {}
     for key, value in raw.items():
@@ -68,23 +77,27 @@ def _make_policy_asset(name: str, kind: str, what: str):
         exit_policy: ExitPolicyResource,
     ):
         calib = logits["val_calib"]
-        params = fit_policy(
-            kind,
-            calib["logits"],
-            calib["labels"],
-            calib["item_ids"].tolist(),
-            # val_calib is split into fit / threshold parts by group key, so frames of
-            # one scene (or near-duplicates) never sit on both sides
-            groups=calib["group_keys"].tolist(),
-            alpha=exit_policy.alpha,
-            delta=exit_policy.delta,
-            guarantee=exit_policy.guarantee,
-            fit_fraction=exit_policy.calib_fit_fraction,
-            conformal_alpha=exit_policy.conformal_alpha,
-            gate_risk=exit_policy.gate_risk,
-            mode=exit_policy.softmax_mode,
-            positive_fdr=exit_policy.positive_fdr,
-        )
+        try:
+            params = fit_policy(
+                kind,
+                calib["logits"],
+                calib["labels"],
+                calib["item_ids"].tolist(),
+                # val_calib is split into fit / threshold parts by group key, so frames of
+                # one scene (or near-duplicates) never sit on both sides
+                groups=calib["group_keys"].tolist(),
+                alpha=exit_policy.alpha,
+                delta=exit_policy.delta,
+                guarantee=exit_policy.guarantee,
+                fit_fraction=exit_policy.calib_fit_fraction,
+                conformal_alpha=exit_policy.conformal_alpha,
+                gate_risk=exit_policy.gate_risk,
+                mode=exit_policy.softmax_mode,
+                positive_fdr=exit_policy.positive_fdr,
+            )
+        except InsufficientDataError as exc:  # a data reason: record it, block nothing else
+            params = UnfittedPolicy(kind=kind, reason=str(exc), error=type(exc).__name__)
+            context.log.warning(f"policy {kind!r} ({name}) could not be fitted: {exc}")
         params = params.model_copy(update={"provenance": make_provenance(
             str(calib["data_version"]), checkpoint_sha256=str(calib["checkpoint_sha256"]))})
         dest = artifacts.registry.policy(kind)
@@ -103,7 +116,7 @@ def _make_policy_asset(name: str, kind: str, what: str):
 def _schema_check(path) -> dg.AssetCheckResult:
     """Re-read what was written and validate it as a reader (the bundle) will."""
     try:
-        parsed = parse_policy(json.loads(path.read_text()))
+        parsed = parse_policy_artifact(json.loads(path.read_text()))
     except (ArtifactIntegrityError, ValueError) as exc:
         return dg.AssetCheckResult(check_name=SCHEMA_CHECK, passed=False, description=str(exc))
     return dg.AssetCheckResult(check_name=SCHEMA_CHECK, passed=True,

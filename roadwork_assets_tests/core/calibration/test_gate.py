@@ -65,7 +65,27 @@ def test_gate_params_round_trip_and_feature_check(rng):
         FailureGate.from_params(bad)
 
 
-def test_gate_needs_both_right_and_wrong_decisions(rng):
+def test_gate_with_no_wrong_decisions_accepts_everything(rng):
+    """A near-perfect stage 1 (0 wrong of 50 on the fit part) is a success: the gate is
+    constant, P(wrong) = 1/(n+2) = 1/52, tau = 1, and every image is accepted; the
+    held-out error rate (2 of 40 here) is still measured and reported."""
     feats = rng.normal(size=(50, len(GATE_FEATURES)))
-    with pytest.raises(InsufficientDataError, match="0 wrong of 50"):
-        FailureGate().fit(feats, np.zeros(50, dtype=bool))
+    gate = FailureGate().fit(feats, np.zeros(50, dtype=bool))
+    assert gate.constant_ and not np.any(gate.coef_)
+    np.testing.assert_allclose(gate.predict_proba(feats), 1 / 52)
+    rebuilt = FailureGate.from_params(json.loads(json.dumps(gate.to_params())))
+    assert rebuilt.constant_
+    wrong_eval = np.zeros(40, dtype=bool)
+    wrong_eval[:2] = True
+    fit = fit_failure_gate(feats, np.zeros(50, dtype=bool), feats[:40], wrong_eval,
+                           rng.uniform(size=40), gate_risk=0.1)
+    assert fit.accepts_all and fit.tau == 1.0 and fit.accept_rate == 1.0
+    assert np.all(rebuilt.predict_proba(feats) <= fit.tau)
+    assert fit.selective_risk == pytest.approx(2 / 40) and fit.risk_met
+    assert fit.selective_risk < fit.selective_risk_upper < 1.0
+
+
+def test_gate_refuses_when_every_decision_is_wrong(rng):
+    feats = rng.normal(size=(50, len(GATE_FEATURES)))
+    with pytest.raises(InsufficientDataError, match="50 wrong of 50"):
+        FailureGate().fit(feats, np.ones(50, dtype=bool))
