@@ -1,14 +1,22 @@
-"""The split policy: which split partitions each asset may read.
+"""The split policy: which split partitions each asset may read, and which splits'
+content it may never carry.
 
 This table is the single place where the leakage rules live. The asset graph's
 partition mappings must agree with it (a test derives the readable partitions of
 every asset from the resolved graph and compares them), and every asset records
 the partitions it actually read so a blocking check can compare those too.
+
+Direct reads are not enough: an unpartitioned derived asset (``test_report``, built
+from val_test) carries the splits whose content made it ("taint"), transitively. A
+rule's ``never_carry`` (derived from its role) names the splits an asset may never
+see, not directly and not through anything derived from them; the graph audit and
+the run-time check both enforce it (``defs/leakage_audit.py`` computes the taint).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 from roadwork_assets.contracts.errors import LeakageError
 
 SPLITS: tuple[str, ...] = ("train", "val_select", "val_calib", "val_test")
@@ -18,13 +26,54 @@ SPLITS: tuple[str, ...] = ("train", "val_select", "val_calib", "val_test")
 SAME_PARTITION = "<same partition>"
 
 
+ROLE_INGESTION = "ingestion"
+ROLE_SPLITTING = "splitting"
+ROLE_FEATURES = "feature extraction"
+ROLE_MODEL_FITTING = "model fitting / selection"
+ROLE_INFERENCE = "inference"
+ROLE_POLICY_FITTING = "policy fitting"
+ROLE_EXPORT = "export"
+ROLE_FINAL_EVALUATION = "final evaluation"
+
+# Splits whose content an asset of a role may never carry, directly or through any
+# asset derived from them. A new asset (multi-view checkpoint, cascade policy,
+# adapted backbone, drift) only names its role. Why: the model must not have seen
+# the data that calibrates or tests it; the policy's FNR guarantee needs val_calib to
+# be its only fitting data and val_test to stay unseen; the bundle ships the policy.
+NEVER_CARRY_BY_ROLE: dict[str, frozenset[str]] = {
+    ROLE_MODEL_FITTING: frozenset({"val_calib", "val_test"}),
+    ROLE_POLICY_FITTING: frozenset({"val_test"}),
+    ROLE_EXPORT: frozenset({"val_test"}),
+}
+
+# How an asset's taint is derived: "inputs" (the default) — the union of what every
+# input carries, plus each split partition it reads; "own split" — exactly its own
+# split partition, because it selects that split's rows out of an all-splits table.
+# Only the splitter may narrow taint this way.
+CARRIES_INPUTS = "inputs"
+CARRIES_OWN_SPLIT = "own split"
+
+
 @dataclass(frozen=True)
 class ReadRule:
-    """What one asset may read of split-partitioned parents, and why."""
+    """What one asset may read of split-partitioned parents, what it may never carry, and why."""
 
     role: str
     may_read: frozenset[str]
     reason: str
+    never_carry: frozenset[str] = frozenset()
+    carries: str = CARRIES_INPUTS
+
+    def __post_init__(self) -> None:
+        if self.carries not in (CARRIES_INPUTS, CARRIES_OWN_SPLIT):
+            raise LeakageError(f"ReadRule.carries must be {CARRIES_INPUTS!r} or "
+                               f"{CARRIES_OWN_SPLIT!r}; got {self.carries!r}")
+        if self.carries == CARRIES_OWN_SPLIT and self.role != ROLE_SPLITTING:
+            raise LeakageError(
+                f"a {self.role!r} rule may not narrow its taint to its own split "
+                f"(carries={CARRIES_OWN_SPLIT!r}): only the splitter selects one split's "
+                "rows; use the default carries='inputs'"
+            )
 
     def allows(self, split: str, own_partition: str | None) -> bool:
         if split in self.may_read:
@@ -32,8 +81,9 @@ class ReadRule:
         return SAME_PARTITION in self.may_read and own_partition == split
 
 
-def _rule(role: str, reason: str, *splits: str) -> ReadRule:
-    return ReadRule(role=role, may_read=frozenset(splits), reason=reason)
+def _rule(role: str, reason: str, *splits: str, carries: str = CARRIES_INPUTS) -> ReadRule:
+    return ReadRule(role=role, may_read=frozenset(splits), reason=reason,
+                    never_carry=NEVER_CARRY_BY_ROLE.get(role, frozenset()), carries=carries)
 
 
 # Unpartitioned assets whose content spans every split (all images and labels): reading
@@ -45,28 +95,29 @@ ALL_SPLITS_ASSETS: frozenset[str] = frozenset({"source_images", "split_assignmen
 # split_assignment, bundle, ...) read no split partition and are listed with an
 # empty set so that adding a split-partitioned parent to them fails the policy test.
 SPLIT_READ_POLICY: dict[str, ReadRule] = {
-    "source_images": _rule("ingestion", "reads raw data, before any split exists"),
-    "split_assignment": _rule("splitting", "assigns every source image to a split", *SPLITS),
+    "source_images": _rule(ROLE_INGESTION, "reads raw data, before any split exists"),
+    "split_assignment": _rule(ROLE_SPLITTING, "assigns every source image to a split", *SPLITS),
     "split_manifest": _rule(
-        "splitting", "selects one split's rows from the full assignment", *SPLITS
+        ROLE_SPLITTING, "selects one split's rows from the full assignment", *SPLITS,
+        carries=CARRIES_OWN_SPLIT,
     ),
     "embeddings": _rule(
-        "feature extraction", "frozen features of its own split only", SAME_PARTITION
+        ROLE_FEATURES, "frozen features of its own split only", SAME_PARTITION
     ),
     "checkpoint": _rule(
-        "model fitting / selection",
+        ROLE_MODEL_FITTING,
         "weights fit on train, epoch/hyper-parameters selected on val_select",
         "train",
         "val_select",
     ),
-    "logits": _rule("inference", "model outputs of its own split only", SAME_PARTITION),
+    "logits": _rule(ROLE_INFERENCE, "model outputs of its own split only", SAME_PARTITION),
     "thresholds": _rule(
-        "policy fitting", "calibrator on val_calib part A, thresholds on part B", "val_calib"
+        ROLE_POLICY_FITTING, "calibrator on val_calib part A, thresholds on part B", "val_calib"
     ),
-    "gate_params": _rule("policy fitting", "failure gate on val_calib only", "val_calib"),
-    "conformal_sets": _rule("policy fitting", "conformal sets on val_calib only", "val_calib"),
-    "bundle": _rule("export", "packages fitted artifacts; reads no partition"),
-    "test_report": _rule("final evaluation", "held-out evaluation", "val_test"),
+    "gate_params": _rule(ROLE_POLICY_FITTING, "failure gate on val_calib only", "val_calib"),
+    "conformal_sets": _rule(ROLE_POLICY_FITTING, "conformal sets on val_calib only", "val_calib"),
+    "bundle": _rule(ROLE_EXPORT, "packages fitted artifacts; reads no partition"),
+    "test_report": _rule(ROLE_FINAL_EVALUATION, "held-out evaluation", "val_test"),
 }
 
 
@@ -87,3 +138,8 @@ def forbidden_reads(
     """The partitions in `reads` that `asset_name` may not read (sorted)."""
     rule = rule_for(asset_name)
     return sorted(s for s in set(reads) if not rule.allows(s, own_partition))
+
+
+def forbidden_carried(asset_name: str, carried: set[str] | list[str]) -> list[str]:
+    """The splits in `carried` (the taint of something it loaded) that `asset_name` may never see."""
+    return sorted(set(carried) & rule_for(asset_name).never_carry)

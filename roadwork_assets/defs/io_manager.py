@@ -4,11 +4,13 @@ Assets write their artifacts themselves, atomically, through the artifact regist
 and return the path; this IO manager only checks the path exists and, on load, maps
 (asset, partition) to the registry path and reads it by suffix.
 
-Every load of a split partition — through a declared input or any other way
-(``context.load_asset_value(..., partition_key=...)`` goes through here too) — is
-recorded in a process-wide read ledger. Each asset drains the ledger at the end of
-its body, records the partitions it actually read in its metadata, and a blocking
-check compares them with the split policy. Steps run one at a time per process
+Every load — of a split partition or of an unpartitioned derived asset, through a
+declared input or any other way (``context.load_asset_value(...)`` goes through here
+too) — is recorded in a process-wide read ledger (partition None when unpartitioned:
+its taint, the splits it carries, is looked up in the asset graph). Each asset drains
+the ledger at the end of its body, records the partitions it actually read in its
+metadata, and a blocking check compares them — and what they carry — with the split
+policy. Steps run one at a time per process
 (in-process executor) or one per process (multiprocess / k8s executors), so what a
 step drains is what that step read.
 """
@@ -23,22 +25,25 @@ import dagster as dg
 import pandas as pd
 
 from roadwork_assets.contracts.splits import ALL_SPLITS_ASSETS, SPLITS
-from roadwork_assets.core.artifacts import ArtifactRegistry, read_npz, read_parquet_provenance
+from roadwork_assets.core.artifacts import (
+    ArtifactRegistry,
+    read_npz,
+    read_parquet_provenance,
+)
 from roadwork_assets.core.training.checkpoint import load_checkpoint
 from roadwork_assets.defs.resources import ArtifactRegistryResource
 
 _LEDGER_LOCK = threading.Lock()
-# (consuming step key or None when unknown, upstream asset name, partition key)
-_LEDGER: list[tuple[str | None, str, str]] = []
+# (consuming step key or None when unknown, upstream asset name, partition key or None)
+_LEDGER: list[tuple[str | None, str, str | None]] = []
 
 
 def record_read(asset_name: str, partition: str | None, step_key: str | None = None) -> None:
-    if partition is not None:
-        with _LEDGER_LOCK:
-            _LEDGER.append((step_key, asset_name, partition))
+    with _LEDGER_LOCK:
+        _LEDGER.append((step_key, asset_name, partition))
 
 
-def drain_reads(step_key: str | None = None) -> list[tuple[str, str]]:
+def drain_reads(step_key: str | None = None) -> list[tuple[str, str | None]]:
     """Return and clear what was read since the last drain in this process.
 
     Loads made for another step (a step that failed before draining) are dropped, not
@@ -54,7 +59,7 @@ def drain_reads(step_key: str | None = None) -> list[tuple[str, str]]:
 def _step_key(context: dg.InputContext) -> str | None:
     try:
         return context.step_context.step.key
-    except Exception:  # AssetValueLoader contexts have no step
+    except Exception:  # noqa: BLE001 -- AssetValueLoader contexts have no step
         return None
 
 
@@ -130,6 +135,8 @@ class RegistryIOManager(dg.ConfigurableIOManager):
             if name in ALL_SPLITS_ASSETS:  # holds every split's rows
                 for split in SPLITS:
                     record_read(name, split, _step_key(context))
+            else:  # a derived asset: what it carries is looked up at check time
+                record_read(name, None, _step_key(context))
             return read_artifact(self.registry, name, None)
         keys = list(context.asset_partition_keys)
         step = _step_key(context)

@@ -4,6 +4,12 @@ For every asset and every split-partitioned parent, the partition mapping tells 
 parent partitions each of the asset's own partitions (or the asset as a whole) reads.
 Those derived reads must equal the policy table in ``contracts/splits.py`` — not just
 fit inside it — so the table and the graph cannot drift apart silently.
+
+Taint: every asset (partition) carries the splits whose content made it, transitively
+through every parent edge (inputs and deps alike). ``carried_splits`` computes it from
+the graph; the definition-time audit (``audit_taint``) and the run-time check
+(``tainted_loads``, used by ``split_reads_allowed``) both use it, against each rule's
+``never_carry``.
 """
 
 from __future__ import annotations
@@ -12,10 +18,14 @@ import dagster as dg
 
 from roadwork_assets.contracts.splits import (
     ALL_SPLITS_ASSETS,
+    CARRIES_OWN_SPLIT,
     SAME_PARTITION,
     SPLIT_READ_POLICY,
     SPLITS,
 )
+
+# {split: where it came from}, e.g. {"val_test": "test_report <- logits[val_test] <- ..."}
+Taint = dict[str, str]
 
 
 def derived_split_reads(asset_graph) -> dict[str, dict[str | None, set[str]]]:
@@ -73,9 +83,133 @@ def audit_split_reads(asset_graph) -> list[str]:
     return problems
 
 
+def _label(asset: str, partition: str | None) -> str:
+    return f"{asset}[{partition}]" if partition is not None else asset
+
+
+def _own_keys(node) -> list[str | None]:
+    return list(node.partitions_def.get_partition_keys()) if node.partitions_def else [None]
+
+
+def _parent_reads(asset_graph, key, own: str | None) -> list[tuple[str, str | None]]:
+    """(parent asset, parent partition or None) pairs that `key[own]` reads."""
+    out: list[tuple[str, str | None]] = []
+    for parent in sorted(asset_graph.get(key).parent_keys, key=lambda k: k.to_user_string()):
+        name = parent.to_user_string()
+        if asset_graph.get(parent).partitions_def is None:
+            out.append((name, None))
+            continue
+        result = asset_graph.get_parent_partition_keys_for_child(own, parent, key)
+        out += [(name, p) for p in sorted(result.partitions_subset.get_partition_keys())]
+    return out
+
+
+def _shortest(into: Taint, split: str, chain: str) -> None:
+    if split not in into or chain.count(" <- ") < into[split].count(" <- "):
+        into[split] = chain
+
+
+def carried_by_load(carried: dict[str, dict[str | None, Taint]], asset: str,
+                    partition: str | None) -> Taint:
+    """What loading `asset[partition]` carries: its taint, plus the split partition itself."""
+    by_part = carried[asset]
+    own = partition if partition in by_part else None
+    label = _label(asset, own)
+    taint = {s: c if c.startswith(label) else f"{label} <- {c}"
+             for s, c in by_part.get(own, {}).items()}
+    if partition in SPLITS:
+        _shortest(taint, partition, _label(asset, partition))
+    return taint
+
+
+def carried_splits(asset_graph) -> dict[str, dict[str | None, Taint]]:
+    """{asset: {own partition or None: {split carried: chain it came through}}}.
+
+    An asset in ALL_SPLITS_ASSETS carries every split; a rule with carries="own split"
+    (the splitter's split_manifest) carries exactly its own partition; every other asset
+    carries the union of what it reads (parent taint plus split partitions read).
+    """
+    out: dict[str, dict[str | None, Taint]] = {}
+    for key in asset_graph.toposorted_asset_keys:
+        name = key.to_user_string()
+        rule = SPLIT_READ_POLICY.get(name)
+        out[name] = {}
+        for own in _own_keys(asset_graph.get(key)):
+            taint: Taint = {}
+            if name in ALL_SPLITS_ASSETS:
+                taint = {s: name for s in SPLITS}
+            elif rule is not None and rule.carries == CARRIES_OWN_SPLIT and own in SPLITS:
+                taint = {own: _label(name, own)}
+            else:
+                for parent, part in _parent_reads(asset_graph, key, own):
+                    for split, chain in carried_by_load(out, parent, part).items():
+                        _shortest(taint, split, f"{_label(name, own)} <- {chain}")
+            out[name][own] = taint
+    return out
+
+
+def _never_carry_problem(asset: str, own: str | None, source: str, split: str,
+                         chain: str) -> str:
+    rule = SPLIT_READ_POLICY[asset]
+    return (
+        f"asset {_label(asset, own)!r} input {source!r} carries split {split!r} "
+        f"(taint: {chain}); {rule.role} may never see {sorted(rule.never_carry)}, not "
+        f"even through a derived asset: remove that input, or re-derive it without "
+        f"{split!r}"
+    )
+
+
+def audit_taint(asset_graph, carried: dict[str, dict[str | None, Taint]] | None = None
+                ) -> list[str]:
+    """Every input whose taint includes a split its reader's role may never see."""
+    carried = carried if carried is not None else carried_splits(asset_graph)
+    problems: list[str] = []
+    for key in asset_graph.toposorted_asset_keys:
+        name = key.to_user_string()
+        rule = SPLIT_READ_POLICY.get(name)
+        if rule is None or not rule.never_carry:
+            continue
+        for own in _own_keys(asset_graph.get(key)):
+            for parent, part in _parent_reads(asset_graph, key, own):
+                for split, chain in sorted(carried_by_load(carried, parent, part).items()):
+                    if split in rule.never_carry:
+                        problems.append(_never_carry_problem(
+                            name, own, _label(parent, part), split, chain))
+    return problems
+
+
+def tainted_loads(asset_graph, asset: str, own: str | None,
+                  loads: list[tuple[str, str | None]]) -> tuple[Taint, list[str]]:
+    """Run time: (what `asset[own]` carries, given the graph and what it loaded; problems).
+
+    A load of an asset missing from the graph counts as carrying every split: its
+    lineage is unknown, so it cannot be shown clean.
+    """
+    carried = carried_splits(asset_graph)
+    taint: Taint = dict(carried.get(asset, {}).get(own, {}))
+    never = SPLIT_READ_POLICY[asset].never_carry if asset in SPLIT_READ_POLICY else frozenset()
+    problems: list[str] = []
+    for loaded, part in sorted(set(loads), key=lambda lp: (lp[0], str(lp[1]))):
+        if loaded in carried:
+            got = carried_by_load(carried, loaded, part)
+        else:
+            got = {s: f"{_label(loaded, part)} (not in the asset graph: lineage unknown)"
+                   for s in SPLITS}
+        for split, chain in got.items():
+            _shortest(taint, split, f"{_label(asset, own)} <- {chain}")
+            if split in never:
+                problems.append(
+                    f"{asset} loaded {_label(loaded, part)!r}, which carries split {split!r} "
+                    f"(taint: {chain}); {SPLIT_READ_POLICY[asset].role} may never see "
+                    f"{sorted(never)}: stop loading it"
+                )
+    return taint, problems
+
+
 def assert_graph_obeys_policy(defs: dg.Definitions) -> None:
     from roadwork_assets.contracts.errors import LeakageError
 
-    problems = audit_split_reads(defs.resolve_asset_graph())
+    graph = defs.resolve_asset_graph()
+    problems = audit_split_reads(graph) + audit_taint(graph)
     if problems:
         raise LeakageError("split policy violated by the asset graph:\n  " + "\n  ".join(problems))

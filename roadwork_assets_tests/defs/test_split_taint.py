@@ -1,0 +1,235 @@
+"""Taint: a derived asset carries the splits whose content made it, and an asset whose role
+may never see a split is refused when something it reads or loads carries that split —
+at definition time (graph audit in build_definitions) and at run time (the blocking
+split_reads_allowed check)."""
+
+import dagster as dg
+import numpy as np
+import pytest
+
+from roadwork_assets.contracts.errors import LeakageError
+from roadwork_assets.contracts.splits import (
+    CARRIES_OWN_SPLIT,
+    NEVER_CARRY_BY_ROLE,
+    ROLE_MODEL_FITTING,
+    ROLE_POLICY_FITTING,
+    SPLIT_READ_POLICY,
+    SPLITS,
+    ReadRule,
+    _rule,
+)
+from roadwork_assets.core.artifacts import ArtifactRegistry, atomic_write_npz
+from roadwork_assets.definitions import ALL_ASSETS, build_definitions
+from roadwork_assets.defs.io_manager import RegistryIOManager, drain_reads
+from roadwork_assets.defs.leakage_audit import audit_taint, carried_splits
+from roadwork_assets.defs.partitions import (
+    FINAL_EVALUATION_SPLITS,
+    MODEL_FITTING_SPLITS,
+    POLICY_FITTING_SPLITS,
+    split_partitions,
+)
+from roadwork_assets.defs.resources import ArtifactRegistryResource
+from roadwork_assets.defs.split_reads import (
+    SPLIT_READS_CHECK,
+    split_reads_check_spec,
+    split_reads_result,
+)
+from roadwork_assets_tests.conftest import tiny_resources
+
+
+@pytest.fixture(scope="module")
+def graph(tmp_path_factory):
+    return build_definitions(tiny_resources(tmp_path_factory.mktemp("t"))).resolve_asset_graph()
+
+
+def _splits(carried, asset, partition=None) -> set[str]:
+    return set(carried[asset][partition])
+
+
+def test_real_graph_taint_is_transitive_and_accepted(graph):
+    carried = carried_splits(graph)
+    assert audit_taint(graph, carried) == []
+    assert _splits(carried, "source_images") == set(SPLITS)  # every split's rows
+    for s in SPLITS:  # the splitter narrows the full table to one split's rows
+        assert _splits(carried, "split_manifest", s) == {s}
+        assert _splits(carried, "embeddings", s) == {s}
+        assert _splits(carried, "logits", s) == {"train", "val_select", s}
+    assert _splits(carried, "checkpoint") == {"train", "val_select"}
+    for policy in ("thresholds", "gate_params", "conformal_sets"):
+        assert _splits(carried, policy) == {"train", "val_select", "val_calib"}
+    assert _splits(carried, "bundle") == {"train", "val_select", "val_calib"}
+    assert _splits(carried, "test_report") == set(SPLITS)
+    # where the taint came from, as a chain a person can follow
+    assert carried["test_report"][None]["val_test"] == "test_report <- logits[val_test]"
+    assert carried["thresholds"][None]["train"] == (
+        "thresholds <- logits[val_calib] <- checkpoint <- embeddings[train]")
+
+
+def test_never_carry_is_derived_from_the_role():
+    assert SPLIT_READ_POLICY["checkpoint"].never_carry == {"val_calib", "val_test"}
+    for policy in ("thresholds", "gate_params", "conformal_sets"):
+        assert SPLIT_READ_POLICY[policy].never_carry == {"val_test"}
+    assert SPLIT_READ_POLICY["bundle"].never_carry == {"val_test"}
+    # a future asset only names its role
+    assert _rule(ROLE_MODEL_FITTING, "multi-view", "train", "val_select").never_carry \
+        == NEVER_CARRY_BY_ROLE[ROLE_MODEL_FITTING]
+
+
+def test_only_the_splitter_may_narrow_its_taint():
+    with pytest.raises(LeakageError, match="only the splitter selects one split's rows"):
+        ReadRule(role=ROLE_POLICY_FITTING, may_read=frozenset({"val_calib"}), reason="x",
+                 carries=CARRIES_OWN_SPLIT)
+
+
+def _with(monkeypatch, name: str, rule: ReadRule, asset) -> None:
+    import roadwork_assets.definitions as d
+
+    monkeypatch.setitem(SPLIT_READ_POLICY, name, rule)
+    monkeypatch.setattr(d, "ALL_ASSETS", [*ALL_ASSETS, asset])
+
+
+def test_policy_fitter_taking_test_report_as_input_is_refused_at_definition_time(
+        tmp_path, monkeypatch):
+    # reads only val_calib partitions, so the direct-read audit alone would pass it
+    @dg.asset(name="cascade", ins={"logits": dg.AssetIn(partition_mapping=POLICY_FITTING_SPLITS),
+                                   "test_report": dg.AssetIn()})
+    def cascade(logits, test_report):
+        return None
+
+    _with(monkeypatch, "cascade", _rule(ROLE_POLICY_FITTING, "stage-2 exit", "val_calib"),
+          cascade)
+    import roadwork_assets.definitions as d
+
+    with pytest.raises(LeakageError) as err:
+        d.build_definitions(tiny_resources(tmp_path))
+    text = str(err.value)
+    assert ("asset 'cascade' input 'test_report' carries split 'val_test' "
+            "(taint: test_report <- logits[val_test])") in text
+    assert "policy fitting may never see ['val_test']" in text
+    assert "input 'logits[val_calib]'" not in text  # its legitimate input is not blamed
+
+
+def test_checkpoint_like_asset_reading_thresholds_is_refused(tmp_path, monkeypatch):
+    @dg.asset(name="multiview_checkpoint",
+              ins={"embeddings": dg.AssetIn(partition_mapping=MODEL_FITTING_SPLITS),
+                   "thresholds": dg.AssetIn()})
+    def multiview_checkpoint(embeddings, thresholds):
+        return None
+
+    _with(monkeypatch, "multiview_checkpoint",
+          _rule(ROLE_MODEL_FITTING, "views + aggregator", "train", "val_select"),
+          multiview_checkpoint)
+    import roadwork_assets.definitions as d
+
+    with pytest.raises(LeakageError) as err:
+        d.build_definitions(tiny_resources(tmp_path))
+    text = str(err.value)
+    assert ("asset 'multiview_checkpoint' input 'thresholds' carries split 'val_calib' "
+            "(taint: thresholds <- logits[val_calib])") in text
+    # thresholds carries train / val_select too (via checkpoint): allowed for model fitting
+    assert "carries split 'train'" not in text and "carries split 'val_select'" not in text
+
+
+def test_bundle_depending_on_anything_tainted_by_val_test_is_refused(tmp_path):
+    @dg.asset(name="bundle", deps=["checkpoint", "thresholds", "drift"])
+    def bundle():
+        return None
+
+    @dg.asset(name="drift", deps=[dg.AssetDep("logits", partition_mapping=FINAL_EVALUATION_SPLITS)])
+    def drift():
+        return None
+
+    assets = [a for a in ALL_ASSETS if "bundle" not in {k.to_user_string() for k in a.keys}]
+    g = dg.Definitions(assets=[*assets, bundle, drift],
+                       resources=tiny_resources(tmp_path)).resolve_asset_graph()
+    problems = audit_taint(g)
+    assert problems == [
+        ("asset 'bundle' input 'drift' carries split 'val_test' (taint: drift <- "
+         "logits[val_test]); export may never see ['val_test'], not even through a derived "
+         "asset: remove that input, or re-derive it without 'val_test'")
+    ]
+
+
+# ----------------------------------------------------------------------------- run time
+@dg.asset(name="logits", partitions_def=split_partitions)
+def _logits_stub():  # identity and lineage only: never executed
+    raise AssertionError("not materialized in this test")
+
+
+def _test_report_stub(path):
+    @dg.asset(name="test_report",
+              deps=[dg.AssetDep("logits", partition_mapping=FINAL_EVALUATION_SPLITS)])
+    def test_report():
+        return path  # a previous evaluation's artifact, already on disk
+
+    return test_report
+
+
+def _thresholds(peek: bool):
+    @dg.asset(name="thresholds",
+              ins={"logits": dg.AssetIn(partition_mapping=POLICY_FITTING_SPLITS)},
+              check_specs=[split_reads_check_spec("thresholds")])
+    def thresholds(context: dg.AssetExecutionContext, logits):
+        if peek:  # no graph edge to test_report: only the run-time ledger sees this
+            context.load_asset_value(dg.AssetKey("test_report"))
+        meta, check = split_reads_result(context)
+        yield dg.Output(None, metadata=meta)
+        yield check
+
+    return thresholds
+
+
+@dg.asset(name="downstream", deps=["thresholds"])
+def _downstream():
+    return None
+
+
+def _run(tmp_path, peek: bool):
+    reg = ArtifactRegistry(tmp_path)
+    atomic_write_npz(reg.logits("val_calib"), logits=np.zeros((4, 1, 2), np.float32),
+                     labels=np.array([0, 1, 0, 1], np.int8))
+    reg.test_report.parent.mkdir(parents=True, exist_ok=True)
+    reg.test_report.write_text("{}")
+    drain_reads()
+    # one run holds thresholds and test_report, as the runner's policy/report stage does
+    return dg.materialize(
+        [_logits_stub, _test_report_stub(reg.test_report), _thresholds(peek), _downstream],
+        selection=["thresholds", "test_report", "downstream"],
+        resources={"io_manager": RegistryIOManager(
+            artifacts=ArtifactRegistryResource(root=str(tmp_path)))},
+        raise_on_error=False,
+    )
+
+
+def _check(result) -> dg.AssetCheckEvaluation:
+    (ev,) = [e for e in result.get_asset_check_evaluations() if e.check_name == SPLIT_READS_CHECK]
+    return ev
+
+
+def _materialized(result) -> set[str]:
+    return {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+
+
+def test_policy_loading_test_report_at_run_time_fails_its_check_and_stops_downstream(tmp_path):
+    result = _run(tmp_path, peek=True)
+    ev = _check(result)
+    assert not ev.passed
+    assert ev.metadata["forbidden"].value == []  # no val_test *partition* was read ...
+    assert ev.metadata["tainted_loads"].value == [  # ... but test_report carries it
+        ("thresholds loaded 'test_report', which carries split 'val_test' (taint: "
+         "test_report <- logits[val_test]); policy fitting may never see ['val_test']: "
+         "stop loading it")]
+    assert "val_test" in ev.metadata["splits_carried"].value
+    assert "downstream" not in _materialized(result)
+
+
+def test_policy_without_the_peek_passes_and_records_its_taint(tmp_path):
+    result = _run(tmp_path, peek=False)
+    ev = _check(result)
+    assert ev.passed, ev.description
+    assert ev.metadata["splits_carried"].value == ["val_calib"]
+    assert "downstream" in _materialized(result)
+    (mat,) = [e for e in result.get_asset_materialization_events()
+              if e.asset_key.to_user_string() == "thresholds"]
+    carried = mat.materialization.metadata["splits_carried"].value
+    assert carried == {"val_calib": "thresholds <- logits[val_calib]"}
