@@ -45,7 +45,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"[roadwork] DAGSTER_HOME={home}  ROADWORK_HOME={default_home()}  "
           f"ROADWORK_DATA={os.environ.get('ROADWORK_DATA') or '(generated default dataset)'}")
     t0 = time.perf_counter()
-    run_config = json.loads(args.config_json) if args.config_json else None
+    run_config = json.loads(args.config_json) if args.config_json else {}
+    # Dagster's own event log (every event, and a stack trace for any failure) stays in
+    # DAGSTER_HOME for `dagster dev`; the terminal shows the roadwork lines and, for a
+    # failed blocking check, one error line (BlockingCheckFailed).
+    run_config.setdefault("loggers", {}).setdefault(
+        "console", {"config": {"log_level": args.dagster_log_level.upper()}})
     with dg.DagsterInstance.get() as instance:
         materialize_all(defs, instance, run_config=run_config)
     from roadwork_assets.core.artifacts import ArtifactRegistry
@@ -92,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="materialize the whole asset graph through Dagster")
     r.add_argument("--config-json", help="Dagster run config applied to every stage, e.g. "
                    '\'{"resources": {"trainer": {"config": {"epochs": 5}}}}\'')
+    r.add_argument("--dagster-log-level", default="critical",
+                   choices=["debug", "info", "warning", "error", "critical"],
+                   help="Dagster's event log on the terminal (default critical: only the "
+                   "roadwork lines; every event is kept in DAGSTER_HOME for `dagster dev`)")
     p = sub.add_parser("predict", help="predict images with a bundle (JSON lines)")
     p.add_argument("--bundle", required=True, help="bundle directory")
     p.add_argument("--device", default="cpu")

@@ -3,17 +3,27 @@
 Split-partitioned and unpartitioned assets cannot share one run (a run targets one
 partition), so the graph is run as five stages; every stage is a real Dagster run on
 the given instance, visible in the UI with its logs, metadata and check results.
+
+A failed blocking asset check stops the run; it is raised as ``BlockingCheckFailed``, a
+one-line ``RoadworkError`` naming each failed check and its own description (the
+measured gap and the tolerance), not as Dagster's traceback.
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import dagster as dg
 
+from roadwork_assets.contracts.errors import RoadworkError
 from roadwork_assets.contracts.splits import SPLITS
+
+
+class BlockingCheckFailed(RoadworkError):
+    """A blocking asset check failed, so its asset's downstream did not run."""
 
 
 @dataclass(frozen=True)
@@ -49,11 +59,38 @@ def materialize_all(
             label = ", ".join(stage.assets) + (f" [{partition}]" if partition else "")
             say(f"[roadwork] stage {n}/{len(STAGES)}: {label}")
             t0 = time.perf_counter()
-            result = job.execute_in_process(
-                instance=instance, asset_selection=keys, partition_key=partition,
-                run_config=run_config, raise_on_error=True,
-                tags={"roadwork/stage": str(n)},
-            )
+            result = run_stage(job, instance, keys, partition, run_config,
+                               tags={"roadwork/stage": str(n)})
             say(f"[roadwork]   done in {time.perf_counter() - t0:.1f}s (run {result.run_id})")
             results.append(result)
     return results
+
+
+def run_stage(job: dg.JobDefinition, instance: dg.DagsterInstance, keys: list[dg.AssetKey],
+              partition: str | None, run_config: dict | None,
+              tags: dict[str, str] | None = None) -> dg.ExecuteInProcessResult:
+    """One in-process run; a failed blocking check becomes ``BlockingCheckFailed``."""
+    run_id = str(uuid.uuid4())  # known before the run, to read its check results after
+    try:
+        return job.execute_in_process(
+            instance=instance, asset_selection=keys, partition_key=partition,
+            run_config=run_config, raise_on_error=True, run_id=run_id, tags=tags,
+        )
+    except dg.DagsterError:
+        failed = failed_blocking_checks(instance, run_id)
+        if not failed:
+            raise
+        raise BlockingCheckFailed("; ".join(failed)) from None
+
+
+def failed_blocking_checks(instance: dg.DagsterInstance, run_id: str) -> list[str]:
+    """'blocking check ASSET:CHECK failed: DESCRIPTION' for each failed blocking check."""
+    out = []
+    for record in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION):
+        evaluation = record.get_dagster_event().event_specific_data
+        if evaluation.passed or not evaluation.blocking:
+            continue
+        description = " ".join((evaluation.description or "no description").split())
+        out.append(f"blocking check {evaluation.asset_key.to_user_string()}:"
+                   f"{evaluation.check_name} failed: {description}")
+    return out

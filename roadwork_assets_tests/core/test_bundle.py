@@ -44,7 +44,10 @@ def bundle_dir(tmp_path_factory):
         reg.bundles_dir, checkpoint_path=reg.checkpoint,
         policy_path=reg.policy("softmax"), policy_asset="thresholds",
         export_onnx_model=True)
-    assert extra["onnx_max_abs_diff"] < 1e-4
+    parity = extra["onnx_parity"]
+    assert parity.passed, parity.summary()
+    assert parity.n_views == 2 and parity.n_images == 8
+    assert extra["onnx_max_abs_diff"] <= parity.max_logit_tolerance
     return directory
 
 

@@ -137,7 +137,11 @@ def build_bundle(
 
             model, _ = model_from_checkpoint(payload)
             export_onnx(model, img_size, staging / ONNX_FILE)
-            extra["onnx_max_abs_diff"] = onnx_parity(model, staging / ONNX_FILE, img_size)
+            # judged on what is served: this policy's probability and decision
+            parity = onnx_parity(model, staging / ONNX_FILE, img_size, policy,
+                                 n_views=int(payload["config"]["n_views"]))
+            extra.update(parity.metadata())
+            extra["onnx_parity"] = parity  # a ParityReport: `.passed`, `.summary()`
             files["onnx"] = ONNX_FILE
         described = {role: _describe(staging, name) for role, name in files.items()}
         bundle_id = hashlib.sha256(
