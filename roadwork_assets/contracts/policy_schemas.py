@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from roadwork_assets.contracts.schemas import Provenance
+from roadwork_assets.contracts.schemas import Provenance, ScoreReference
 from roadwork_assets.contracts.errors import ArtifactIntegrityError
 
 SCHEMA_VERSION = 2  # 2: calibration_unit, n_calibration_units; unfitted records
@@ -85,6 +85,7 @@ class _PolicyBase(_Frozen):
     fit_fraction: Level = 0.5
     split_rule: str = "sha256(salt:image_id) order within each label; fit part first"
     threshold_part: ThresholdPartStats
+    score_reference: ScoreReference | None = None  # threshold-part scores, for the shift test
 
     @model_validator(mode="after")
     def _check_thresholds(self):

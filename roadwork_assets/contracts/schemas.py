@@ -82,6 +82,51 @@ class RateWithInterval(BaseModel):
     method: str = "clopper-pearson (exact binomial)"
 
 
+class ScoreReference(BaseModel):
+    """The policy's own score distribution, kept so the test report can look for shift
+    without reading val_calib: calibrated main-view P(roadwork) on the threshold part of
+    val_calib, sorted, per class. Every score when there are at most ``max_points``; else
+    every ``stride``-th order statistic of each class (same stride, so the classes keep
+    their proportions in ``all``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    source: str = "val_calib threshold part"
+    score: str = "calibrated P(roadwork), main view"
+    n_positive: int = Field(ge=0, description="scores the sketch stands for")
+    n_negative: int = Field(ge=0)
+    stride: int = Field(1, ge=1, description="1: every score is stored (exact)")
+    positives: list[float]
+    negatives: list[float]
+
+
+class KsTest(BaseModel):
+    """Two-sample Kolmogorov-Smirnov test of val_test scores against the reference."""
+
+    model_config = ConfigDict(extra="forbid")
+    group: Literal["positives", "negatives", "all"]
+    n_reference: int
+    n_test: int
+    statistic: float | None = Field(None, description="sup |F_ref - F_test|; None if a side is empty")
+    p_value: float | None = None
+    reference_median: float | None = None
+    test_median: float | None = None
+    shifted: bool = Field(False, description="p_value < level")
+
+
+class ScoreShift(BaseModel):
+    """Does val_test look exchangeable with val_calib, as the FNR guarantee assumes?"""
+
+    model_config = ConfigDict(extra="forbid")
+    method: str = "two-sample Kolmogorov-Smirnov, two-sided (scipy.stats.ks_2samp)"
+    score: str = "calibrated P(roadwork), main view"
+    reference: str = "val_calib threshold part, stored in the policy (score_reference)"
+    level: float
+    reference_stride: int = 1
+    tests: list[KsTest]
+    warning: str | None = None
+    note: str | None = None
+
+
 class TestReport(BaseModel):
     """Final evaluation on val_test only.
 
@@ -116,6 +161,11 @@ class TestReport(BaseModel):
     served: dict[str, Any]
     policy: dict[str, Any]
     model: dict[str, Any]
+    score_shift: ScoreShift | None = Field(
+        None, description="KS tests of val_test vs val_calib scores; None: the policy has "
+        "no score_reference")
+    shift_warning: str | None = Field(
+        None, description="set when val_test looks not exchangeable with val_calib")
     provenance: Provenance
 
 

@@ -66,6 +66,7 @@ from roadwork_assets.core.calibration.risk_control import (
     ltt_min_positives,
     ltt_positive_exit_threshold,
 )
+from roadwork_assets.core.evaluation.shift import score_reference
 
 AnyPolicy = SoftmaxPolicyParams | GatePolicyParams | ScrcPolicyParams
 DEFAULT_CALIBRATOR_METHODS: tuple[str, ...] = tuple(CALIBRATORS)
@@ -530,4 +531,5 @@ def fit_policy(
             "t_hi": max(hi, t_lo), "guarantee_statement": _statement(fnr, ctx, idx_fit.size, extra),
         })
     stats = _threshold_stats(params, v[idx_thr], y_thr)
-    return type(params).model_validate({**params.model_dump(), "threshold_part": stats.model_dump()})
+    return type(params).model_validate({**params.model_dump(), "threshold_part": stats.model_dump(),
+                                        "score_reference": score_reference(p_thr, y_thr).model_dump()})

@@ -12,6 +12,7 @@ from roadwork_assets.contracts.policy_schemas import PolicyParams
 from roadwork_assets.contracts.schemas import Provenance, RateWithInterval, TestReport
 from roadwork_assets.core.calibration.metrics import classification_report, reliability_bins
 from roadwork_assets.core.calibration.policies import apply_policy, policy_probability
+from roadwork_assets.core.evaluation.shift import compare_to_reference
 from roadwork_assets.core.export.bundle import Bundle
 
 ECE_BINS = 15
@@ -58,6 +59,10 @@ def evaluate_bundle_policy(
     served["auroc"] = calib["auroc"]
     policy_rep = classification_report(calibrated, labels, decisions=decision,
                                        n_bins=ECE_BINS, n_bootstrap=n_bootstrap)
+    # exchangeability check against the policy's own val_calib scores (stored in the policy:
+    # this function never reads val_calib)
+    ref = policy.score_reference
+    shift = compare_to_reference(ref, calibrated, labels) if ref is not None else None
     cm = served["confusion_matrix"]
     report = TestReport(
         n_images=int(len(labels)),
@@ -79,6 +84,8 @@ def evaluate_bundle_policy(
         served=served,
         policy=policy_rep,
         model=calib,
+        score_shift=shift,
+        shift_warning=shift.warning if shift else None,
         provenance=provenance,
     )
     return report, {"calibrated": calibrated, "emitted": emitted, "decision": decision}

@@ -31,12 +31,34 @@ def _png_md(path: Path, title: str) -> dg.MetadataValue:
     return dg.MetadataValue.md(f"![{title}](data:image/png;base64,{data})")
 
 
+def _shift_text(report) -> str:
+    if report.score_shift is None:
+        return ("not checked: the bundled policy stores no score_reference; re-fit the "
+                "policy with this version to get the val_calib vs val_test shift test")
+    shift = report.score_shift
+    return shift.warning or shift.note or (
+        f"none: no KS test rejects val_test ~ val_calib at level {shift.level:g}")
+
+
+def _shift_table(report) -> str:
+    if report.score_shift is None:
+        return _shift_text(report)
+    rows = ["| scores | KS D | p-value | n val_calib | n val_test | shifted |",
+            "|---|---|---|---|---|---|"]
+    for t in report.score_shift.tests:
+        d = "—" if t.statistic is None else f"{t.statistic:.3f}"
+        p = "—" if t.p_value is None else f"{t.p_value:.3g}"
+        rows.append(f"| {t.group} | {d} | {p} | {t.n_reference} | {t.n_test} | {t.shifted} |")
+    return "\n".join(rows) + f"\n\n{report.score_shift.method}, level {report.score_shift.level:g}"
+
+
 @dg.asset(
     group_name="evaluation",
     ins={"logits": dg.AssetIn(partition_mapping=FINAL_EVALUATION_SPLITS)},
     check_specs=[split_reads_check_spec("test_report")],
     description="Held-out evaluation of the bundle on val_test only: accuracy, balanced "
-    "accuracy, MCC, FNR/FPR with exact intervals, ECE, AUROC, the policy's defer rate.",
+    "accuracy, MCC, FNR/FPR with exact intervals, ECE, AUROC, the policy's defer rate, and "
+    "a KS shift warning against the val_calib scores stored in the policy.",
 )
 def test_report(
     context: dg.AssetExecutionContext,
@@ -56,6 +78,8 @@ def test_report(
             "logits[val_test]": str(test["data_version"])})),
     )
     staged = atomic_write_json(staged_path(reg.test_report), report)
+    if report.shift_warning:
+        context.log.warning(report.shift_warning)
     plot = plot_reliability(arrays["calibrated"], test["labels"], reg.test_report_plot("reliability"))
     fnr = report.fnr
     reads_meta, reads_check = split_reads_result(context)
@@ -81,6 +105,8 @@ def test_report(
                 "| true \\ pred | none | roadwork |\n|---|---|---|\n"
                 f"| none | {cm[0][0]} | {cm[0][1]} |\n| roadwork | {cm[1][0]} | {cm[1][1]} |"),
             "reliability_diagram": _png_md(plot, "reliability"),
+            "shift_warning": dg.MetadataValue.text(_shift_text(report)),
+            "score_shift": dg.MetadataValue.md(_shift_table(report)),
             "bundle_id": report.bundle_id,
             "n_images": report.n_images,
             **path_meta(dest),

@@ -40,6 +40,9 @@ POLICY_ASSETS = {
 
 def _policy_metadata(params: PolicyParams | UnfittedPolicy) -> dict[str, dg.MetadataValue]:
     raw = params.model_dump(mode="json")
+    if raw.get("score_reference"):  # hundreds of scores: show their size, not the list
+        ref = raw["score_reference"]
+        raw["score_reference"] = {k: ref[k] for k in ("source", "n_positive", "n_negative", "stride")}
     meta: dict[str, dg.MetadataValue] = {}
     for key, value in raw.items():
         if isinstance(value, bool) or value is None:
