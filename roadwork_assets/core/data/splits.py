@@ -26,7 +26,11 @@ import pandas as pd
 
 from roadwork_assets.contracts.errors import BadInputError, InsufficientDataError
 from roadwork_assets.contracts.splits import SPLITS
-from roadwork_assets.core.data.similarity import NearDuplicateRule, confirm_pairs, thumbnail_array
+from roadwork_assets.core.data.similarity import (
+    NearDuplicateRule,
+    confirm_pairs,
+    thumbnail_array,
+)
 
 DEFAULT_FRACTIONS: dict[str, float] = {
     "train": 0.55,
@@ -59,17 +63,24 @@ def group_keys(frame: pd.DataFrame) -> pd.Series:
     return "pixels:" + frame["pixel_sha256"].astype("string")
 
 
-def near_duplicate_links(frame: pd.DataFrame, rule: NearDuplicateRule) -> tuple[np.ndarray, np.ndarray]:
-    """Index pairs (i, j) of ``frame`` rows that are copies of one photo.
+def near_duplicate_links(
+    frame: pd.DataFrame, rule: NearDuplicateRule, base: pd.Series | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs (i, j) of ``frame`` rows joined as copies of one photo.
 
     A candidate (pHash within ``rule.max_distance``) is a link only when the stored
     thumbnails confirm it (``core.data.similarity``): pHash alone never links, so
-    low-texture or dark scenes that share a layout fingerprint stay apart.
+    low-texture or dark scenes that share a layout fingerprint stay apart. Chaining is
+    bounded: links of likely copies (residual <= ``max_residual``) may join at most
+    ``max_loose_group`` images; a component larger than that keeps only its certain
+    links (residual <= ``certain_residual``). A handful of rare false "likely" links
+    among thousands of look-alike scenes therefore cannot snowball into one giant group.
     """
     from roadwork_assets.core.data.dedup import near_duplicate_pairs, phash_array
 
+    none = (np.zeros(0, np.int64), np.zeros(0, np.int64))
     if "phash" not in frame or len(frame) < 2:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return none
     if "thumb" not in frame:
         raise BadInputError(
             "near-duplicate merging needs the 'thumb' column that source_images writes "
@@ -77,7 +88,15 @@ def near_duplicate_links(frame: pd.DataFrame, rule: NearDuplicateRule) -> tuple[
             "or pass near_duplicate_distance=None to split on group keys only"
         )
     i, j, _ = near_duplicate_pairs(phash_array(frame["phash"]), rule.max_distance)
-    keep = confirm_pairs(thumbnail_array(frame["thumb"].tolist()), i, j, rule)
+    likely, certain = confirm_pairs(thumbnail_array(frame["thumb"].tolist()), i, j, rule)
+    i, j, certain = i[likely], j[likely], certain[likely]
+    if len(i) == 0:
+        return none
+    if base is None:
+        base = group_keys(frame).astype(str).reset_index(drop=True)
+    comp = _components(base, i, j)
+    big = np.bincount(comp)[comp] > rule.max_loose_group  # per image: in an oversize component
+    keep = ~big[i] | certain
     return i[keep], j[keep]
 
 
@@ -150,7 +169,8 @@ def split_images(
         raise BadInputError(f"cannot assign splits: missing columns {sorted(missing)}")
     out = frame.sort_values("item_id", kind="stable").reset_index(drop=True).copy()
     base = group_keys(out).astype(str).reset_index(drop=True)
-    i, j = near_duplicate_links(out, rule) if rule is not None else (np.zeros(0, np.int64),) * 2
+    i, j = (near_duplicate_links(out, rule, base) if rule is not None
+            else (np.zeros(0, np.int64),) * 2)
     comp = _components(base, i, j) if len(out) else np.zeros(0, np.int64)
 
     prev_split = pd.Series([None] * len(out), dtype=object)
@@ -234,7 +254,7 @@ def split_counts(assignment: pd.DataFrame) -> dict[str, dict[str, int]]:
     for split in SPLITS:
         part = assignment[assignment["split"] == split]
         pos = int((part["label"] == 1).sum())
-        counts[split] = {"n": int(len(part)), "positive": pos, "negative": int(len(part) - pos)}
+        counts[split] = {"n": len(part), "positive": pos, "negative": int(len(part) - pos)}
     return counts
 
 

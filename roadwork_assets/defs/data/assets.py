@@ -13,6 +13,7 @@ from roadwork_assets.core.artifacts import (
     read_parquet_provenance,
     staged_path,
 )
+from roadwork_assets.core.calibration.policies import min_calib_positives
 from roadwork_assets.core.data.dedup import check_split_leakage
 from roadwork_assets.core.data.ingest import ingest_images
 from roadwork_assets.core.data.sources import load_source
@@ -23,7 +24,6 @@ from roadwork_assets.core.data.splits import (
     split_shape_report,
 )
 from roadwork_assets.core.data.synthetic import generate_default_dataset
-from roadwork_assets.core.calibration.policies import min_calib_positives
 from roadwork_assets.defs.metadata import counts_meta, path_meta, table_md
 from roadwork_assets.defs.partitions import split_partitions
 from roadwork_assets.defs.promotion import publish

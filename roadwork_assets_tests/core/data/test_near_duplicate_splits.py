@@ -74,12 +74,18 @@ def test_every_kind_of_copy_shares_its_originals_split(name):
     originals = _scenes(60) + [("photo", street_photo())]
     rows = [_row(i, im) for i, im in originals]
     rows += [_row(f"{i}~{name}", COPIES[name](im)) for i, im in originals]
-    out = assign_splits(pd.DataFrame(rows), rule=RULE).set_index("item_id")
-    linked = [i for i, _ in originals if out.loc[i, "group_key"] == out.loc[f"{i}~{name}", "group_key"]]
-    # the copy must be linked wherever its pHash is a candidate at all (crop moves some
-    # synthetic scenes past 6 bits, measured in test_dedup.py); the photo always is.
+    frame = pd.DataFrame(rows)
+    out = assign_splits(frame, rule=RULE).set_index("item_id")
+    h = frame.set_index("item_id")["phash"].map(lambda v: int(v, 16))
+    candidates = [i for i, _ in originals
+                  if (h[i] ^ h[f"{i}~{name}"]).bit_count() <= RULE.max_distance]
+    linked = [i for i in candidates if out.loc[i, "group_key"] == out.loc[f"{i}~{name}", "group_key"]]
+    # pHash itself misses some crops of these noisy scenes (> 6 bits, see test_dedup.py);
+    # of the copies it does propose, the thumbnails confirm nearly all (measured: resize,
+    # JPEG and exposure 100 %, resize + JPEG q50 + 3 % crop 77 %). The real photo always.
     assert "photo" in linked
-    assert len(linked) >= 0.7 * len(originals), (name, len(linked))
+    need = 0.7 if name == "crop3_resize_jpeg" else 0.95
+    assert len(linked) >= need * len(candidates) and len(candidates) >= 30, (name, len(linked), len(candidates))
     for i in linked:
         assert out.loc[i, "split"] == out.loc[f"{i}~{name}", "split"]
 
@@ -94,7 +100,9 @@ def test_low_texture_scenes_are_not_chained_into_one_group(night):
     i, _, _ = near_duplicate_pairs(phash_array(frame["phash"]), RULE.max_distance)
     assert len(i) >= 5  # the degenerate pHash really does collide on this data
     out = assign_splits(frame, rule=RULE)
-    assert out.groupby("group_key").size().max() <= 4
+    sizes = out.groupby("group_key").size()
+    assert sizes.max() <= RULE.max_loose_group
+    assert (sizes > 1).sum() < len(i)  # most pHash collisions were not confirmed
 
 
 def test_solid_colour_images_are_never_linked_by_phash():
@@ -162,7 +170,7 @@ def test_a_new_copy_of_images_in_two_splits_is_held_out_and_nothing_moves(monkey
     base2 = pd.concat([base, pd.DataFrame([_row("bridge", bridge)])])
     import roadwork_assets.core.data.splits as splits_mod
 
-    def links(frame, rule):  # the bridge pair is forced: blending is not a copy transform
+    def links(frame, rule, base=None):  # the bridge pair is forced: blending is not a copy transform
         ids = frame["item_id"].tolist()
         return (np.array([ids.index("a"), ids.index("b")]),
                 np.array([ids.index("bridge"), ids.index("bridge")]))
