@@ -54,15 +54,22 @@ class DatasetSource(dg.ConfigurableResource):
         6, ge=0, le=20, description="max pHash Hamming distance of a near-duplicate candidate"
     )
     near_duplicate_max_residual: float = Field(
-        0.75, gt=0, description="max aligned-thumbnail residual that confirms a pHash candidate "
-        "as a copy of the same photo (core.data.similarity)")
+        0.8, gt=0, description="max aligned-thumbnail residual (95th percentile) that makes a "
+        "pHash candidate a likely copy of the same photo (core.data.similarity)")
+    near_duplicate_certain_residual: float = Field(
+        0.5, gt=0, description="max residual (98th percentile) of a certain copy; only certain "
+        "copies chain past near_duplicate_max_loose_group images")
+    near_duplicate_max_loose_group: int = Field(
+        8, ge=2, description="largest group likely-copy links may form")
     max_group_share: float = Field(
         0.01, gt=0, le=1, description="blocking check split_shape: no group (scene, or copies "
         "of one photo) may hold more than this share of the images")
 
     def near_duplicate_rule(self) -> NearDuplicateRule:
         return NearDuplicateRule(max_distance=self.near_duplicate_distance,
-                                 max_residual=self.near_duplicate_max_residual)
+                                 max_residual=self.near_duplicate_max_residual,
+                                 certain_residual=self.near_duplicate_certain_residual,
+                                 max_loose_group=self.near_duplicate_max_loose_group)
 
     def split_settings(self) -> dict[str, object]:
         """What the split depends on besides the data; a previous assignment made with

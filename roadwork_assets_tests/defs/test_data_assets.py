@@ -53,8 +53,8 @@ def test_too_few_calib_positives_fails_clearly_and_keeps_previous_artifact(tmp_p
                           resources=_resources(tmp_path, data)).success
     path = ArtifactRegistry(tmp_path / "home").split_assignment
     before = file_sha256(path)
-    with pytest.raises(InsufficientDataError, match=r"val_calib has \d+ positive images; .* "
-                       r"needs at least \d+"):
+    with pytest.raises(InsufficientDataError, match=r"val_calib has \d+ positive images in \d+ groups; "
+                       r"its threshold part .* has \d+ groups with roadwork; .* needs at least 99"):
         dg.materialize([source_images, split_assignment], selection=["split_assignment"],
                        resources=_resources(tmp_path, data, alpha=0.01))
     assert file_sha256(path) == before

@@ -28,7 +28,6 @@ Application: `apply_policy(params, view_logits)` -> (decision, remapped_prob).
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -44,7 +43,11 @@ from roadwork_assets.contracts.policy_schemas import (
     SoftmaxPolicyParams,
     ThresholdPartStats,
 )
-from roadwork_assets.core.calibration.calibrators import CALIBRATORS, Calibrator, calibrator_from_params
+from roadwork_assets.core.calibration.calibrators import (
+    CALIBRATORS,
+    Calibrator,
+    calibrator_from_params,
+)
 from roadwork_assets.core.calibration.conformal import (
     SplitConformalBinary,
     coverage_report,
@@ -57,7 +60,12 @@ from roadwork_assets.core.calibration.gate import (
     fit_failure_gate,
     gate_features,
 )
-from roadwork_assets.core.calibration.metrics import brier, decision_confidence, ece, nll
+from roadwork_assets.core.calibration.metrics import (
+    brier,
+    decision_confidence,
+    ece,
+    nll,
+)
 from roadwork_assets.core.calibration.risk_control import (
     FnrThreshold,
     crc_fnr_threshold,
@@ -124,14 +132,6 @@ def split_calibration_set(
         fit.append(order[:n_fit])
         thr.append(order[n_fit:])
     return np.sort(np.concatenate(fit)), np.sort(np.concatenate(thr))
-
-
-def min_calib_positives(alpha: float, guarantee: str, delta: float, fit_fraction: float) -> int:
-    """Positives val_calib needs so that its threshold part can meet ``alpha``, *if* the
-    split were stratified by image. Kept for callers that have no group keys; the split
-    is by group, so use `check_calibration_capacity`, which computes the real split."""
-    need = crc_min_positives(alpha) if guarantee == "crc" else ltt_min_positives(alpha, delta)
-    return math.ceil(need / (1.0 - fit_fraction))
 
 
 def units_needed(alpha: float, guarantee: str, delta: float) -> int:

@@ -258,8 +258,10 @@ def split_counts(assignment: pd.DataFrame) -> dict[str, dict[str, int]]:
     return counts
 
 
-def check_split_sizes(assignment: pd.DataFrame, min_calib_positives: int) -> None:
-    """Refuse empty or one-class splits, and a val_calib too small for the exit policy."""
+def check_split_sizes(assignment: pd.DataFrame) -> None:
+    """Refuse empty or one-class splits. (Whether val_calib can carry the exit policy's
+    guarantee is core.calibration.policies.check_calibration_capacity: it needs the
+    policy's settings and the same by-group split the policy will make.)"""
     counts = split_counts(assignment)
     for split, c in counts.items():
         if c["n"] == 0:
@@ -273,14 +275,6 @@ def check_split_sizes(assignment: pd.DataFrame, min_calib_positives: int) -> Non
                 f"split {split!r} has no {missing} images ({c}); every split needs both "
                 "classes: add data of that class or change the split fractions"
             )
-    have = counts["val_calib"]["positive"]
-    if have < min_calib_positives:
-        raise InsufficientDataError(
-            f"val_calib has {have} positive images; the exit policy at the configured "
-            f"alpha needs at least {min_calib_positives} (val_calib is halved into a "
-            "fitting part and a threshold part). Add roadwork images, raise the "
-            "val_calib fraction, or raise alpha."
-        )
 
 
 @dataclass(frozen=True, eq=False)

@@ -13,7 +13,7 @@ from roadwork_assets.core.artifacts import (
     read_parquet_provenance,
     staged_path,
 )
-from roadwork_assets.core.calibration.policies import min_calib_positives
+from roadwork_assets.core.calibration.policies import check_calibration_capacity
 from roadwork_assets.core.data.dedup import check_split_leakage
 from roadwork_assets.core.data.ingest import ingest_images
 from roadwork_assets.core.data.sources import load_source
@@ -123,9 +123,13 @@ def split_assignment(
     result = split_images(source_images, dataset.split_fractions, seed=dataset.split_seed,
                           rule=dataset.near_duplicate_rule(), previous=previous)
     assignment = result.assignment
-    check_split_sizes(assignment, min_calib_positives=min_calib_positives(
-        exit_policy.alpha, exit_policy.guarantee, exit_policy.delta,
-        exit_policy.calib_fit_fraction))
+    check_split_sizes(assignment)
+    calib = assignment[assignment["split"] == "val_calib"]
+    # the same fit / threshold split, by group, that the policy assets will make
+    calib_units = check_calibration_capacity(
+        calib["item_id"].tolist(), calib["label"].to_numpy(), calib["group_key"].tolist(),
+        alpha=exit_policy.alpha, guarantee=exit_policy.guarantee, delta=exit_policy.delta,
+        fit_fraction=exit_policy.calib_fit_fraction)
     assignment = assignment[[c for c in MANIFEST_COLUMNS if c in assignment.columns]]
     report = check_split_leakage(assignment, dataset.near_duplicate_rule())
     shape = split_shape_report(assignment, dataset.split_fractions, dataset.max_group_share)
@@ -142,6 +146,7 @@ def split_assignment(
             "near_duplicate_pairs": report.n_near_pairs,
             "shared_groups": report.n_shared_groups,
             "max_distance": report.max_distance,
+            "possible_copy_pairs_across_splits": report.n_possible_pairs,
             "offenders": dg.MetadataValue.md("\n".join(f"- {e}" for e in report.examples) or "_none_"),
         },
         description=report.summary(),
@@ -171,6 +176,7 @@ def split_assignment(
             "largest_group_images": dg.MetadataValue.int(int(largest["n_images"].iloc[0])
                                                          if len(largest) else 0),
             "n_groups": dg.MetadataValue.int(int(assignment["group_key"].nunique())),
+            "val_calib_threshold_units_with_roadwork": dg.MetadataValue.int(calib_units),
             "kept_from_previous_assignment": dg.MetadataValue.int(result.n_kept_from_previous),
             "n_held_out": dg.MetadataValue.int(len(result.held_out)),
             "held_out": table_md(result.held_out),

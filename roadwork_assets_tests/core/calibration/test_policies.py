@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 from scipy.special import expit, logit
 
-from roadwork_assets.contracts.errors import ArtifactIntegrityError, BadInputError, InsufficientDataError
+from roadwork_assets.contracts.errors import (
+    ArtifactIntegrityError,
+    BadInputError,
+    InsufficientDataError,
+)
 from roadwork_assets.contracts.policy_schemas import (
     GatePolicyParams,
     ScrcPolicyParams,
@@ -22,6 +26,7 @@ from roadwork_assets.core.calibration.policies import (
     DEFAULT_CALIBRATOR_METHODS,
     apply_policy,
     check_calibration_capacity,
+    units_needed,
     fit_policy,
     policy_probability,
     remap_probability,
@@ -250,16 +255,6 @@ def test_end_to_end_crc_policy_keeps_expected_fnr(rng):
     assert alpha - 2 / (min(n_pos) + 1) - 3 * se <= fnrs.mean() <= alpha + 3 * se
 
 
-def test_min_calib_positives_is_still_importable():
-    from roadwork_assets.core.calibration.policies import min_calib_positives
-
-    # CRC at alpha=0.02 needs 49 positives in the threshold part, which gets half of val_calib
-    assert min_calib_positives(0.02, "crc", 0.1, 0.5) == 98
-    assert min_calib_positives(0.02, "ltt", 0.1, 0.5) == 2 * 114
-    assert min_calib_positives(0.1, "crc", 0.1, 0.75) == 36
-
-
-# ------------------------------------------------------- grouped calibration
 def _scene_data(rng, n_scenes, frames, pos_share=0.5):
     """Multi-view logits of scenes with `frames` frames each; a scene is all roadwork or all none."""
     n = n_scenes * frames
@@ -288,10 +283,9 @@ def test_check_calibration_capacity_counts_scenes_of_the_real_split(rng):
     """200 roadwork images in 20 scenes: the old image-count rule (2 x 19 = 38 at α = 0.05)
     passes, but the group split leaves about 10 scenes with roadwork for the threshold
     part, and CRC at α = 0.05 needs 19 units."""
-    from roadwork_assets.core.calibration.policies import min_calib_positives
-
     _, y, ids, groups = _scene_data(rng, 40, 10, pos_share=0.5)
-    assert int(y.sum()) >= min_calib_positives(0.05, "crc", 0.1, 0.5)
+    # the rule this replaced: ceil(units_needed / (1 - fit_fraction)) positive images
+    assert int(y.sum()) >= 2 * units_needed(0.05, "crc", 0.1)
     _, idx_thr = split_calibration_set(ids, y, 0.5, groups=groups)
     have = len({groups[i] for i in idx_thr if y[i] == 1})
     msg = (rf"val_calib has {int(y.sum())} positive images in \d+ groups; its threshold part "
