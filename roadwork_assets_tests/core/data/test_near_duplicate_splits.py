@@ -226,3 +226,10 @@ def test_shape_refuses_fractions_that_are_not_the_configured_ones():
     out.loc[out.index[:300], "split"] = "val_calib"  # 7.5 % moved by hand
     report = split_shape_report(out, DEFAULT_FRACTIONS)
     assert not report.ok and "'val_calib' holds" in report.summary()
+
+
+def test_a_stored_thumbnail_of_the_wrong_size_is_refused_with_the_row_and_fix():
+    frame = pd.DataFrame([_row(i, im) for i, im in _scenes(4)])
+    frame.loc[2, "thumb"] = b"\x00" * 100
+    with pytest.raises(BadInputError, match="thumbnail at row 2 has 100 bytes.*re-materialize source_images"):
+        assign_splits(frame, rule=RULE)
