@@ -24,6 +24,7 @@ import pandas as pd
 
 from roadwork_assets.contracts.errors import BadInputError, InsufficientDataError
 from roadwork_assets.core.data.images import (
+    DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
     decode_image,
     perceptual_hash,
@@ -42,6 +43,7 @@ def ingest_images(
     records: pd.DataFrame,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Decode and fingerprint each record; return ``(ingested, quarantined)``.
@@ -51,7 +53,8 @@ def ingest_images(
     near-duplicate signal, see ``core.data.similarity``), ``width`` and ``height`` (after EXIF orientation).
     ``quarantined`` has ``item_id``, ``uri``, ``reason`` and also lists rows the source
     reader set aside (``records.attrs["quarantine"]``). Images are dropped as soon as
-    they are hashed, so memory stays at one decoded image. ``progress(done, total)`` is
+    they are hashed, so memory stays at one decoded image, which ``max_bytes`` bounds
+    (images whose decode would need more are quarantined, see ``decode_peak_bytes``). ``progress(done, total)`` is
     called every 500 images if given.
     """
     missing = [c for c in RECORD_COLUMNS if c not in records.columns]
@@ -70,7 +73,7 @@ def ingest_images(
     quarantined: list[dict] = []
     for i, (item_id, uri) in enumerate(zip(records["item_id"], records["uri"])):
         try:
-            img = decode_image(Path(uri), str(item_id), max_pixels=max_pixels)
+            img = decode_image(Path(uri), str(item_id), max_pixels=max_pixels, max_bytes=max_bytes)
         except BadInputError as exc:
             quarantined.append({"item_id": item_id, "uri": uri, "reason": str(exc)})
             continue
@@ -98,9 +101,15 @@ def ingest_images(
         ignore_index=True,
     )
     if ingested.empty:
+        if len(quarantine) == 0:
+            raise InsufficientDataError(
+                "the source lists no images, so there is nothing to ingest: check that the "
+                "source path points at the images."
+            )
         reasons = "; ".join(quarantine["reason"].head(3))
+        what = "the only image could not" if total == 1 else f"none of the {total} images could"
         raise InsufficientDataError(
-            f"none of the {total} images could be used (all quarantined), e.g.: {reasons}. "
+            f"{what} be used (all quarantined), e.g.: {reasons}. "
             "Check that the source path points at the images."
         )
     _refuse_conflicting_labels(ingested)

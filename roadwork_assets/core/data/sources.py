@@ -8,7 +8,11 @@ Every reader returns a DataFrame with the columns of :data:`RECORD_COLUMNS`:
 - ``group_id`` str or None: items sharing a group (scene, sequence) must share a split
 
 Three layouts are accepted (see :func:`load_source`): class folders, a CSV/parquet
-manifest, and NATIX parquet files with embedded image bytes. Rows a reader sets aside
+manifest, and NATIX parquet files with embedded image bytes. Folder scans (class
+folders, a folder of NATIX files) skip hidden entries -- any file or folder under the
+root whose name starts with ``.`` (editor, sync and partial-download leftovers such as
+``.part-1.parquet``); paths a manifest lists are the user's explicit choice and are read
+even when hidden. Rows a reader sets aside
 (e.g. NATIX roadwork rows without a scene description) are listed, never dropped
 silently: ``df.attrs["quarantine"]`` holds a list of ``{"item_id", "uri", "reason"}``
 dicts (plain dicts, so pandas can copy and compare attrs), read with
@@ -36,14 +40,14 @@ import pyarrow.parquet as pq
 from roadwork_assets.contracts.errors import BadInputError
 
 __all__ = [
-    "RECORD_COLUMNS",
-    "IMAGE_EXTENSIONS",
     "GROUP_COLUMNS",
+    "IMAGE_EXTENSIONS",
+    "RECORD_COLUMNS",
+    "load_source",
+    "parse_labels",
     "read_class_folders",
     "read_manifest",
     "read_natix_parquet",
-    "parse_labels",
-    "load_source",
     "source_quarantine",
     "store_bytes",
 ]
@@ -59,7 +63,8 @@ _LAYOUTS = (
     "images; (2) a .csv or .parquet manifest with columns path, label and optionally "
     "group_id (or scene_id / sequence_id), paths relative to the manifest's folder; "
     "(3) a NATIX parquet file, or a folder of them, with an image struct column "
-    "(holding 'bytes') plus label, scene_description and id."
+    "(holding 'bytes') plus label, scene_description and id. Hidden files and folders "
+    "(name starting with '.') inside a source folder are skipped."
 )
 
 
@@ -148,6 +153,19 @@ def _finish(records: pd.DataFrame, where: str, quarantine: list[dict] | None = N
     return out
 
 
+def _is_hidden(path: Path, root: Path) -> bool:
+    """Whether any part of ``path`` below ``root`` starts with a dot."""
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _listed(names: Sequence[str], total: int | None = None) -> str:
+    """The first names, comma-separated, then "(and N more)" up to ``total`` (default:
+    all of ``names``)."""
+    total = len(names) if total is None else total
+    shown = ", ".join(names[:_MAX_LISTED])
+    return shown + (f" (and {total - _MAX_LISTED} more)" if total > _MAX_LISTED else "")
+
+
 def source_quarantine(records: pd.DataFrame) -> pd.DataFrame:
     """Rows a reader set aside, as a DataFrame (``item_id``, ``uri``, ``reason``)."""
     rows = records.attrs.get("quarantine", [])
@@ -174,8 +192,8 @@ def _missing_columns_error(missing: Sequence[str], where: str, present: Sequence
 def read_class_folders(root: Path | str) -> pd.DataFrame:
     """``root/roadwork/**`` -> label 1, ``root/none/**`` -> label 0.
 
-    Images are files with extension jpg/jpeg/png/webp/bmp (any case); other files and
-    hidden files are ignored. A subfolder inside a class folder is a group (a scene or
+    Images are files with extension jpg/jpeg/png/webp/bmp (any case); other files, and
+    hidden files and folders (name starting with ``.``), are ignored. A subfolder inside a class folder is a group (a scene or
     sequence): its name, e.g. ``seq_01``, becomes ``group_id`` so the same sequence is
     grouped across both classes and never straddles splits.
     """
@@ -191,7 +209,7 @@ def read_class_folders(root: Path | str) -> pd.DataFrame:
         class_dir = root / name
         for path in sorted(class_dir.rglob("*")):
             rel = path.relative_to(class_dir)
-            if any(part.startswith(".") for part in rel.parts):
+            if _is_hidden(path, class_dir):
                 continue
             if path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
                 continue
@@ -199,8 +217,9 @@ def read_class_folders(root: Path | str) -> pd.DataFrame:
             rows.append((path.relative_to(root).as_posix(), str(path), CLASS_FOLDERS[name], group))
     if not rows:
         raise BadInputError(
-            f"no images (extensions {', '.join(sorted(IMAGE_EXTENSIONS))}) found under "
-            f"{', '.join(str(root / n) for n in present)}: put the images there."
+            f"no images (extensions {', '.join(sorted(IMAGE_EXTENSIONS))}, hidden files "
+            f"skipped) found under {', '.join(str(root / n) for n in present)}: put the "
+            "images there."
         )
     return _finish(pd.DataFrame(rows, columns=list(RECORD_COLUMNS)), str(root))
 
@@ -235,13 +254,23 @@ def read_manifest(path: Path | str) -> pd.DataFrame:
             [repr(m) for m in missing], f"manifest {str(path)!r}", [repr(str(c)) for c in table.columns],
             "A manifest needs 'path' (image file, relative to the manifest) and 'label' (0/1).",
         )
-    raw_paths = [str(p).strip() for p in table["path"]]
-    empty = [f"row {i}" for i, p in enumerate(raw_paths) if p in ("", "nan", "None")]
-    if empty:
+    if len(table) == 0:
         raise BadInputError(
-            f"manifest {str(path)!r} has empty 'path' values at {', '.join(empty[:_MAX_LISTED])}: "
+            f"manifest {str(path)!r} lists no images (it has columns but no rows): add one "
+            "row per image with its path and label."
+        )
+    # Whole-column checks first: a repeated or empty path is found in one vectorised
+    # pass, before any per-row work (5 M rows repeating one path used to take minutes).
+    column = table["path"].astype(str).str.strip()
+    empty = np.flatnonzero(column.isin(["", "nan", "None"]).to_numpy())
+    if len(empty):
+        raise BadInputError(
+            f"manifest {str(path)!r} has {len(empty)} empty 'path' value(s), at "
+            f"{_listed([f'row {i}' for i in empty[:_MAX_LISTED]], len(empty))}: "
             "fill them in or remove those rows."
         )
+    _refuse_repeated_paths(column, path)
+    raw_paths = column.tolist()
     item_ids = [posixpath.normpath(p.replace("\\", "/")) for p in raw_paths]
     labels = parse_labels(table["label"], item_ids, where=f"manifest {str(path)!r}")
     group_column = next((c for c in GROUP_COLUMNS if c in table.columns), None)
@@ -252,22 +281,56 @@ def read_manifest(path: Path | str) -> pd.DataFrame:
     return _finish(records, f"manifest {str(path)!r}")
 
 
+def _refuse_repeated_paths(column: pd.Series, path: Path) -> None:
+    """Refuse a manifest whose ``path`` column repeats a value, naming the first ones."""
+    repeated = column.duplicated(keep=False).to_numpy()
+    if not repeated.any():
+        return
+    values = column.to_numpy()
+    names = pd.unique(values[repeated])
+    examples = []
+    for name in names[:_MAX_LISTED]:
+        rows = np.flatnonzero(values == name)
+        more = f" and {len(rows) - 3} more" if len(rows) > 3 else ""
+        examples.append(f"{name!r} (rows {', '.join(str(r) for r in rows[:3])}{more})")
+    more = f" (and {len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else ""
+    raise BadInputError(
+        f"{len(names)} item id(s) occur more than once in manifest {str(path)!r}: "
+        f"{'; '.join(examples)}{more}. Every item must be listed once: remove the "
+        "repeated rows."
+    )
+
+
 # ------------------------------------------------------------------------------ NATIX
+
+
+def _visible_parquet(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*.parquet") if not _is_hidden(p, folder) and p.is_file())
 
 
 def _parquet_files(path_or_dir: Path) -> list[Path]:
     if path_or_dir.is_dir():
-        files = sorted(p for p in path_or_dir.rglob("*.parquet") if p.is_file())
+        files = _visible_parquet(path_or_dir)
         if not files:
-            raise BadInputError(f"folder {str(path_or_dir)!r} holds no .parquet files. {_LAYOUTS}")
+            raise BadInputError(
+                f"folder {str(path_or_dir)!r} holds no .parquet files (hidden ones skipped). {_LAYOUTS}"
+            )
         return files
     if not path_or_dir.is_file():
         raise BadInputError(f"{str(path_or_dir)!r} does not exist.")
     return [path_or_dir]
 
 
+def _holds_bytes(field: pa.Field) -> bool:
+    return pa.types.is_struct(field.type) and field.type.get_field_index("bytes") >= 0
+
+
 def _image_column(schema: pa.Schema) -> str | None:
-    return next((name for name in schema.names if "image" in name.lower()), None)
+    """The first struct column with a ``bytes`` field, preferring a name containing
+    "image" (an ``image_id`` string column before the ``image`` struct is not it)."""
+    holding = [f.name for f in schema if _holds_bytes(f)]
+    named = [name for name in holding if "image" in name.lower()]
+    return (named or holding or [None])[0]
 
 
 def _natix_columns(file: Path) -> str:
@@ -278,19 +341,20 @@ def _natix_columns(file: Path) -> str:
         raise BadInputError(f"cannot read parquet file {str(file)!r}: {exc}") from exc
     present = [f"{f.name!r} ({f.type})" for f in schema]
     image_col = _image_column(schema)
+    named = [f for f in schema if "image" in f.name.lower()]
+    if image_col is None and named:
+        raise BadInputError(
+            f"NATIX parquet {str(file)!r}: image column {named[0].name!r} has type "
+            f"{named[0].type}, expected a struct with a 'bytes' field (columns present: "
+            f"{', '.join(present)})."
+        )
     missing = [repr(c) for c in NATIX_REQUIRED if c not in schema.names]
     if image_col is None:
-        missing.insert(0, "an image column (any name containing 'image')")
+        missing.insert(0, "an image column (a struct column with a 'bytes' field)")
     if missing:
         raise _missing_columns_error(
             missing, f"NATIX parquet {str(file)!r}", present,
             "Expected an image struct column (with 'bytes'), label, scene_description, id.",
-        )
-    image_type = schema.field(image_col).type
-    if not pa.types.is_struct(image_type) or image_type.get_field_index("bytes") < 0:
-        raise BadInputError(
-            f"NATIX parquet {str(file)!r}: image column {image_col!r} has type {image_type}, "
-            f"expected a struct with a 'bytes' field (columns present: {', '.join(present)})."
         )
     return image_col
 
@@ -342,7 +406,10 @@ def read_natix_parquet(path_or_dir: Path | str, extract_dir: Path | str) -> pd.D
     file). Labels are validated for every file before any image is written. A row is
     quarantined (listed in ``attrs["quarantine"]``, not returned) when its label is 1
     and ``scene_description`` is empty (NATIX's own rule: such rows are unverified), or
-    when it has no image bytes. ``group_id`` is None (NATIX has no scene column).
+    when it has no image bytes. ``group_id`` is None (NATIX has no scene column). The
+    image column is the first struct column with a ``bytes`` field (one whose name
+    contains "image" first); ``id`` must be unique across the files (nulls aside), and
+    hidden files in a folder are skipped.
     """
     source = Path(path_or_dir).expanduser().resolve()
     store = Path(extract_dir).expanduser().resolve()
@@ -354,9 +421,11 @@ def read_natix_parquet(path_or_dir: Path | str, extract_dir: Path | str) -> pd.D
     keep: dict[Path, np.ndarray] = {}
     labels_of: dict[Path, np.ndarray] = {}
     quarantine: list[dict] = []
+    natix_ids = []
     for file in files:
-        meta = pq.read_table(file, columns=["label", "scene_description"]).to_pandas()
+        meta = pq.read_table(file, columns=["label", "scene_description", "id"]).to_pandas()
         ids = [f"{file.relative_to(base).as_posix()}#row{i}" for i in range(len(meta))]
+        natix_ids.append(pd.DataFrame({"id": meta["id"].to_numpy(dtype=object), "row": ids}))
         labels = parse_labels(meta["label"], ids, where=f"NATIX parquet {str(file)!r}")
         described = np.array([_text_or_none(v) is not None for v in meta["scene_description"]], dtype=bool)
         undescribed = (labels == 1) & ~described
@@ -367,6 +436,13 @@ def read_natix_parquet(path_or_dir: Path | str, extract_dir: Path | str) -> pd.D
                           "roadwork rows only when they are described",
             })
         keep[file], labels_of[file] = ~undescribed, labels
+    _refuse_repeated_natix_ids(pd.concat(natix_ids, ignore_index=True), source)
+    total_rows = sum(len(k) for k in keep.values())
+    if total_rows == 0:
+        raise BadInputError(
+            f"NATIX source {str(source)!r} holds no rows ({len(files)} parquet file(s), all "
+            "empty): point it at the files that hold the images."
+        )
 
     # Pass 2, batch by batch: the image column is most of the file.
     rows = []
@@ -387,11 +463,35 @@ def read_natix_parquet(path_or_dir: Path | str, extract_dir: Path | str) -> pd.D
                     rows.append((item_id, str(uri), labels_of[file][row], None))
                 row += 1
     if not rows:
+        first = quarantine[0]
         raise BadInputError(
-            f"NATIX source {str(source)!r} yielded no usable rows ({len(quarantine)} "
-            "quarantined, e.g. " + "; ".join(q["reason"] for q in quarantine[:1]) + ")."
+            f"NATIX source {str(source)!r} yielded no usable rows: "
+            + ("its only row was" if total_rows == 1 else f"all {total_rows} rows were")
+            + f" set aside (e.g. {first['item_id']}: {first['reason']})."
         )
     return _finish(pd.DataFrame(rows, columns=list(RECORD_COLUMNS)), f"NATIX source {str(source)!r}", quarantine)
+
+
+def _refuse_repeated_natix_ids(ids: pd.DataFrame, source: Path) -> None:
+    """NATIX ``id`` names one photo: two rows with one id are one item listed twice."""
+    ids = ids[ids["id"].notna()]
+    key = ids["id"].astype(str)
+    repeated = key.duplicated(keep=False)
+    if not repeated.any():
+        return
+    groups = ids[repeated.to_numpy()].groupby(key[repeated], sort=False)["row"]
+    examples = [
+        f"{name!r} ({len(rows)} rows: {', '.join(rows.iloc[:3])}"
+        + (f" and {len(rows) - 3} more)" if len(rows) > 3 else ")")
+        for name, rows in list(groups)[:_MAX_LISTED]
+    ]
+    n = groups.ngroups
+    more = f" (and {n - _MAX_LISTED} more)" if n > _MAX_LISTED else ""
+    raise BadInputError(
+        f"{n} NATIX id(s) occur in more than one row of {str(source)!r}: "
+        f"{'; '.join(examples)}{more}. Every photo must be listed once: remove the "
+        "repeated rows (or give each photo its own id)."
+    )
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -412,7 +512,7 @@ def load_source(spec: str | Path | None, cache_dir: Path | str) -> pd.DataFrame:
     if path.is_dir():
         if any((path / name).is_dir() for name in CLASS_FOLDERS):
             return read_class_folders(path)
-        files = sorted(path.rglob("*.parquet"))
+        files = _visible_parquet(path)
         if files and _schema_kind(files[0]) == "natix":
             return read_natix_parquet(path, extract_dir)
         raise BadInputError(f"folder {str(path)!r} matches no accepted layout. {_LAYOUTS}")
@@ -440,4 +540,7 @@ def _schema_kind(file: Path) -> str | None:
         raise BadInputError(f"cannot read parquet file {str(file)!r}: {exc}") from exc
     if "path" in schema.names:
         return "manifest"
-    return "natix" if _image_column(schema) is not None else None
+    # a column named like an image but of the wrong type still goes to the NATIX reader,
+    # whose error names that column and its type
+    named = any("image" in name.lower() for name in schema.names)
+    return "natix" if _image_column(schema) is not None or named else None

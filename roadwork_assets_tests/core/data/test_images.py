@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import struct
+import subprocess
+import sys
 import time
 import tracemalloc
 import zlib
@@ -12,7 +15,12 @@ import pytest
 from PIL import Image, ImageFile
 
 from roadwork_assets.contracts.errors import BadInputError
-from roadwork_assets.core.data.images import decode_image, perceptual_hash, pixel_sha256
+from roadwork_assets.core.data.images import (
+    decode_image,
+    decode_peak_bytes,
+    perceptual_hash,
+    pixel_sha256,
+)
 from roadwork_assets_tests.core.data.scenes import encode, save, scene
 
 RNG = np.random.default_rng(0)
@@ -22,13 +30,13 @@ def _jpeg_bytes() -> bytes:
     return encode(scene(1), "JPEG", quality=90)
 
 
-def _png_header(width: int, height: int) -> bytes:
+def _png_header(width: int, height: int, bit_depth: int = 8, colour_type: int = 2) -> bytes:
     """A PNG whose IHDR declares width x height, with a tiny IDAT: a decompression bomb."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
 
 
@@ -93,6 +101,95 @@ def test_bomb_below_pil_limit_is_refused_by_max_pixels():
         decode_image(_png_header(12_000, 10_000), "big.png")  # PIL would only warn here
     with pytest.raises(BadInputError, match="above the limit of 5,000"):
         decode_image(encode(scene(2), "PNG"), "small.png", max_pixels=5_000)
+
+
+def test_sixteen_bit_image_is_refused_by_its_memory_cost_before_decoding(monkeypatch):
+    # the issue's case: 9990x9990 16-bit grey, under max_pixels, ~2 GB RSS when decoded
+    loads = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(self.size) or real_load(self))
+    tracemalloc.start()
+    with pytest.raises(BadInputError, match=(
+            r"^image 'big16\.png' is 9990x9990 in pixel mode 'I;16': decoding it would take about "
+            r"508 MiB of memory, above the limit of 256 MiB; refused before decoding \(memory guard\)\. "
+            r".*downscale it \(or convert it to 8-bit\) before ingest, or raise max_bytes\.$")):
+        decode_image(_png_header(9990, 9990, bit_depth=16, colour_type=0), "big16.png")
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert loads == [] and peak < 5_000_000
+
+
+def test_memory_limit_counts_exif_rotation():
+    rotate = Image.Exif()
+    rotate[0x0112] = 6
+    img = Image.new("RGB", (1000, 1000), (200, 90, 10))
+    plain, rotated = encode(img, "JPEG"), encode(img, "JPEG", exif=rotate.tobytes())
+    limit = decode_peak_bytes("RGB", 1000, 1000) + 1_000_000  # plain fits, rotated does not
+    assert decode_image(plain, "plain.jpg", max_bytes=limit).size == (1000, 1000)
+    with pytest.raises(BadInputError, match=r"'sideways\.jpg' is 1000x1000 in pixel mode 'RGB', EXIF-rotated: decoding it would take about 40 MiB"):
+        decode_image(rotated, "sideways.jpg", max_bytes=limit)
+
+
+_PEAK_CHILD = """
+import json, re, sys
+from pathlib import Path
+from PIL import Image
+from roadwork_assets.core.data.images import decode_image, decode_peak_bytes, perceptual_hash, pixel_sha256
+from roadwork_assets.core.data.similarity import thumbnail
+def high_water():  # VmHWM: this process's peak RSS (ru_maxrss would carry the parent's over exec)
+    return int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+path = Path(sys.argv[1])
+with Image.open(path) as im:
+    rotated = im.format == "JPEG" and im.getexif().get(0x0112, 1) != 1  # PNG getexif decodes
+    bands = len(im.getbands()) if im.info.get("progressive") else 0
+    estimate = decode_peak_bytes(im.mode, *im.size, rotated=rotated, progressive_bands=bands)
+before = high_water()
+img = decode_image(path, path.name, max_bytes=estimate)
+pixel_sha256(img), perceptual_hash(img), thumbnail(img)
+after = high_water()
+print(json.dumps({"estimate": estimate, "peak": after - before, "pixels": img.width * img.height}))
+"""
+
+
+def _peak_cases(tmp_path):
+    w, h = 2400, 2000
+    ramp = (np.arange(w * h, dtype=np.uint32) % 65536).reshape(h, w)
+    rotate = Image.Exif()
+    rotate[0x0112] = 8
+    rgb = Image.fromarray(np.stack([ramp % 251, ramp % 241, ramp % 239], -1).astype(np.uint8))
+    cases = {
+        "i16.png": (Image.fromarray(ramp.astype(np.uint16)), {}),
+        "rgba.png": (Image.fromarray(np.stack([ramp % 251] * 3 + [ramp % 256], -1).astype(np.uint8)), {}),
+        "palette.png": (rgb.quantize(64), {"transparency": 3}),
+        "rotated_progressive.jpg": (rgb, {"exif": rotate.tobytes(), "progressive": True, "quality": 80}),
+    }
+    for name, (img, options) in cases.items():
+        img.save(tmp_path / name, **options)
+    return list(cases)
+
+
+def test_decode_peak_bytes_bounds_the_real_peak(tmp_path):
+    """Measured in a fresh process: peak RSS growth while decoding and fingerprinting
+    stays within decode_peak_bytes, for the modes with the costliest conversions."""
+    for name in _peak_cases(tmp_path):
+        out = subprocess.run([sys.executable, "-c", _PEAK_CHILD, str(tmp_path / name)],
+                             capture_output=True, text=True, timeout=120, check=True)
+        got = json.loads(out.stdout)
+        assert got["peak"] <= got["estimate"], (name, got)
+        assert got["peak"] >= 4 * got["pixels"] * 0.9, (name, got)  # it measured the RGB result
+
+
+def test_predict_applies_the_same_memory_limit(tmp_path):
+    from types import SimpleNamespace
+
+    from roadwork_assets.core.export.predictor import BundlePredictor
+
+    predictor = object.__new__(BundlePredictor)  # decoding comes before the model is used
+    predictor.bundle = SimpleNamespace(manifest=SimpleNamespace(img_size=32))
+    path = tmp_path / "big16.png"
+    path.write_bytes(_png_header(9990, 9990, bit_depth=16, colour_type=0))
+    with pytest.raises(BadInputError, match=r"big16\.png' is 9990x9990 in pixel mode 'I;16'.*above the limit of 256 MiB"):
+        predictor.predict_paths([path])
 
 
 def test_float_mode_image_is_refused():
@@ -174,5 +271,5 @@ def test_perceptual_hash_matches_imagehash_and_survives_resizing():
     img = scene(4)
     assert perceptual_hash(img) == int(str(imagehash.phash(img)), 16)
     resized = img.resize((120, 90), Image.Resampling.BICUBIC)
-    assert bin(perceptual_hash(img) ^ perceptual_hash(resized)).count("1") <= 2
+    assert (perceptual_hash(img) ^ perceptual_hash(resized)).bit_count() <= 2
     assert 0 <= perceptual_hash(img) < 2**64

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import re
+
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from roadwork_assets.contracts.errors import BadInputError, InsufficientDataError
 from roadwork_assets.core.data.ingest import ingest_images
-from roadwork_assets.core.data.sources import read_class_folders, read_natix_parquet
+from roadwork_assets.core.data.sources import (
+    RECORD_COLUMNS,
+    read_class_folders,
+    read_natix_parquet,
+)
 from roadwork_assets_tests.core.data.scenes import encode, save, scene
 
 
@@ -49,8 +57,30 @@ def test_same_pixels_same_label_are_kept(tmp_path):
 def test_nothing_usable_is_insufficient_data(tmp_path):
     (tmp_path / "roadwork").mkdir()
     (tmp_path / "roadwork" / "a.jpg").write_bytes(b"")
-    with pytest.raises(InsufficientDataError, match="none of the 1 images could be used"):
+    with pytest.raises(InsufficientDataError, match=r"the only image could not be used \(all quarantined\), e\.g\.: image 'roadwork/a\.jpg'"):
         ingest_images(read_class_folders(tmp_path))
+    (tmp_path / "none").mkdir()
+    (tmp_path / "none" / "b.jpg").write_bytes(b"")
+    with pytest.raises(InsufficientDataError, match="none of the 2 images could be used"):
+        ingest_images(read_class_folders(tmp_path))
+
+
+def test_no_records_say_there_is_nothing_to_ingest():
+    empty = pd.DataFrame({c: [] for c in RECORD_COLUMNS})
+    with pytest.raises(InsufficientDataError, match=r"^the source lists no images, so there is nothing to ingest"):
+        ingest_images(empty)
+
+
+def test_an_image_over_the_memory_limit_is_quarantined(tmp_path):
+    save(scene(1), tmp_path / "none" / "small.png")
+    big = Image.new("I;16", (1200, 1000), 4000)  # 16-bit grey: ~5 bytes per pixel decoded
+    (tmp_path / "roadwork").mkdir()
+    big.save(tmp_path / "roadwork" / "big.png")
+    limit = 32 * 1024**2 + 3_000_000  # fixed overhead + 3 MB: room for small, not big
+    ingested, quarantined = ingest_images(read_class_folders(tmp_path), max_bytes=limit)
+    assert ingested["item_id"].tolist() == ["none/small.png"]
+    assert quarantined["item_id"].tolist() == ["roadwork/big.png"]
+    assert re.search(r"'roadwork/big\.png' is 1200x1000 in pixel mode 'I;16': decoding it would take about \d+ MiB", quarantined["reason"][0])
 
 
 def test_reader_quarantine_is_carried_into_the_quarantine_table(tmp_path):

@@ -175,11 +175,45 @@ def test_natix_missing_columns_are_named_with_present_columns(tmp_path):
         read_natix_parquet(tmp_path / "a.parquet", tmp_path / "store")
 
 
-def test_natix_misnamed_image_column_is_refused(tmp_path):
-    table = _natix_table([{"image": {"bytes": b"x", "path": None}, "label": 0}], image_column="picture")
-    pq.write_table(table, tmp_path / "a.parquet")
-    with pytest.raises(BadInputError, match=r"lacks column\(s\) an image column \(any name containing 'image'\); columns present: 'picture'"):
+def test_natix_without_a_bytes_struct_column_is_refused(tmp_path):
+    table = _natix_table([{"image": {"bytes": b"x", "path": None}, "label": 0}]).drop_columns(["image"])
+    pq.write_table(table.append_column("picture", pa.array(["a.jpg"])), tmp_path / "a.parquet")
+    with pytest.raises(BadInputError, match=r"lacks column\(s\) an image column \(a struct column with a 'bytes' field\); columns present: 'label'"):
         read_natix_parquet(tmp_path / "a.parquet", tmp_path / "store")
+
+
+def test_natix_image_column_is_the_first_struct_holding_bytes(tmp_path):
+    data = encode(scene(1), "PNG")
+    rows = [{"image": {"bytes": data, "path": None}, "label": 0}]
+    # a string `image_id` before the struct `image` column: the struct is the image column
+    table = _natix_table(rows)
+    table = table.add_column(0, "image_id", pa.array(["photo-1"]))
+    pq.write_table(table, tmp_path / "a.parquet")
+    records = read_natix_parquet(tmp_path / "a.parquet", tmp_path / "store")
+    assert Path(records["uri"][0]).read_bytes() == data
+    # any name works when it is the only struct with bytes; "image" wins among several
+    (tmp_path / "b").mkdir()
+    pq.write_table(_natix_table(rows, image_column="picture"), tmp_path / "b" / "b.parquet")
+    assert Path(load_source(tmp_path / "b", tmp_path / "cache")["uri"][0]).read_bytes() == data
+    decoy = pa.array([{"bytes": b"not this one", "path": None}], type=IMAGE_STRUCT)
+    pq.write_table(_natix_table(rows).add_column(0, "thumb", decoy), tmp_path / "c.parquet")
+    assert Path(read_natix_parquet(tmp_path / "c.parquet", tmp_path / "store")["uri"][0]).read_bytes() == data
+
+
+def test_natix_repeated_id_is_refused_naming_the_id_and_rows(tmp_path):
+    rows = [{"image": {"bytes": b"x", "path": None}, "label": k % 2, "desc": "cones"} for k in range(800)]
+    table = _natix_table(rows).set_column(3, "id", pa.array(["same"] * 800))
+    pq.write_table(table, tmp_path / "a.parquet")
+    with pytest.raises(BadInputError, match=r"1 NATIX id\(s\) occur in more than one row of .*: 'same' \(800 rows: a\.parquet#row0, a\.parquet#row1, a\.parquet#row2 and 797 more\)\. Every photo must be listed once"):
+        read_natix_parquet(tmp_path / "a.parquet", tmp_path / "store")
+    assert not (tmp_path / "store").exists()  # refused before any image is extracted
+    # across files of one folder too
+    folder = tmp_path / "natix"
+    folder.mkdir()
+    pq.write_table(_natix_table(rows[:2]), folder / "train-0.parquet")
+    pq.write_table(_natix_table(rows[:1]), folder / "train-1.parquet")
+    with pytest.raises(BadInputError, match=r"'natix-0' \(2 rows: train-0\.parquet#row0, train-1\.parquet#row0\)"):
+        read_natix_parquet(folder, tmp_path / "store")
 
 
 def test_natix_image_column_without_bytes_is_refused(tmp_path):
@@ -224,3 +258,79 @@ def test_load_source_unknown_layout_explains_accepted_layouts(tmp_path):
             load_source(str(spec), tmp_path / "cache")
     with pytest.raises(ValueError, match="no source given"):
         load_source(None, tmp_path / "cache")
+
+
+# ---------------------------------------------------------------- hidden files
+
+
+def test_hidden_files_are_skipped_in_folder_scans_but_read_when_listed(tmp_path):
+    # class folders: hidden files and anything under a hidden folder
+    root = _class_tree(tmp_path / "folders")
+    save(scene(5), root / "roadwork" / ".thumbs" / "a.jpg")
+    assert sorted(read_class_folders(root)["item_id"]) == [
+        "none/d.webp", "none/seq_01/c.png", "roadwork/a.jpg", "roadwork/seq_01/b.JPG"]
+    # NATIX folder: a partial download and a hidden folder of junk do not fail the run
+    natix = tmp_path / "natix"
+    (natix / ".cache").mkdir(parents=True)
+    rows = [{"image": {"bytes": encode(scene(1), "PNG"), "path": None}, "label": 0}]
+    pq.write_table(_natix_table(rows), natix / "train-0.parquet")
+    (natix / ".part-1.parquet").write_bytes(b"PAR1 half a download")
+    (natix / ".cache" / "x.parquet").write_bytes(b"junk")
+    for records in (read_natix_parquet(natix, tmp_path / "store"), load_source(natix, tmp_path / "cache")):
+        assert records["item_id"].tolist() == ["train-0.parquet#row0"]
+    # only hidden parquet files: nothing to read, and the message says hidden ones were skipped
+    (natix / "train-0.parquet").unlink()
+    with pytest.raises(BadInputError, match=r"holds no \.parquet files \(hidden ones skipped\)"):
+        read_natix_parquet(natix, tmp_path / "store")
+    # a manifest's explicit paths are the user's choice: a listed hidden file is read
+    save(scene(6), tmp_path / "m" / ".hidden.jpg")
+    (tmp_path / "m" / "list.csv").write_text("path,label\n.hidden.jpg,1\n")
+    assert read_manifest(tmp_path / "m" / "list.csv")["item_id"].tolist() == [".hidden.jpg"]
+
+
+# ------------------------------------------------------------- large and empty
+
+
+def test_manifest_repeating_one_path_is_refused_before_per_row_work(tmp_path, monkeypatch):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label\n" + "a.jpg,1\n" * 500_000 + "b.jpg,0\n" * 2)
+    calls = []
+    monkeypatch.setattr("roadwork_assets.core.data.sources.parse_labels", lambda *a, **k: calls.append(1))
+    with pytest.raises(BadInputError, match=r"2 item id\(s\) occur more than once in manifest .*m\.csv': 'a\.jpg' \(rows 0, 1, 2 and 499997 more\); 'b\.jpg' \(rows 500000, 500001\)\. Every item must be listed once"):
+        read_manifest(manifest)
+    assert calls == []  # refused from the whole column, before labels are parsed row by row
+
+
+def test_header_only_manifest_says_it_lists_no_images(tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label\n")
+    with pytest.raises(BadInputError, match=r"m\.csv' lists no images \(it has columns but no rows\): add one row per image"):
+        load_source(manifest, tmp_path / "cache")
+
+
+def test_manifest_empty_paths_are_counted_and_listed(tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label\na.jpg,1\n,0\n")
+    with pytest.raises(BadInputError, match=r"has 1 empty 'path' value\(s\), at row 1: fill them in"):
+        read_manifest(manifest)
+
+
+def test_empty_class_folders_say_no_images_were_found(tmp_path):
+    (tmp_path / "roadwork").mkdir()
+    (tmp_path / "none").mkdir()
+    (tmp_path / "none" / ".DS_Store").write_bytes(b"x")
+    with pytest.raises(BadInputError, match=r"^no images \(extensions .*hidden files skipped\) found under .*roadwork, .*none: put the images there\.$"):
+        read_class_folders(tmp_path)
+
+
+def test_empty_natix_parquet_says_it_holds_no_rows(tmp_path):
+    pq.write_table(_natix_table([]), tmp_path / "a.parquet")
+    with pytest.raises(BadInputError, match=r"a\.parquet' holds no rows \(1 parquet file\(s\), all empty\): point it at"):
+        load_source(tmp_path / "a.parquet", tmp_path / "cache")
+    rows = [{"image": {"bytes": b"", "path": None}, "label": 0}]
+    pq.write_table(_natix_table(rows), tmp_path / "b.parquet")
+    with pytest.raises(BadInputError, match=r"yielded no usable rows: its only row was set aside \(e\.g\. b\.parquet#row0: no image bytes"):
+        read_natix_parquet(tmp_path / "b.parquet", tmp_path / "store")
+    pq.write_table(_natix_table(rows * 3), tmp_path / "c.parquet")
+    with pytest.raises(BadInputError, match=r"all 3 rows were set aside"):
+        read_natix_parquet(tmp_path / "c.parquet", tmp_path / "store")
