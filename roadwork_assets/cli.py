@@ -2,12 +2,13 @@
 
   roadwork run                     materialize the whole graph through Dagster
   roadwork predict --bundle DIR IMAGE...   one JSON line per image
-  roadwork verify DIR              check a bundle's schema and hashes
+  roadwork verify DIR              check a bundle: closed, hashes, lineage, ONNX probe
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import shutil
@@ -20,13 +21,32 @@ from roadwork_assets.contracts.errors import RoadworkError
 REPO_DAGSTER_YAML = Path(__file__).resolve().parents[1] / "dagster.yaml"
 
 
-def ensure_dagster_home() -> Path:
-    """A persistent DAGSTER_HOME, so runs (and the UI) see each other's materializations."""
+def _writable_dir(path: Path, what: str) -> Path:
+    """``path`` as a usable directory (created if missing), or one line saying why not."""
+    path = path.expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        raise RoadworkError(f"{what}={path} is a file, not a folder: point {what} at a "
+                            "folder (it is created if missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RoadworkError(f"{what}={path} cannot be created ({exc.strerror}): point {what} "
+                            "at a folder you can write") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise RoadworkError(f"{what}={path} is not writable: fix its permissions or point "
+                            f"{what} at a folder you can write")
+    return path
+
+
+def dagster_home_path() -> Path:
     from roadwork_assets.defs.resources import default_home
 
-    home = Path(os.environ.get("DAGSTER_HOME") or Path(default_home()) / "dagster_home")
-    home = home.expanduser().resolve()
-    home.mkdir(parents=True, exist_ok=True)
+    return Path(os.environ.get("DAGSTER_HOME") or Path(default_home()) / "dagster_home")
+
+
+def ensure_dagster_home() -> Path:
+    """A persistent DAGSTER_HOME, so runs (and the UI) see each other's materializations."""
+    home = _writable_dir(dagster_home_path(), "DAGSTER_HOME")
     target = home / "dagster.yaml"
     if not target.exists() and REPO_DAGSTER_YAML.exists():
         shutil.copyfile(REPO_DAGSTER_YAML, target)
@@ -34,28 +54,65 @@ def ensure_dagster_home() -> Path:
     return home
 
 
+def _parse_config_json(text: str | None) -> dict:
+    if not text:
+        return {}
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RoadworkError(f"--config-json is not valid JSON ({exc.msg} at line {exc.lineno} "
+                            f"column {exc.colno}): quote keys and strings with double quotes, "
+                            "e.g. '{\"resources\": {\"trainer\": {\"config\": {\"epochs\": 5}}}}'"
+                            ) from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    home = ensure_dagster_home()
+    from roadwork_assets.core.runlock import hold_lock
+    from roadwork_assets.defs.resources import default_home
+    from roadwork_assets.defs.settings import resolve_settings
+
+    # everything that can be refused is refused here, before any artifact is touched
+    settings = resolve_settings(_parse_config_json(args.config_json))
+    root = _writable_dir(Path(default_home()), "ROADWORK_HOME")
+    _writable_dir(dagster_home_path(), "DAGSTER_HOME")
+    with hold_lock(root, wait=args.wait, what="ROADWORK_HOME"):
+        return _run_locked(args, root, settings)
+
+
+def _run_locked(args: argparse.Namespace, root: Path, settings) -> int:
     import dagster as dg
 
-    from roadwork_assets.definitions import defs
-    from roadwork_assets.defs.resources import default_home
-    from roadwork_assets.defs.runner import materialize_all
+    from roadwork_assets import definitions
+    from roadwork_assets.core.artifacts import ArtifactRegistry, collect_dead_leftovers
+    from roadwork_assets.core.runlock import hold_lock
+    from roadwork_assets.defs.runner import fail_abandoned_runs, materialize_all
 
-    print(f"[roadwork] DAGSTER_HOME={home}  ROADWORK_HOME={default_home()}  "
-          f"ROADWORK_DATA={os.environ.get('ROADWORK_DATA') or '(generated default dataset)'}")
+    home = ensure_dagster_home()
+    print(f"[roadwork] DAGSTER_HOME={home}  ROADWORK_HOME={root}  "
+          f"ROADWORK_DATA={os.environ.get('ROADWORK_DATA') or '(unset)'}")
+    for line in settings.header_lines():
+        print(line)
+    for path in collect_dead_leftovers(root):
+        print(f"[roadwork] removed {path.relative_to(root)}: left by a run that is gone")
     t0 = time.perf_counter()
-    run_config = json.loads(args.config_json) if args.config_json else {}
+    defs = definitions.defs
+    job = defs.resolve_implicit_global_asset_job_def()
+    run_config = settings.run_config(set(job.resource_defs))
     # Dagster's own event log (every event, and a stack trace for any failure) stays in
     # DAGSTER_HOME for `dagster dev`; the terminal shows the roadwork lines and, for a
     # failed blocking check, one error line (BlockingCheckFailed).
     run_config.setdefault("loggers", {}).setdefault(
         "console", {"config": {"log_level": args.dagster_log_level.upper()}})
-    with dg.DagsterInstance.get() as instance:
+    # creating (and migrating) a fresh instance is serialised even when several
+    # ROADWORK_HOMEs share one DAGSTER_HOME
+    with hold_lock(home, wait=True, what="DAGSTER_HOME", say=lambda _m: None):
+        instance = dg.DagsterInstance.get()
+    with instance:
+        for run_id in fail_abandoned_runs(instance):
+            print(f"[roadwork] marked run {run_id} failed: the roadwork run that started it "
+                  "is gone")
         materialize_all(defs, instance, run_config=run_config)
-    from roadwork_assets.core.artifacts import ArtifactRegistry
-
-    report_path = ArtifactRegistry(Path(default_home())).test_report
+    report_path = ArtifactRegistry(root).test_report
     report = json.loads(report_path.read_text())
     fnr = report["fnr"]
     print(f"[roadwork] whole graph materialized in {time.perf_counter() - t0:.0f}s")
@@ -67,6 +124,7 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"{report['policy_fnr']['value']:.4f} with {report['policy_defer_rate']:.1%} deferred")
     print(f"[roadwork] the calibrated model alone at 0.5 (no exit policy): balanced accuracy "
           f"{report['model_balanced_accuracy']:.4f}")
+    print(f"[roadwork] bundle: {report['bundle_id']}")
     print(f"[roadwork] report: {report_path}")
     return 0
 
@@ -74,7 +132,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from roadwork_assets.core.export.predictor import BundlePredictor
 
-    predictor = BundlePredictor.from_dir(Path(args.bundle), device=args.device)
+    predictor = BundlePredictor.from_dir(Path(args.bundle), device=args.device,
+                                         check_onnx=not args.skip_onnx_check)
     for pred in predictor.predict_paths([Path(p) for p in args.images]):
         print(json.dumps(pred.as_dict()), flush=True)
     return 0
@@ -86,6 +145,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     bundle = load_bundle(Path(args.bundle_dir))
     m = bundle.manifest
     print(json.dumps({"ok": True, "bundle_id": m.bundle_id, "policy_kind": m.policy_kind,
+                      "checkpoint_sha256": m.provenance.checkpoint_sha256,
+                      "onnx_checked": bundle.onnx_checked,
                       "files": {r: f.sha256 for r, f in m.files.items()}}))
     return 0
 
@@ -97,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="materialize the whole asset graph through Dagster")
     r.add_argument("--config-json", help="Dagster run config applied to every stage, e.g. "
                    '\'{"resources": {"trainer": {"config": {"epochs": 5}}}}\'')
+    r.add_argument("--wait", action="store_true",
+                   help="if another run holds ROADWORK_HOME, wait for it instead of refusing")
     r.add_argument("--dagster-log-level", default="critical",
                    choices=["debug", "info", "warning", "error", "critical"],
                    help="Dagster's event log on the terminal (default critical: only the "
@@ -104,8 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="predict images with a bundle (JSON lines)")
     p.add_argument("--bundle", required=True, help="bundle directory")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--skip-onnx-check", action="store_true",
+                   help="skip comparing model.onnx with torch on the bundle's probe batch "
+                   "(predict serves torch; every other load-time check still runs)")
     p.add_argument("images", nargs="+")
-    v = sub.add_parser("verify", help="verify a bundle's schema and sha256 hashes")
+    v = sub.add_parser("verify", help="verify a bundle: closed folder, sha256 hashes, "
+                       "lineage, bounds, torch and ONNX on the stored probe batch")
     v.add_argument("bundle_dir")
     return parser
 
@@ -118,6 +185,40 @@ def main(argv: list[str] | None = None) -> int:
     except RoadworkError as exc:
         print(f"roadwork {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # an environment problem (disk, permissions) is one line too
+        line = environment_problem(exc)
+        if line is None:
+            raise
+        print(f"roadwork {args.command}: error: {line}", file=sys.stderr)
+        return 3
+
+
+def environment_problem(exc: BaseException) -> str | None:
+    """One line for a full disk, a read-only or vanished folder anywhere in the cause
+    chain (Dagster may wrap it), else None: a bug keeps its traceback."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = str(exc)
+        if isinstance(exc, OSError) and exc.errno in _ERRNO_FIX:
+            where = f" ({exc.filename})" if exc.filename else ""
+            return (f"{exc.strerror or errno.errorcode[exc.errno]}{where}: "
+                    f"{_ERRNO_FIX[exc.errno]}; artifacts already in place were not replaced")
+        if "database or disk is full" in text or "readonly database" in text:
+            return (f"{text.splitlines()[0][:200]}: free disk space or make DAGSTER_HOME "
+                    "writable; artifacts already in place were not replaced")
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+_ERRNO_FIX = {
+    errno.ENOSPC: "free disk space under ROADWORK_HOME / DAGSTER_HOME and run again",
+    errno.EDQUOT: "free space within your disk quota and run again",
+    errno.EACCES: "make ROADWORK_HOME / DAGSTER_HOME writable, or point them elsewhere",
+    errno.EPERM: "make ROADWORK_HOME / DAGSTER_HOME writable, or point them elsewhere",
+    errno.EROFS: "the file system is read-only: point ROADWORK_HOME / DAGSTER_HOME elsewhere",
+    errno.ENOTDIR: "a path under ROADWORK_HOME is a file where a folder belongs: remove it",
+}
 
 
 if __name__ == "__main__":

@@ -43,6 +43,9 @@ class Provenance(BaseModel):
     created_at: str
     checkpoint_sha256: str | None = Field(
         None, description="the checkpoint whose outputs this artifact was fitted/scored on")
+    settings: dict[str, dict[str, Any]] | None = Field(
+        None, description="settings groups that made it: {group: {sha256, values}} "
+        "(core.artifacts.settings_record); absent in artifacts that predate it")
 
 
 class BundleFile(BaseModel):

@@ -15,6 +15,8 @@ import hashlib
 import io
 import json
 import os
+import re
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -43,7 +45,7 @@ def atomic_path(dest: Path) -> Iterator[Path]:
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=dest.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     # mkstemp makes 0600 files; artifacts on shared storage must be readable by workers
@@ -70,10 +72,64 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
+@functools.lru_cache(maxsize=4)
+def _owner_token(pid: int) -> str:
+    return f"{pid}-{secrets.token_hex(4)}"
+
+
+def owner_token() -> str:
+    """``PID-RANDOM``: names this process's staged files (stable within the process, new
+    after a fork), so concurrent writers never share one and a dead owner can be told."""
+    return _owner_token(os.getpid())
+
+
 def staged_path(dest: Path) -> Path:
-    """Where an artifact is written before its blocking checks pass (same directory)."""
+    """Where an artifact is written before its blocking checks pass (same directory).
+
+    Unique per process (``.NAME.staged-PID-TOKEN.SUFFIX``): two runs never write one
+    staged file, and ``collect_dead_leftovers`` can tell whose it is."""
     dest = Path(dest)
-    return dest.with_name(f".{dest.name}.staged{dest.suffix}")
+    return dest.with_name(f".{dest.name}.staged-{owner_token()}{dest.suffix}")
+
+
+# staged files, bundle staging folders and atomic-write temporaries, each naming its pid
+_LEFTOVER = re.compile(r"^(?:\.staging-|\..*?(?:\.staged-|\.tmp-))(\d+)-")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def collect_dead_leftovers(root: Path) -> list[Path]:
+    """Remove staged files, bundle staging folders and write temporaries under ``root``
+    whose owner process is gone (a killed run's); returns what was removed.
+
+    Only names that carry a pid are touched, and only when that pid is dead on this
+    host: a live writer's files, and anything else, stay."""
+    root = Path(root)
+    removed: list[Path] = []
+    if not root.is_dir():
+        return removed
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            match = _LEFTOVER.match(name)
+            if not match or pid_alive(int(match.group(1))):
+                continue
+            path = Path(dirpath) / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+                dirnames.remove(name)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            removed.append(path)
+    return removed
 
 
 def promote(staged: Path, dest: Path) -> Path:
@@ -194,8 +250,23 @@ def code_version() -> str:
     return h.hexdigest()[:16]
 
 
-def make_provenance(data_version: str, checkpoint_sha256: str | None = None):
-    """Provenance stamp for a JSON artifact: data version, this code's version, now."""
+def settings_sha256(values: dict[str, Any]) -> str:
+    """Short sha256 of one settings group (canonical JSON), as printed by `roadwork run`."""
+    text = json.dumps(values, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def settings_record(groups: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``{group: {"sha256": ..., "values": {...}}}``: the settings an artifact was made
+    with, each group hashed the way the `roadwork run` header prints it."""
+    return {name: {"sha256": settings_sha256(values), "values": values}
+            for name, values in sorted(groups.items())}
+
+
+def make_provenance(data_version: str, checkpoint_sha256: str | None = None,
+                    settings: dict[str, dict[str, Any]] | None = None):
+    """Provenance stamp for a JSON artifact: data version, this code's version, now, and
+    the settings (a ``settings_record``) that made it."""
     import datetime as dt
 
     from roadwork_assets.contracts.schemas import Provenance
@@ -203,8 +274,9 @@ def make_provenance(data_version: str, checkpoint_sha256: str | None = None):
     return Provenance(
         data_version=data_version,
         code_version=code_version(),
-        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         checkpoint_sha256=checkpoint_sha256,
+        settings=settings,
     )
 
 

@@ -117,6 +117,25 @@ class ExitPolicyResource(dg.ConfigurableResource):
     export_onnx: bool = True
 
 
+def env_settings(environ: dict[str, str] | None = None) -> dict[str, dict[str, tuple]]:
+    """The fields environment variables set: {group: {field: (value, "ENV_VAR")}}.
+
+    The one place env vars become settings; ``resources_from_env`` and ``roadwork run``
+    (``defs.settings.resolve_settings``) both read it."""
+    env = os.environ if environ is None else environ
+    out: dict[str, dict[str, tuple]] = {"dataset": {}, "trainer": {}, "exit_policy": {}}
+    if env.get("ROADWORK_DATA"):
+        out["dataset"]["spec"] = (env["ROADWORK_DATA"], "ROADWORK_DATA")
+    if env.get("ROADWORK_WEIGHTS"):
+        out["trainer"].update(
+            mode=("frozen", "ROADWORK_WEIGHTS"),
+            weights_path=(env["ROADWORK_WEIGHTS"], "ROADWORK_WEIGHTS"),
+            backbone=(env.get("ROADWORK_BACKBONE") or DEFAULT_FROZEN_BACKBONE,
+                      "ROADWORK_BACKBONE" if env.get("ROADWORK_BACKBONE") else "ROADWORK_WEIGHTS"),
+            img_size=(224, "ROADWORK_WEIGHTS"))
+    return out
+
+
 def resources_from_env() -> dict[str, object]:
     home = default_home()
     from dagster_mlflow import mlflow_tracking
@@ -126,20 +145,14 @@ def resources_from_env() -> dict[str, object]:
     ).mlflow_tracking_uri
     from roadwork_assets.defs.io_manager import RegistryIOManager
 
-    trainer_kwargs = {}
-    if os.environ.get("ROADWORK_WEIGHTS"):
-        trainer_kwargs = {
-            "mode": "frozen",
-            "weights_path": os.environ["ROADWORK_WEIGHTS"],
-            "backbone": os.environ.get("ROADWORK_BACKBONE", DEFAULT_FROZEN_BACKBONE),
-            "img_size": 224,
-        }
+    env = {group: {k: v for k, (v, _) in fields.items()}
+           for group, fields in env_settings().items()}
     artifacts = ArtifactRegistryResource(root=home)
     return {
         "io_manager": RegistryIOManager(artifacts=artifacts),
         "artifacts": artifacts,
-        "dataset": DatasetSource(spec=os.environ.get("ROADWORK_DATA") or None),
-        "trainer": TrainerResource(**trainer_kwargs),
+        "dataset": DatasetSource(**env["dataset"]),
+        "trainer": TrainerResource(**env["trainer"]),
         "exit_policy": ExitPolicyResource(),
         "mlflow": mlflow_tracking.configured(
             {"experiment_name": "roadwork_assets", "mlflow_tracking_uri": tracking_uri}

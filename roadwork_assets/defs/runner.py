@@ -11,6 +11,8 @@ measured gap and the tolerance), not as Dagster's traceback.
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -20,6 +22,9 @@ import dagster as dg
 
 from roadwork_assets.contracts.errors import RoadworkError
 from roadwork_assets.contracts.splits import SPLITS
+from roadwork_assets.core.artifacts import pid_alive
+
+STAGE_TAG, PID_TAG, HOST_TAG = "roadwork/stage", "roadwork/pid", "roadwork/host"
 
 
 class BlockingCheckFailed(RoadworkError):
@@ -60,7 +65,8 @@ def materialize_all(
             say(f"[roadwork] stage {n}/{len(STAGES)}: {label}")
             t0 = time.perf_counter()
             result = run_stage(job, instance, keys, partition, run_config,
-                               tags={"roadwork/stage": str(n)})
+                               tags={STAGE_TAG: str(n), PID_TAG: str(os.getpid()),
+                                     HOST_TAG: socket.gethostname()})
             say(f"[roadwork]   done in {time.perf_counter() - t0:.1f}s (run {result.run_id})")
             results.append(result)
     return results
@@ -93,4 +99,28 @@ def failed_blocking_checks(instance: dg.DagsterInstance, run_id: str) -> list[st
         description = " ".join((evaluation.description or "no description").split())
         out.append(f"blocking check {evaluation.asset_key.to_user_string()}:"
                    f"{evaluation.check_name} failed: {description}")
+    return out
+
+
+def fail_abandoned_runs(instance: dg.DagsterInstance) -> list[str]:
+    """Mark failed the roadwork stage runs still STARTED whose process is gone (a killed
+    `roadwork run`); returns their run ids.
+
+    Only runs this host's roadwork started are judged (their pid tag names a dead
+    process, or they predate the tag); a run of `dagster dev` or of another host is left.
+    """
+    out = []
+    for run in instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED])):
+        tags = run.tags
+        if STAGE_TAG not in tags:
+            continue
+        if tags.get(HOST_TAG, socket.gethostname()) != socket.gethostname():
+            continue
+        pid = tags.get(PID_TAG)
+        if pid is not None and pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)):
+            continue
+        instance.report_run_failed(
+            run, message=f"marked failed by the next `roadwork run`: the process that ran it "
+            f"(pid {pid or 'unknown'}) is gone")
+        out.append(run.run_id)
     return out

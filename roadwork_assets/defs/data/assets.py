@@ -32,6 +32,7 @@ from roadwork_assets.defs.resources import (
     DatasetSource,
     ExitPolicyResource,
 )
+from roadwork_assets.defs.settings import merge_records, used_settings
 from roadwork_assets.defs.split_reads import split_reads_check_spec, split_reads_result
 
 MANIFEST_COLUMNS = ["item_id", "uri", "label", "group_id", "group_key", "pixel_sha256",
@@ -68,7 +69,8 @@ def source_images(
 
     ingested, quarantined = ingest_images(records, progress=progress)
     data_version = frame_fingerprint(ingested, ["item_id", "label", "pixel_sha256"])
-    stamp = {"data_version": data_version, "code_version": code_version()}
+    stamp = {"data_version": data_version, "code_version": code_version(),
+             "settings": used_settings(dataset=dataset)}
     atomic_write_parquet(staged_path(reg.quarantine_table), quarantined, stamp)
     atomic_write_parquet(staged_path(reg.source_table), ingested, stamp)
     reads_meta, reads_check = split_reads_result(context)
@@ -136,7 +138,10 @@ def split_assignment(
     data_version = frame_fingerprint(assignment.drop(columns=["thumb"], errors="ignore"))
     staged = atomic_write_parquet(staged_path(reg.split_assignment), assignment,
                                   {"data_version": data_version, "code_version": code_version(),
-                                   "split_settings": settings})
+                                   "split_settings": settings,
+                                   "settings": merge_records(
+                                       source_images.attrs.get("provenance", {}).get("settings"),
+                                       used_settings(dataset=dataset, exit_policy=exit_policy))})
     reads_meta, reads_check = split_reads_result(context)
     leakage_check = dg.AssetCheckResult(
         check_name=LEAKAGE_CHECK,
@@ -229,7 +234,9 @@ def split_manifest(
     staged = atomic_write_parquet(staged_path(dest), rows, {
         "data_version": data_version, "code_version": code_version(),
         "assignment_version": frame_fingerprint(
-            split_assignment.drop(columns=["thumb"], errors="ignore"))})
+            split_assignment.drop(columns=["thumb"], errors="ignore")),
+        # no settings of its own: those that made the assignment
+        "settings": split_assignment.attrs.get("provenance", {}).get("settings") or {}})
     reads_meta, reads_check = split_reads_result(context)
     path, promo = publish(context, staged, dest, [reads_check])
     n_pos = int((rows["label"] == 1).sum())

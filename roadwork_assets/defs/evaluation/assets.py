@@ -75,7 +75,10 @@ def test_report(
         bundle_id=loaded.manifest.bundle_id,
         provenance=make_provenance(combine_versions({
             "bundle": loaded.manifest.provenance.data_version,
-            "logits[val_test]": str(test["data_version"])})),
+            "logits[val_test]": str(test["data_version"])}),
+            # the settings of what it evaluates: the bundle's, else its policy's
+            settings=(loaded.manifest.provenance.settings
+                      or getattr(loaded.policy.provenance, "settings", None))),
     )
     staged = atomic_write_json(staged_path(reg.test_report), report)
     if report.shift_warning:

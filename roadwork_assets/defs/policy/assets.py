@@ -11,18 +11,26 @@ import json
 import dagster as dg
 import numpy as np
 
-from roadwork_assets.contracts.errors import ArtifactIntegrityError, InsufficientDataError
+from roadwork_assets.contracts.errors import (
+    ArtifactIntegrityError,
+    InsufficientDataError,
+)
 from roadwork_assets.contracts.policy_schemas import (
     PolicyParams,
     UnfittedPolicy,
     parse_policy_artifact,
 )
-from roadwork_assets.core.artifacts import atomic_write_json, make_provenance, staged_path
+from roadwork_assets.core.artifacts import (
+    atomic_write_json,
+    make_provenance,
+    staged_path,
+)
 from roadwork_assets.core.calibration.policies import fit_policy
 from roadwork_assets.defs.metadata import path_meta
 from roadwork_assets.defs.partitions import POLICY_FITTING_SPLITS
 from roadwork_assets.defs.promotion import publish
 from roadwork_assets.defs.resources import ArtifactRegistryResource, ExitPolicyResource
+from roadwork_assets.defs.settings import used_settings
 from roadwork_assets.defs.split_reads import split_reads_check_spec, split_reads_result
 
 SCHEMA_CHECK = "schema_valid"
@@ -102,7 +110,8 @@ def _make_policy_asset(name: str, kind: str, what: str):
             params = UnfittedPolicy(kind=kind, reason=str(exc), error=type(exc).__name__)
             context.log.warning(f"policy {kind!r} ({name}) could not be fitted: {exc}")
         params = params.model_copy(update={"provenance": make_provenance(
-            str(calib["data_version"]), checkpoint_sha256=str(calib["checkpoint_sha256"]))})
+            str(calib["data_version"]), checkpoint_sha256=str(calib["checkpoint_sha256"]),
+            settings=used_settings(exit_policy=exit_policy))})
         dest = artifacts.registry.policy(kind)
         staged = atomic_write_json(staged_path(dest), params)
         schema = _schema_check(staged)
