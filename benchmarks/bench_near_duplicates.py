@@ -1,4 +1,5 @@
-"""Near-duplicate search scales ~linearly: time 10k vs 100k random pHashes.
+"""Near-duplicate search scales ~linearly: time 10k vs 100k random pHashes; and what the
+thumbnail confirmation of pHash candidates costs on look-alike (low-texture) data.
 
 Random 64-bit hashes stand in for pHashes; some pairs are planted at 0..max_distance
 bits apart in different splits, and every one must be found. Prints the median of 3
@@ -79,6 +80,35 @@ def bench_textbook(n: int, max_distance: int) -> float:
     return time.perf_counter() - start
 
 
+def bench_confirmation(n: int) -> None:
+    """Split the awkward test data (a fifth low-texture look-alikes): pHash candidates,
+    their thumbnail confirmation, and the split itself. Median of 3."""
+    from roadwork_assets.core.data.images import perceptual_hash, pixel_sha256
+    from roadwork_assets.core.data.similarity import NearDuplicateRule, thumbnail
+    from roadwork_assets.core.data.splits import split_images
+    from roadwork_assets_tests.awkward_data import generate_awkward
+
+    items = generate_awkward(n, seed=3, image_size=96, n_copies=n // 20)
+    rgb = [it.image.convert("RGB") if it.image.mode != "RGB" else it.image for it in items]
+    frame = pd.DataFrame({
+        "item_id": [it.item_id for it in items], "label": [it.label for it in items],
+        "pixel_sha256": [pixel_sha256(im) for im in rgb],
+        "phash": [f"{perceptual_hash(im):016x}" for im in rgb],
+        "thumb": [thumbnail(im) for im in rgb],
+    })
+    rule = NearDuplicateRule()
+    i, _, _ = near_duplicate_pairs(phash_array(frame["phash"]), rule.max_distance)
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        result = split_images(frame, rule=rule)
+        times.append(time.perf_counter() - start)
+    t = statistics.median(times)
+    biggest = result.assignment.groupby("group_key").size().max()
+    print(f"  awkward n={len(frame):>6,}: {len(i):,} pHash candidates, split (with confirmation) "
+          f"median {t:.2f} s = {len(i) / t:,.0f} candidate pairs/s; largest group {biggest}")
+
+
 def main() -> None:
     distances = [int(a) for a in sys.argv[1:]] or [DEFAULT_MAX_DISTANCE, 8]
     for max_distance in distances:
@@ -89,6 +119,9 @@ def main() -> None:
     small, large = bench_textbook(10_000, d), bench_textbook(100_000, d)
     print(f"textbook d+1 exact-match chunks, max_distance={d}: 10k {small:.3f} s, "
           f"100k {large:.3f} s, ratio {large / small:.1f}x")
+    print("thumbnail confirmation (core.data.similarity) on look-alike data:")
+    bench_confirmation(1000)
+    bench_confirmation(2000)
 
 
 if __name__ == "__main__":
