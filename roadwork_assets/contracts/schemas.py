@@ -11,7 +11,14 @@ import json
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from roadwork_assets.contracts.errors import ArtifactIntegrityError
 
@@ -48,20 +55,62 @@ class Provenance(BaseModel):
         "(core.artifacts.settings_record); absent in artifacts that predate it")
 
 
+# The bundle layout is flat and fixed: role -> the one file name that role may have.
+BUNDLE_LAYOUT: dict[str, str] = {
+    "checkpoint": "model.pt",
+    "policy": "policy.json",
+    "onnx": "model.onnx",
+    "probe": "probe.npz",
+}
+BUNDLE_REQUIRED_ROLES = ("checkpoint", "policy", "probe")
+BUNDLE_IMG_SIZE = (16, 1024)  # what TrainerConfig accepts
+BUNDLE_N_VIEWS = (1, 4)  # make_views: identity, h-flip, zoom, zoomed h-flip
+
+
+def plain_file_name_problem(name: str) -> str | None:
+    """Why ``name`` is not a plain file name inside one directory (None if it is).
+
+    A bundle is closed: an entry that is absolute, climbs with ``..`` or names a
+    subfolder could make ``verify`` hash, and ``predict`` load, a file outside it."""
+    if not name or name in {".", ".."}:
+        return "is empty or a directory reference"
+    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        return "is an absolute path"
+    if ".." in name.replace("\\", "/").split("/"):
+        return "climbs out of the bundle folder with '..'"
+    if "/" in name or "\\" in name:
+        return "holds a path separator; bundle files live directly in the bundle folder"
+    if "\x00" in name or name.startswith("."):
+        return "is a hidden or malformed name"
+    return None
+
+
 class BundleFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    path: str = Field(description="relative to the bundle directory")
-    sha256: str
-    size_bytes: int
+    path: str = Field(description="a plain file name inside the bundle directory")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size_bytes: int = Field(ge=0)
+
+    @field_validator("path")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        problem = plain_file_name_problem(value)
+        if problem:
+            raise ValueError(f"{value!r} {problem}")
+        return value
 
 
 class BundleManifest(BaseModel):
+    """schema_version 2 (closed bundles): fixed flat layout, a stored probe batch, the
+    checkpoint's sha256 in the provenance, bounded img_size / n_views. Version-1
+    manifests are refused with a message to rebuild (see core.export.bundle)."""
+
     model_config = ConfigDict(extra="forbid")
-    schema_version: Literal[1] = 1
+    schema_version: Literal[2] = 2
     bundle_id: str
     policy_kind: Literal["softmax", "gate", "scrc"]
     files: dict[str, BundleFile] = Field(
-        description="role -> file; roles: checkpoint, policy, onnx (optional)"
+        description="role -> file; roles: checkpoint, policy, probe, onnx (optional)"
     )
     backbone_name: str
     mode: Literal["end_to_end", "frozen"]
@@ -72,6 +121,40 @@ class BundleManifest(BaseModel):
         0.5, description="the emitted probability is remapped so the policy decides at 0.5"
     )
     provenance: Provenance
+
+    @field_validator("img_size")
+    @classmethod
+    def _img_size_bounds(cls, value: int) -> int:
+        lo, hi = BUNDLE_IMG_SIZE
+        if not lo <= value <= hi:
+            raise ValueError(f"img_size {value} is outside {lo}..{hi}")
+        return value
+
+    @field_validator("n_views")
+    @classmethod
+    def _n_views_bounds(cls, value: int) -> int:
+        lo, hi = BUNDLE_N_VIEWS
+        if not lo <= value <= hi:
+            raise ValueError(f"n_views {value} is outside {lo}..{hi}")
+        return value
+
+    @model_validator(mode="after")
+    def _closed_layout(self) -> BundleManifest:
+        for role, entry in self.files.items():
+            expected = BUNDLE_LAYOUT.get(role)
+            if expected is None:
+                raise ValueError(f"files.{role}: unknown role (a bundle holds "
+                                 f"{sorted(BUNDLE_LAYOUT)})")
+            if entry.path != expected:
+                raise ValueError(f"files.{role}.path is {entry.path!r}; the bundle layout "
+                                 f"names it {expected!r}")
+        missing = [r for r in BUNDLE_REQUIRED_ROLES if r not in self.files]
+        if missing:
+            extra = " (a bundle holds exactly one exit policy)" if "policy" in missing else ""
+            raise ValueError(f"files names no {', '.join(missing)} file{extra}")
+        if self.provenance.checkpoint_sha256 is None:
+            raise ValueError("provenance.checkpoint_sha256 is missing")
+        return self
 
 
 class RateWithInterval(BaseModel):

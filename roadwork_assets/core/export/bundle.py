@@ -1,20 +1,28 @@
 """The deployable bundle: checkpoint + exactly one exit policy + ONNX + hashed manifest.
 
-Layout of ``bundles/<bundle_id>/``::
+Layout of ``bundles/<bundle_id>/`` (flat and fixed: ``contracts.schemas.BUNDLE_LAYOUT``)::
 
     manifest.json   BundleManifest: every file's sha256 and size, provenance
     model.pt        the checkpoint (weights_only loadable)
     policy.json     the ONE exit policy (softmax | gate | scrc)
+    probe.npz       a fixed uint8 probe batch and the served outputs torch gave on it
     model.onnx      optional: the network, fixed spatial size, dynamic batch
 
 A bundle is written in a staging directory and renamed into place, and ``LATEST``
 is then switched atomically, so a crash never leaves a half bundle behind the pointer.
-Loading verifies the manifest schema, every hash, and that exactly one policy exists.
+
+A bundle is closed, and loading checks it again (``load_bundle``), not only the build:
+every manifest entry is a plain file name in the folder, the folder holds exactly the
+listed files (no symlinks, nothing unlisted), every hash and size matches, the
+bundle id is the content's, the policy and the provenance name this checkpoint, the
+manifest's img_size / n_views / backbone are the checkpoint's, torch reproduces the
+stored probe outputs and ONNX Runtime matches torch on the probe (``onnx_parity``'s
+tolerance). The manifest is unsigned: it proves internal consistency and lineage,
+not who made the bundle (see the README).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -22,7 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from roadwork_assets.contracts.errors import ArtifactIntegrityError, InsufficientDataError
+import numpy as np
+
+from roadwork_assets.contracts.errors import (
+    ArtifactIntegrityError,
+    InsufficientDataError,
+)
 from roadwork_assets.contracts.policy_schemas import (
     PolicyParams,
     UnfittedPolicy,
@@ -33,23 +46,38 @@ from roadwork_assets.contracts.schemas import (
     BundleFile,
     BundleManifest,
     Provenance,
-    load_json_artifact,
 )
 from roadwork_assets.core.artifacts import (
+    _UMASK,
     atomic_write_json,
-    combine_versions,
-    make_provenance,
+    atomic_write_npz,
     atomic_write_text,
+    combine_versions,
     file_sha256,
+    make_provenance,
     publish_directory,
     remove_tree_quietly,
 )
+from roadwork_assets.core.calibration.policies import apply_policy
+from roadwork_assets.core.export.bundle_checks import (
+    CHECKPOINT_FILE,
+    MANIFEST,
+    ONNX_FILE,
+    POLICY_FILE,
+    PROBE_FILE,
+    check_closed,
+    check_hashes,
+    check_lineage,
+    check_probe,
+    content_id,
+    read_manifest,
+    read_policy,
+    rebuild_model,
+    refuse,
+)
 from roadwork_assets.core.training.checkpoint import load_checkpoint
 
-MANIFEST = "manifest.json"
-POLICY_FILE = "policy.json"
-CHECKPOINT_FILE = "model.pt"
-ONNX_FILE = "model.onnx"
+PROBE_IMAGES = 8
 
 
 @dataclass
@@ -58,6 +86,8 @@ class Bundle:
     manifest: BundleManifest
     policy: PolicyParams
     checkpoint: dict[str, Any]
+    model: Any = None  # the RoadworkClassifier rebuilt from the checkpoint (eval mode)
+    onnx_checked: bool = False  # ONNX Runtime was compared with torch on the probe
 
 
 def _describe(directory: Path, name: str) -> BundleFile:
@@ -81,7 +111,7 @@ def _fitted_policy(policy_path: Path, policy_asset: str) -> PolicyParams:
 def bundle_lineage(checkpoint_path: Path, policy_path: Path, policy_asset: str,
                    payload: dict[str, Any] | None = None) -> dict[str, str]:
     """The checkpoint and policy must belong together: the policy was fitted on the logits
-    of exactly this checkpoint. Returns {"data_version", "checkpoint_sha256"}.
+    of exactly this checkpoint, and says so. Returns {"data_version", "checkpoint_sha256"}.
     ``payload``: the checkpoint already loaded, to avoid reading it twice."""
     if not Path(policy_path).exists():
         raise ArtifactIntegrityError(
@@ -92,9 +122,16 @@ def bundle_lineage(checkpoint_path: Path, policy_path: Path, policy_asset: str,
     checkpoint_sha = file_sha256(checkpoint_path)
     fitted_on = (_fitted_policy(policy_path, policy_asset).provenance
                  or Provenance(data_version="unknown", code_version="", created_at=""))
-    if fitted_on.checkpoint_sha256 not in (None, checkpoint_sha):
+    if fitted_on.checkpoint_sha256 is None:
+        # a bundle re-checks this lineage on every load, so it must be recorded
         raise ArtifactIntegrityError(
-            f"{policy_path.name} was fitted on the logits of checkpoint "
+            f"{Path(policy_path).name} records no checkpoint it was fitted on "
+            "(provenance.checkpoint_sha256): re-materialize logits[val_calib] and "
+            f"`{policy_asset}` before bundling"
+        )
+    if fitted_on.checkpoint_sha256 != checkpoint_sha:
+        raise ArtifactIntegrityError(
+            f"{Path(policy_path).name} was fitted on the logits of checkpoint "
             f"{fitted_on.checkpoint_sha256[:12]}, but the checkpoint is now {checkpoint_sha[:12]}: "
             f"re-materialize logits[val_calib] and `{policy_asset}` before bundling (a policy's "
             "guarantee holds only for the model it was fitted on)"
@@ -119,34 +156,50 @@ def build_bundle(
     """Check lineage, assemble, hash and publish a bundle under its content id; returns
     (dir, manifest, extra numbers). ``LATEST`` is switched separately (``set_latest``),
     after the caller's checks pass."""
+    from roadwork_assets.core.export.onnx_export import (
+        judge_served,
+        probe_images_uint8,
+        torch_probe_logits,
+    )
+    from roadwork_assets.core.training.pipeline import model_from_checkpoint
+
     payload = load_checkpoint(checkpoint_path)
     lineage = bundle_lineage(checkpoint_path, policy_path, policy_asset, payload=payload)
     provenance = make_provenance(lineage["data_version"], lineage["checkpoint_sha256"])
     policy = parse_policy(json.loads(Path(policy_path).read_text()))
     bundles_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=bundles_dir))
+    staging.chmod(0o777 & ~_UMASK)  # mkdtemp makes 0700; a bundle is read like any artifact
     extra: dict[str, Any] = {}
     try:
         shutil.copyfile(checkpoint_path, staging / CHECKPOINT_FILE)
         atomic_write_json(staging / POLICY_FILE, policy)
-        files = {"checkpoint": CHECKPOINT_FILE, "policy": POLICY_FILE}
+        files = {"checkpoint": CHECKPOINT_FILE, "policy": POLICY_FILE, "probe": PROBE_FILE}
         img_size = int(payload.get("img_size", payload["config"]["img_size"]))
+        n_views = int(payload["config"]["n_views"])
+        model, _ = model_from_checkpoint(payload)
+        # the probe batch and what torch serves on it travel with the bundle, so every
+        # load can check that model.pt (and model.onnx) still serve exactly that
+        probe = probe_images_uint8(PROBE_IMAGES, img_size)
+        z_torch, tol = torch_probe_logits(model, probe, n_views)
+        decision, prob = apply_policy(policy, z_torch)
+        atomic_write_npz(staging / PROBE_FILE, images=probe, logits=z_torch.astype(np.float32),
+                         probability=prob.astype(np.float64), decision=decision.astype(np.int8))
         if export_onnx_model:
-            from roadwork_assets.core.export.onnx_export import export_onnx, onnx_parity
-            from roadwork_assets.core.training.pipeline import model_from_checkpoint
+            from roadwork_assets.core.export.onnx_export import (
+                export_onnx,
+                onnx_probe_logits,
+            )
 
-            model, _ = model_from_checkpoint(payload)
             export_onnx(model, img_size, staging / ONNX_FILE)
             # judged on what is served: this policy's probability and decision
-            parity = onnx_parity(model, staging / ONNX_FILE, img_size, policy,
-                                 n_views=int(payload["config"]["n_views"]))
+            parity = judge_served(policy, z_torch, onnx_probe_logits(staging / ONNX_FILE, probe,
+                                                                     n_views), tol)
             extra.update(parity.metadata())
             extra["onnx_parity"] = parity  # a ParityReport: `.passed`, `.summary()`
             files["onnx"] = ONNX_FILE
         described = {role: _describe(staging, name) for role, name in files.items()}
-        bundle_id = hashlib.sha256(
-            "".join(f"{r}:{f.sha256}" for r, f in sorted(described.items())).encode()
-        ).hexdigest()[:16]
+        bundle_id = content_id(described)
         manifest = BundleManifest(
             bundle_id=bundle_id,
             policy_kind=policy.kind,
@@ -154,7 +207,7 @@ def build_bundle(
             backbone_name=payload["backbone_name"],
             mode=payload["mode"],
             img_size=img_size,
-            n_views=int(payload["config"]["n_views"]),
+            n_views=n_views,
             provenance=provenance,
         )
         atomic_write_json(staging / MANIFEST, manifest)
@@ -176,45 +229,28 @@ def build_bundle(
     return dest, manifest, extra
 
 
-def verify_bundle(directory: Path) -> BundleManifest:
-    """Schema, exactly one policy, every named file present with its sha256."""
+def load_bundle(directory: Path, *, check_onnx: bool = True) -> Bundle:
+    """Load a bundle, checking that it is closed and consistent (see the module
+    docstring). ``check_onnx=False`` skips running ONNX Runtime on the probe batch (the
+    one check that needs onnxruntime); everything else is always checked."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ArtifactIntegrityError(f"bundle directory {directory} does not exist")
-    manifest = load_json_artifact(directory / MANIFEST, BundleManifest, "bundle manifest")
-    policy_roles = [r for r in manifest.files if r.startswith("policy")]
-    policy_files = sorted(p.name for p in directory.glob("*.json") if p.name != MANIFEST)
-    if len(policy_roles) != 1 or len(policy_files) != 1:
-        raise ArtifactIntegrityError(
-            f"bundle {directory} must hold exactly one exit policy; manifest names "
-            f"{policy_roles or 'none'} and the folder has {policy_files or 'none'}. "
-            "Rebuild it with the `bundle` asset (bundle_policy picks the one policy)."
-        )
-    for role in ("checkpoint", "policy"):
-        if role not in manifest.files:
-            raise ArtifactIntegrityError(f"bundle {directory}: manifest names no {role} file")
-    problems = []
-    for role, entry in manifest.files.items():
-        path = directory / entry.path
-        if not path.is_file():
-            problems.append(f"{role}: {entry.path} is missing")
-        elif file_sha256(path) != entry.sha256:
-            problems.append(f"{role}: {entry.path} sha256 differs from the manifest (tampered "
-                            "or corrupted)")
-    if problems:
-        raise ArtifactIntegrityError(f"bundle {directory} failed verification: "
-                                     + "; ".join(problems))
-    return manifest
+    manifest = read_manifest(directory)
+    check_closed(directory, manifest)
+    check_hashes(directory, manifest)
+    policy = read_policy(directory, manifest)
+    try:
+        checkpoint = load_checkpoint(directory / CHECKPOINT_FILE)
+    except ArtifactIntegrityError as exc:
+        raise refuse(directory, str(exc).splitlines()[0]) from exc
+    check_lineage(directory, manifest, policy, checkpoint)
+    model = rebuild_model(directory, manifest, checkpoint)
+    checked = check_probe(directory, manifest, policy, model, check_onnx)
+    return Bundle(directory=directory, manifest=manifest, policy=policy,
+                  checkpoint=checkpoint, model=model, onnx_checked=checked)
 
 
-def load_bundle(directory: Path) -> Bundle:
-    manifest = verify_bundle(directory)
-    policy = parse_policy(json.loads((directory / manifest.files["policy"].path).read_text()))
-    if policy.kind != manifest.policy_kind:
-        raise ArtifactIntegrityError(
-            f"bundle {directory}: manifest says policy {manifest.policy_kind!r}, "
-            f"policy.json holds {policy.kind!r}"
-        )
-    checkpoint = load_checkpoint(directory / manifest.files["checkpoint"].path)
-    return Bundle(directory=Path(directory), manifest=manifest, policy=policy,
-                  checkpoint=checkpoint)
+def verify_bundle(directory: Path, *, check_onnx: bool = True) -> BundleManifest:
+    """Every load-time check of ``load_bundle``; returns the manifest."""
+    return load_bundle(directory, check_onnx=check_onnx).manifest

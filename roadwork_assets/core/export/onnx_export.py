@@ -19,7 +19,7 @@ from torch import nn
 
 from roadwork_assets.core.artifacts import atomic_path
 from roadwork_assets.core.calibration.policies import apply_policy
-from roadwork_assets.core.data.transforms import make_views
+from roadwork_assets.core.data.transforms import make_views, to_float
 from roadwork_assets.core.models.classifier import RoadworkClassifier
 
 FP32_UNIT_ROUNDOFF = 2.0 ** -24
@@ -137,21 +137,57 @@ class ParityReport:
         }
 
 
-def probe_images(n: int, img_size: int, seed: int = 0) -> np.ndarray:
-    """[n, 3, S, S] float32 in [0, 1], 8-bit levels like decoded images: half white noise,
-    half smooth (upsampled 4x4 colour fields), so both ends of the spectrum are probed."""
+def probe_images_uint8(n: int, img_size: int, seed: int = 0) -> np.ndarray:
+    """[n, 3, S, S] uint8, like decoded images: half white noise, half smooth (upsampled
+    4x4 colour fields), so both ends of the spectrum are probed. A bundle stores this
+    batch (``probe.npz``) so ``verify`` can re-run it."""
     rng = np.random.default_rng(seed)
     noise = rng.integers(0, 256, (n - n // 2, 3, img_size, img_size))
     coarse = torch.from_numpy(rng.integers(0, 256, (n // 2, 3, 4, 4)).astype(np.float32))
     smooth = torch.nn.functional.interpolate(coarse, size=(img_size, img_size), mode="bilinear",
                                              align_corners=False).round().numpy()
-    return (np.concatenate([noise.astype(np.float32), smooth]) / 255.0).astype(np.float32)
+    return np.concatenate([noise, smooth]).clip(0, 255).astype(np.uint8)
+
+
+def probe_images(n: int, img_size: int, seed: int = 0) -> np.ndarray:
+    """``probe_images_uint8`` as the model sees it: float32 in [0, 1]."""
+    return to_float(torch.from_numpy(probe_images_uint8(n, img_size, seed))).numpy()
+
+
+@torch.no_grad()
+def torch_probe_logits(model: RoadworkClassifier, images_uint8: np.ndarray,
+                       n_views: int) -> tuple[np.ndarray, np.ndarray]:
+    """torch's [N, V, 2] view logits of a uint8 probe batch and their fp32 tolerance."""
+    model = model.eval().cpu()
+    z, tol = [], []
+    for view in make_views(to_float(torch.from_numpy(np.ascontiguousarray(images_uint8))),
+                           n_views):
+        feats = model.features(view)
+        logits = model.forward_head(feats)
+        z.append(logits.numpy())
+        tol.append(fp32_logit_tolerance(model, feats, logits))
+    return np.stack(z, axis=1), np.stack(tol, axis=1)
+
+
+def onnx_probe_logits(onnx_path: Path, images_uint8: np.ndarray, n_views: int,
+                      opt_level: str = PARITY_OPT_LEVEL) -> np.ndarray:
+    """ONNX Runtime's [N, V, 2] view logits of the same probe batch (same views)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, opt_level)
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    views = make_views(to_float(torch.from_numpy(np.ascontiguousarray(images_uint8))), n_views)
+    return np.stack([session.run(["logits"], {"images": v.contiguous().numpy()})[0]
+                     for v in views], axis=1)
 
 
 def onnx_parity(model: RoadworkClassifier, onnx_path: Path, img_size: int, policy: Any,
                 n_views: int, n: int = 8, seed: int = 0,
-                opt_level: str = PARITY_OPT_LEVEL) -> ParityReport:
-    """Run torch and ONNX Runtime on every test-time view of a probe batch, apply the
+                opt_level: str = PARITY_OPT_LEVEL,
+                images_uint8: np.ndarray | None = None) -> ParityReport:
+    """Run torch and ONNX Runtime on every test-time view of a probe batch
+    (``images_uint8``, default ``probe_images_uint8(n, img_size, seed)``), apply the
     bundle's ``policy`` to both, and compare what is served.
 
     Passes when, on every probe image, the ONNX probability lies inside the interval
@@ -160,21 +196,9 @@ def onnx_parity(model: RoadworkClassifier, onnx_path: Path, img_size: int, polic
     shifted logit vectors), and the decisions agree except on images whose decision
     changes within that interval (near a boundary; counted, not failed).
     """
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, opt_level)
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    model = model.eval().cpu()
-    z_torch, z_onnx, tol = [], [], []
-    with torch.no_grad():
-        for view in make_views(torch.from_numpy(probe_images(n, img_size, seed)), n_views):
-            feats = model.features(view)
-            logits = model.forward_head(feats)
-            z_torch.append(logits.numpy())
-            z_onnx.append(session.run(["logits"], {"images": view.contiguous().numpy()})[0])
-            tol.append(fp32_logit_tolerance(model, feats, logits))
-    zt, zo, tz = (np.stack(a, axis=1) for a in (z_torch, z_onnx, tol))
+    images = probe_images_uint8(n, img_size, seed) if images_uint8 is None else images_uint8
+    zt, tz = torch_probe_logits(model, images, n_views)
+    zo = onnx_probe_logits(onnx_path, images, n_views, opt_level)
     return judge_served(policy, zt, zo, tz, opt_level=opt_level)
 
 

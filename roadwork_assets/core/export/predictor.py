@@ -29,17 +29,23 @@ class Prediction:
 
 
 class BundlePredictor:
-    """Loads a bundle once (verifying every hash) and predicts batches of images."""
+    """Loads a bundle once (every load-time check of ``load_bundle``) and predicts
+    batches of images."""
 
     def __init__(self, bundle: Bundle, device: str = "cpu", batch_size: int = 32) -> None:
         self.bundle = bundle
-        self.model, self.config = model_from_checkpoint(bundle.checkpoint)
+        if bundle.model is not None:  # load_bundle already rebuilt (and probed) it
+            self.model = bundle.model
+        else:
+            self.model, _ = model_from_checkpoint(bundle.checkpoint)
         self.device = torch.device(device)
         self.batch_size = batch_size
 
     @classmethod
-    def from_dir(cls, directory: Path, **kwargs) -> BundlePredictor:
-        return cls(load_bundle(Path(directory)), **kwargs)
+    def from_dir(cls, directory: Path, *, check_onnx: bool = True, **kwargs) -> BundlePredictor:
+        """``check_onnx=False``: skip the ONNX-vs-torch probe comparison (predict serves
+        torch, so ONNX only matters to whoever deploys model.onnx)."""
+        return cls(load_bundle(Path(directory), check_onnx=check_onnx), **kwargs)
 
     def predict_arrays(self, images_uint8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 [N, 3, S, S] -> (remapped probability [N], decision int8 [N])."""

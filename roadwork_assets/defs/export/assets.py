@@ -19,7 +19,10 @@ POLICY_ASSET = {"softmax": "thresholds", "gate": "gate_params", "scrc": "conform
     check_specs=[
         split_reads_check_spec("bundle"),
         dg.AssetCheckSpec(BUNDLE_CHECK, asset="bundle", blocking=True,
-                          description="exactly one policy; every file's sha256 matches"),
+                          description="closed bundle (plain names, nothing unlisted, no "
+                          "symlinks); exactly one policy; every sha256 matches; policy and "
+                          "provenance name this checkpoint; torch and ONNX reproduce the "
+                          "stored probe outputs (the checks `roadwork verify` runs)"),
         dg.AssetCheckSpec(ONNX_CHECK, asset="bundle", blocking=True,
                           description="ONNX Runtime serves the same probability and decision "
                           "as torch under the bundle's policy, within the model's fp32 tolerance"),
