@@ -113,7 +113,7 @@ def test_frozen_vit_graph_ends_in_a_verified_bundle(tmp_path, backbone):
 
     bundle_dir = reg.latest_bundle()
     bundle = load_bundle(bundle_dir)
-    assert set(bundle.manifest.files) == {"checkpoint", "policy", "onnx"}
+    assert set(bundle.manifest.files) == {"checkpoint", "policy", "onnx", "probe"}
     assert bundle.manifest.mode == "frozen" and bundle.manifest.img_size == img_size
     assert cli.main(["verify", str(bundle_dir)]) == 0
     images = np.stack([np.asarray(Image.open(p).convert("RGB").resize((img_size, img_size))).transpose(2, 0, 1)

@@ -45,7 +45,7 @@ def test_artifacts_exist_and_metrics_are_sane(materialized_root):
     assert 0.0 <= report["fnr"]["ci_low"] <= report["fnr"]["ci_high"] <= 1.0
     bundle = load_bundle(reg.latest_bundle())
     assert bundle.manifest.policy_kind == "softmax"
-    assert {"checkpoint", "policy", "onnx"} == set(bundle.manifest.files)
+    assert {"checkpoint", "policy", "onnx", "probe"} == set(bundle.manifest.files)
 
 
 def test_served_fnr_on_val_test_is_consistent_with_alpha(materialized_root):
