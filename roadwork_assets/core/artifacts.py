@@ -356,7 +356,12 @@ class ArtifactRegistry:
             raise ArtifactIntegrityError(
                 f"no bundle under {self.bundles_dir}: materialize the `bundle` asset first"
             )
-        return self.bundle_dir(pointer.read_text().strip())
+        bundle_id = pointer.read_text().strip()
+        if not re.fullmatch(r"[0-9A-Za-z_-]{1,128}", bundle_id):
+            raise ArtifactIntegrityError(
+                f"{pointer} names {bundle_id[:80]!r}, which is not a bundle id (a plain name "
+                f"inside {self.bundles_dir}): re-materialize the `bundle` asset")
+        return self.bundle_dir(bundle_id)
 
     # evaluation
     @property

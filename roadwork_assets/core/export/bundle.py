@@ -24,6 +24,7 @@ not who made the bundle (see the README).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -168,7 +169,8 @@ def build_bundle(
     provenance = make_provenance(lineage["data_version"], lineage["checkpoint_sha256"])
     policy = parse_policy(json.loads(Path(policy_path).read_text()))
     bundles_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=bundles_dir))
+    # the pid in the name lets the next run collect this folder if this process dies
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{os.getpid()}-", dir=bundles_dir))
     staging.chmod(0o777 & ~_UMASK)  # mkdtemp makes 0700; a bundle is read like any artifact
     extra: dict[str, Any] = {}
     try:
