@@ -18,11 +18,7 @@ from pydantic import Field
 from roadwork_assets.core.artifacts import ArtifactRegistry
 from roadwork_assets.core.data.similarity import NearDuplicateRule
 from roadwork_assets.core.data.splits import DEFAULT_FRACTIONS
-from roadwork_assets.core.training.config import (
-    DEFAULT_BACKBONE,
-    DEFAULT_FROZEN_BACKBONE,
-    TrainerConfig,
-)
+from roadwork_assets.core.training.config import DEFAULT_FROZEN_BACKBONE, TrainerConfig
 
 
 def default_home() -> str:
@@ -78,25 +74,13 @@ class DatasetSource(dg.ConfigurableResource):
                 "rule": self.near_duplicate_rule().model_dump()}
 
 
-class TrainerResource(dg.ConfigurableResource):
-    """Training settings; see TrainerConfig for the meaning of each field."""
-
-    mode: Literal["end_to_end", "frozen"] = "end_to_end"
-    backbone: str = DEFAULT_BACKBONE
-    weights_path: str | None = None
-    img_size: int = 128
-    epochs: int = 14
-    batch_size: int = 64
-    lr: float = 3e-3
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int | None = None
-    compile: bool = False
-    attn_impl: Literal["sdpa", "eager"] = "sdpa"
-    n_views: int = 2
-    seed: int = 0
+class TrainerResource(dg.ConfigurableResource, TrainerConfig):
+    """Training settings. Every field, with its default, bounds, description and
+    validators, is TrainerConfig's own (inherited, not re-declared), so the launchpad shows
+    them all and refuses what TrainerConfig refuses; ``core`` stays free of dagster."""
 
     def to_config(self) -> TrainerConfig:
-        return TrainerConfig(**self.model_dump())
+        return TrainerConfig(**{name: getattr(self, name) for name in TrainerConfig.model_fields})
 
 
 class ExitPolicyResource(dg.ConfigurableResource):

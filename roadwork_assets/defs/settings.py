@@ -3,7 +3,7 @@
 Dagster replaces a whole resource when run config names it, so a partial
 ``{"trainer": {"config": {"epochs": 2}}}`` used to drop what ``ROADWORK_WEIGHTS`` had
 set. ``resolve_settings`` merges per field instead, validates every group through the
-same pydantic models the resources use (the trainer also through ``TrainerConfig``),
+same pydantic models the resources use (the trainer's are ``TrainerConfig``'s fields),
 checks that named files exist, and refuses what cannot be honoured — all before the
 first asset runs. ``roadwork run`` then hands Dagster the complete, resolved config of
 every group, so nothing is left for Dagster to replace.
@@ -142,9 +142,7 @@ def resolve_settings(run_config: Any, environ: dict[str, str] | None = None) -> 
 
 def _validate(group: str, cls, merged: dict[str, Any], src: dict[str, str]) -> dict[str, Any]:
     try:
-        resource = cls(**merged)
-        if isinstance(resource, TrainerResource):
-            resource.to_config()  # TrainerConfig holds the bounds (epochs >= 1, ...)
+        resource = cls(**merged)  # TrainerResource carries TrainerConfig's own validators
     except ValidationError as exc:
         err = exc.errors()[0]
         field = str(err["loc"][0]) if err["loc"] else ""

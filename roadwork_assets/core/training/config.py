@@ -12,6 +12,9 @@ DEFAULT_FROZEN_BACKBONE = "vit_small_patch14_dinov2.lvd142m"
 
 
 class TrainerConfig(BaseModel):
+    """Every training setting, defined once: ``defs.resources.TrainerResource`` inherits
+    these fields (defaults, bounds, descriptions, validators) for the Dagster launchpad."""
+
     model_config = ConfigDict(extra="forbid")
 
     mode: Literal["end_to_end", "frozen"] = Field(
@@ -33,8 +36,10 @@ class TrainerConfig(BaseModel):
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None = torch default")
     compile: bool = Field(False, description="torch.compile the model for training")
     attn_impl: Literal["sdpa", "eager"] = "sdpa"
+    # a plain default, not a default_factory: Dagster's config schema (TrainerResource)
+    # shows only plain defaults in the launchpad; pydantic copies it per instance
     probe_cs: list[float] = Field(
-        default_factory=lambda: [0.01, 0.1, 1.0, 10.0],
+        [0.01, 0.1, 1.0, 10.0],
         description="frozen mode: inverse L2 strengths swept on val_select",
     )
     seed: int = 0
