@@ -1,6 +1,6 @@
 """Awkward street-scene data for tests, independent of the project's default generator.
 
-Nothing here imports ``roadwork_assets.core.data.synthetic*`` or ``scene_*``: the scenes
+Nothing here imports the ``roadwork_assets.core.data.synthetic`` package: the scenes
 are drawn from scratch with numpy + Pillow so that a mechanism tuned to the default
 dataset meets data it has not seen. Every image is a function of ``seed`` alone (same
 seed -> identical pixels and identical written bytes).

@@ -1,129 +1,52 @@
-"""Drawing primitives for the synthetic dashcam street scenes.
+"""Every object kind of the street scenes, each in one place: how it is sampled and drawn.
 
-Everything is placed in world metres (X right, Y up, Z forward) and projected through a
-level pinhole camera onto view units where the nominal frame is [0, 1]^2. Keeping the
-world metric makes size, road perspective and occlusion order consistent: a cone looks
-small *because* it is far, the way it does in a real dashcam frame.
+A maker `make_<kind>(rng, X, Z, ...)` returns an `Item` standing on the road at (X, Z)
+with its sampled look in `Item.p`; the drawer `draw_<kind>(painter, item)` paints it in
+local metres around that anchor (see `drawing.Painter`). Where objects stand is decided
+by `sampling`; `DRAW` is what `rendering` dispatches on, and `ROADWORK_GROUPS` is what
+`sampling` builds a roadwork group from.
 
-Each `draw_*` function paints one item into two layers: the base colour layer and an
-emission layer (lamps, lit windows, retroreflective stripes) that the lighting step adds
-back after darkening, so night scenes keep their lights.
-
-This module holds the projection (`Camera`), the `Item` record, the `Painter` and the
-drawing of every item kind; the street backdrop and lighting are in `scene_render`.
+The order of rng draws in a maker is part of the dataset: changing it changes every image.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
+from typing import NamedTuple
 
-from PIL import Image, ImageDraw
-
-Color = tuple[int, int, int]
-
-ORANGE = (250, 100, 10)
-WHITE = (235, 235, 230)
-REFLECT = (150, 150, 140)  # retroreflective sheeting lights up in headlights
-AMBER = (255, 185, 40)
-BLACK = (22, 22, 24)
-GLASS = (45, 55, 68)
-
-
-def shade(c: Color, f: float) -> Color:
-    return (min(255, int(c[0] * f)), min(255, int(c[1] * f)), min(255, int(c[2] * f)))
-
-
-@dataclass(frozen=True)
-class Camera:
-    """Level pinhole camera; `margin` is how far the canvas extends past the nominal view."""
-
-    x_v: float  # vanishing point (view units)
-    y_h: float  # horizon (view units)
-    focal: float  # view units per unit of X/Z
-    height: float  # metres above the road
-    margin: float
-    scale: float  # canvas pixels per view unit
-
-    def view(self, X: float, Y: float, Z: float) -> tuple[float, float]:
-        return self.x_v + self.focal * X / Z, self.y_h + self.focal * (self.height - Y) / Z
-
-    def px(self, X: float, Y: float, Z: float) -> tuple[float, float]:
-        u, v = self.view(X, Y, Z)
-        return (u + self.margin) * self.scale, (v + self.margin) * self.scale
-
-    def ppm(self, Z: float) -> float:
-        """Canvas pixels per metre of a fronto-parallel object at depth Z."""
-        return self.focal * self.scale / Z
-
-    def lateral(self, u: float, Z: float) -> float:
-        """World X that projects to view column u at depth Z."""
-        return (u - self.x_v) * Z / self.focal
+from roadwork_assets.core.data.synthetic.drawing import (
+    AMBER,
+    BLACK,
+    GLASS,
+    REFLECT,
+    WHITE,
+    Painter,
+    shade,
+)
+from roadwork_assets.core.data.synthetic.palette import (
+    AUTUMN,
+    CARS,
+    GREEN,
+    HAIR,
+    HATS,
+    ORANGES,
+    PANTS,
+    SHIRTS,
+    SKIN,
+    VESTS,
+    pick,
+)
+from roadwork_assets.core.data.synthetic.types import Color, Item
 
 
-@dataclass
-class Item:
-    """One object standing on the road plane; (w, h) is its front face, for bounding boxes."""
-
-    kind: str
-    X: float
-    Z: float
-    w: float
-    h: float
-    roadwork: bool = False
-    p: dict = field(default_factory=dict)
-
-    def bbox(self, cam: Camera) -> tuple[float, float, float, float]:
-        x0, y0 = cam.view(self.X - self.w / 2, self.h, self.Z)
-        x1, y1 = cam.view(self.X + self.w / 2, 0.0, self.Z)
-        return x0, y0, x1, y1
+# ================================================================ roadwork objects
+# ---------------------------------------------------------------- traffic cone
+def make_cone(rng, X, Z) -> Item:
+    h = float(rng.choice((0.45, 0.7, 0.7, 0.9)))
+    stripes = ((0.55, 0.68),) if h < 0.6 or rng.random() < 0.3 else ((0.45, 0.56), (0.67, 0.77))
+    return Item("cone", X, Z, 0.6 * h, h, True, {"color": pick(rng, ORANGES), "stripes": stripes})
 
 
-class Painter:
-    """Draws in local metres around an anchor (X, Z) on the road, y up."""
-
-    def __init__(self, base: Image.Image, emit: Image.Image, cam: Camera):
-        self.d, self.e, self.cam = ImageDraw.Draw(base), ImageDraw.Draw(emit), cam
-        self.bx = self.by = 0.0
-        self.k = 1.0
-        self.glowed = False  # lets rendering skip the emission pass when nothing emits
-
-    def at(self, X: float, Z: float) -> None:
-        self.bx, self.by = self.cam.px(X, 0.0, Z)
-        self.k = self.cam.ppm(Z)
-
-    def poly(self, pts, fill: Color, glow: Color | None = None) -> None:
-        xy = [(self.bx + self.k * x, self.by - self.k * y) for x, y in pts]
-        self.d.polygon(xy, fill=fill)
-        if glow:
-            self.e.polygon(xy, fill=glow)
-            self.glowed = True
-
-    def rect(self, x0, y0, x1, y1, fill: Color, glow: Color | None = None) -> None:
-        box = (self.bx + self.k * x0, self.by - self.k * y1, self.bx + self.k * x1, self.by - self.k * y0)
-        self.d.rectangle(box, fill=fill)
-        if glow:
-            self.e.rectangle(box, fill=glow)
-            self.glowed = True
-
-    def ellipse(self, x0, y0, x1, y1, fill: Color, glow: Color | None = None) -> None:
-        box = (self.bx + self.k * x0, self.by - self.k * y1, self.bx + self.k * x1, self.by - self.k * y0)
-        self.d.ellipse(box, fill=fill)
-        if glow:
-            self.e.ellipse(box, fill=glow)
-            self.glowed = True
-
-    def world(self, pts3d, fill: Color, glow: Color | None = None) -> None:
-        c = self.cam  # inlined projection: this is the hottest loop of the generator
-        ox, oy, f, h, s = c.x_v + c.margin, c.y_h + c.margin, c.focal, c.height, c.scale
-        xy = [((ox + f * X / Z) * s, (oy + f * (h - Y) / Z) * s) for X, Y, Z in pts3d]
-        self.d.polygon(xy, fill=fill)
-        if glow:
-            self.e.polygon(xy, fill=glow)
-            self.glowed = True
-
-
-# ---------------------------------------------------------------- roadwork objects
 def draw_cone(pt: Painter, it: Item) -> None:
     h, c = it.h, it.p["color"]
     a, t, b = 0.24 * h, 0.045 * h, 0.06 * h
@@ -139,6 +62,11 @@ def draw_cone(pt: Painter, it: Item) -> None:
         pt.poly([(-hw(y0), y0), (hw(y0), y0), (hw(y1), y1), (-hw(y1), y1)], WHITE, REFLECT)
 
 
+# ---------------------------------------------------------------- channelizer drum
+def make_drum(rng, X, Z) -> Item:
+    return Item("drum", X, Z, 0.62, 1.0, True, {"color": pick(rng, ORANGES)})
+
+
 def draw_drum(pt: Painter, it: Item) -> None:
     w, h, c = it.w, it.h, it.p["color"]
     pt.rect(-0.6 * w, 0, 0.6 * w, 0.07 * h, BLACK)
@@ -148,6 +76,16 @@ def draw_drum(pt: Painter, it: Item) -> None:
         pt.rect(-w / 2, f0 * h, w / 2, f1 * h, shade(WHITE, 0.78), REFLECT)
         pt.rect(-0.32 * w, f0 * h, 0.18 * w, f1 * h, WHITE)
     pt.ellipse(-w / 2, h - 0.05, w / 2, h + 0.05, shade(c, 0.55))
+
+
+# ---------------------------------------------------------------- barrier (plastic or type III)
+def make_barrier(rng, X, Z) -> Item:
+    if rng.random() < 0.35:
+        return Item("barrier", X, Z, 1.8 * int(rng.integers(1, 3)), 0.9, True,
+                    {"variant": "plastic", "color": pick(rng, ORANGES)})
+    boards = int(rng.integers(2, 4))
+    return Item("barrier", X, Z, rng.uniform(1.8, 2.6), 0.4 + 0.38 * boards, True,
+                {"variant": "type3", "boards": boards, "color": pick(rng, ORANGES)})
 
 
 def _striped_board(pt: Painter, x0, x1, y0, y1, c: Color, sw: float) -> None:
@@ -178,12 +116,18 @@ def draw_barrier(pt: Painter, it: Item) -> None:
         _striped_board(pt, -w / 2, w / 2, top - 0.22, top, c, 0.22)
 
 
+# ---------------------------------------------------------------- arrow board (trailer)
 _ARROWS = {
     "right": ("......*....", ".......*...", "**********.", ".......*...", "......*...."),
     "left": ("....*......", "...*.......", ".**********", "...*.......", "....*......"),
     "bar": ("...........", "...........", "***********", "...........", "..........."),
     "caution": ("*.........*", "...........", "....*.*....", "...........", "*.........*"),
 }
+
+
+def make_arrow_board(rng, X, Z) -> Item:
+    pattern = str(rng.choice(("right", "left", "bar", "caution"), p=(0.4, 0.3, 0.15, 0.15)))
+    return Item("arrow_board", X, Z, 2.5, 2.95, True, {"pattern": pattern})
 
 
 def draw_arrow_board(pt: Painter, it: Item) -> None:
@@ -200,6 +144,23 @@ def draw_arrow_board(pt: Painter, it: Item) -> None:
             if ch == "*":
                 x = -1.0 + col * 0.2
                 pt.ellipse(x - r, y - r, x + r, y + r, AMBER, AMBER)
+
+
+# ---------------------------------------------------------------- diamond signs: work zone / warning
+def make_diamond(rng, X, Z, color, glyph, kind="work_sign", roadwork=True) -> Item:
+    stand = bool(rng.random() < 0.5)
+    size, yc = rng.uniform(0.9, 1.2), (1.2 if stand else rng.uniform(1.7, 2.3))
+    return Item(kind, X, Z, 1.3 * size, yc + 0.64 * size, roadwork,
+                {"color": color, "glyph": glyph, "size": size, "yc": yc, "stand": stand})
+
+
+def make_work_sign(rng, X, Z) -> Item:
+    return make_diamond(rng, X, Z, pick(rng, ORANGES[:2]), str(rng.choice(("worker", "text"))))
+
+
+def make_warning_sign(rng, X, Z) -> Item:
+    """Yellow pedestrian-warning diamond: a hard negative, not roadwork."""
+    return make_diamond(rng, X, Z, pick(rng, ((245, 210, 20),)), "pedestrian", "warning_sign", False)
 
 
 def draw_diamond_sign(pt: Painter, it: Item) -> None:
@@ -229,6 +190,21 @@ def draw_diamond_sign(pt: Painter, it: Item) -> None:
     else:  # walking pedestrian (yellow warning sign)
         pt.poly([(-0.06 * d, yc - 0.18 * d), (0.04 * d, yc - 0.18 * d), (0.22 * d, yc - 0.56 * d), (0.1 * d, yc - 0.56 * d)], BLACK)
         pt.poly([(-0.06 * d, yc - 0.18 * d), (0.04 * d, yc - 0.18 * d), (-0.2 * d, yc - 0.56 * d), (-0.32 * d, yc - 0.56 * d)], BLACK)
+
+
+# ================================================================ people
+# ---------------------------------------------------------------- pedestrian / road worker
+def make_person(rng, X, Z, shirt=None, vest=None, hat=None, tool=None, kind="person") -> Item:
+    h = rng.uniform(1.6, 1.9)
+    p = {"skin": pick(rng, SKIN, 5), "shirt": shirt or pick(rng, SHIRTS), "pants": pick(rng, PANTS),
+         "hair": pick(rng, HAIR, 5), "stride": rng.uniform(0.0, 0.12), "vest": vest, "hat": hat, "tool": tool}
+    return Item(kind, X, Z, 0.6 * h / 1.75, 1.05 * h, kind == "worker", p)
+
+
+def make_worker(rng, X, Z) -> Item:
+    hat = pick(rng, HATS) if rng.random() < 0.85 else None
+    tool = str(rng.choice(("none", "shovel", "paddle"), p=(0.6, 0.25, 0.15)))
+    return make_person(rng, X, Z, vest=pick(rng, VESTS), hat=hat, tool=tool, kind="worker")
 
 
 def draw_person(pt: Painter, it: Item) -> None:
@@ -264,7 +240,18 @@ def draw_person(pt: Painter, it: Item) -> None:
         pt.ellipse(0.17 * s, 1.8 * s, 0.43 * s, 2.06 * s, (200, 30, 30), REFLECT)
 
 
-# ---------------------------------------------------------------- street furniture, vehicles
+# ================================================================ vehicles
+# ---------------------------------------------------------------- car / school bus
+def make_car(rng, X, Z, color=None, front=False, side=True) -> Item:
+    return Item("car", X, Z, 1.8, 1.45, False,
+                {"color": color or pick(rng, CARS), "length": 4.5, "front": front, "side": side})
+
+
+def make_school_bus(rng, X, Z) -> Item:
+    return Item("bus", X, Z, 2.5, 3.1, False, {"color": pick(rng, ((245, 175, 10), (250, 150, 0))),
+                                               "length": 11.0, "front": False})
+
+
 def draw_car(pt: Painter, it: Item) -> None:
     """Car or school bus seen from behind (or from the front when oncoming), with its side."""
     w, h, L, c = it.w, it.h, it.p["length"], it.p["color"]
@@ -310,12 +297,28 @@ def draw_car(pt: Painter, it: Item) -> None:
     pt.rect(-0.2, 0.46, 0.2, 0.58, (225, 225, 215))
 
 
+# ================================================================ street furniture and trees
+# ---------------------------------------------------------------- tree (green or autumn)
+def make_tree(rng, X, Z, autumn: bool) -> Item:
+    r, trunk = rng.uniform(1.2, 2.4), rng.uniform(1.8, 3.0)
+    pal = AUTUMN if autumn else GREEN
+    blobs = [(rng.uniform(-0.5, 0.5) * r, rng.uniform(-0.4, 0.5) * r, rng.uniform(0.5, 0.8) * r, pick(rng, pal, 15))
+             for _ in range(int(rng.integers(4, 7)))]
+    return Item("tree", X, Z, 2 * r, trunk + 2 * r, False, {"trunk": trunk, "r": r, "blobs": blobs})
+
+
 def draw_tree(pt: Painter, it: Item) -> None:
     ht, r = it.p["trunk"], it.p["r"]
     pt.rect(-0.13, 0, 0.13, ht + 0.5 * r, (80, 62, 48))
     cy = ht + r
     for dx, dy, rr, col in it.p["blobs"]:
         pt.ellipse(dx - rr, cy + dy - rr, dx + rr, cy + dy + rr, col)
+
+
+# ---------------------------------------------------------------- street light
+def make_streetlight(X, Z, side: int, lamp: Color) -> Item:
+    """A lamp post whose arm reaches towards `side` (+1 right, -1 left); no rng draws."""
+    return Item("streetlight", X, Z, 0.3, 8.0, False, {"side": side, "lamp": lamp})
 
 
 def draw_streetlight(pt: Painter, it: Item) -> None:
@@ -327,7 +330,14 @@ def draw_streetlight(pt: Painter, it: Item) -> None:
     pt.ellipse(x0, H - 0.05, x1, H + 0.12, (215, 210, 190), it.p["lamp"])
 
 
+# ---------------------------------------------------------------- traffic light
 _TL = (("red", (220, 30, 25)), ("amber", (255, 170, 0)), ("green", (40, 220, 120)))
+
+
+def make_traffic_light(rng, X, Z, state) -> Item:
+    H = rng.uniform(2.4, 3.4)
+    housing = (30, 30, 32) if rng.random() < 0.7 else (200, 170, 30)
+    return Item("traffic_light", X, Z, 0.45, H + 1.0, False, {"H": H, "state": state, "housing": housing})
 
 
 def draw_traffic_light(pt: Painter, it: Item) -> None:
@@ -340,6 +350,7 @@ def draw_traffic_light(pt: Painter, it: Item) -> None:
         pt.ellipse(-0.12, y - 0.12, 0.12, y + 0.12, on if lit else shade(on, 0.25), on if lit else None)
 
 
+# ================================================================ registries
 DRAW: dict[str, Callable[[Painter, Item], None]] = {
     "cone": draw_cone,
     "drum": draw_drum,
@@ -357,8 +368,20 @@ DRAW: dict[str, Callable[[Painter, Item], None]] = {
 }
 
 
-def draw_items(pt: Painter, items: list[Item]) -> None:
-    for it in sorted(items, key=lambda it: -it.Z):  # painter's algorithm, far to near
-        pt.at(it.X, it.Z)
-        DRAW[it.kind](pt, it)
+class RoadworkGroup(NamedTuple):
+    """How `sampling` places a roadwork group: its maker, and the heights (metres) of the
+    part whose on-screen size is sampled (`key_h`) and of the whole object (`total_h`)."""
 
+    make: Callable[..., Item]
+    key_h: float
+    total_h: float
+
+
+ROADWORK_GROUPS: dict[str, RoadworkGroup] = {
+    "cones": RoadworkGroup(make_cone, 0.7, 0.9),
+    "drums": RoadworkGroup(make_drum, 1.0, 1.0),
+    "barrier": RoadworkGroup(make_barrier, 1.0, 1.6),
+    "arrow_board": RoadworkGroup(make_arrow_board, 1.3, 3.0),
+    "work_sign": RoadworkGroup(make_work_sign, 1.0, 3.1),
+    "workers": RoadworkGroup(make_worker, 1.8, 1.9),
+}

@@ -1,4 +1,4 @@
-"""Tests for the embedded default dataset generator (core/data/synthetic.py)."""
+"""Tests for the embedded default dataset generator (core/data/synthetic/dataset.py)."""
 
 from __future__ import annotations
 

@@ -1,21 +1,10 @@
-"""The embedded default dataset: generated dashcam street scenes, roadwork vs none.
+"""Writing the default dataset: parameters, idempotence, the atomic swap into place and
+the per-scene write loop (see the package docstring for what a scene is).
 
-This network reaches no dataset hub, so the default pipeline trains on scenes drawn here.
-They are built to be hard in the ways real data is: roadwork objects at all sizes (some a
-few pixels, some occluded or half out of frame), ~40 % of negatives carrying the same
-colours (orange cars, awnings, autumn trees, people in orange, amber lights, school
-buses), and dusk / night / rain removing contrast. The label is still decided by content:
-a positive shows at least one roadwork object inside every one of its frames.
-
-A scene is rendered once on a supersampled canvas slightly wider than the frame; its
-`frames_per_scene` frames are crops with a small camera shift/zoom and fresh sensor noise
-(consecutive dashcam frames), so they share a `group_id` that group-aware splits must
-keep together. Scene i depends only on (seed, i), never on n_images.
-
-This module is the public API and the files: parameters, idempotence, the atomic swap
-into place and the per-scene write loop. What a scene contains is sampled in
-`scene_layout`, items are drawn by `scene_objects`, and `scene_render` draws the street
-backdrop, lights the canvas and cuts the camera frames.
+`scene_frames` is the whole generator for one scene: it samples the scene (`sampling`)
+from the scene's own rng, renders it once (`rendering.render_scene`) and cuts its
+`frames_per_scene` camera frames (`rendering.camera_frame`), which share a `group_id`.
+Scene i depends only on (seed, i), never on n_images.
 """
 
 from __future__ import annotations
@@ -29,25 +18,13 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from roadwork_assets.core.data.scene_layout import (
-    HARD_NEGATIVE_KINDS,
-    LIGHTINGS,
-    ROADWORK_KINDS,
-    sample_scene,
-)
-from roadwork_assets.core.data.scene_render import camera_frame, render_scene
+from roadwork_assets.core.data.synthetic.rendering import camera_frame, render_scene
+from roadwork_assets.core.data.synthetic.sampling import sample_scene
+from roadwork_assets.core.data.synthetic.types import Scene
 
-__all__ = [
-    "GENERATOR_VERSION",
-    "HARD_NEGATIVE_KINDS",
-    "LIGHTINGS",
-    "MANIFEST_COLUMNS",
-    "ROADWORK_KINDS",
-    "generate_default_dataset",
-    "sample_scene",
-    "scene_label",
-]
+__all__ = ["GENERATOR_VERSION", "MANIFEST_COLUMNS", "generate_default_dataset", "scene_frames", "scene_label"]
 
 GENERATOR_VERSION = "1.0.0"
 
@@ -107,6 +84,23 @@ def scene_label(seed: int, index: int, positive_fraction: float) -> int:
     offset = np.random.SeedSequence(seed).generate_state(1)[0] / 2.0**32
     return int((offset + index * _PHI) % 1.0 < positive_fraction)
 
+
+def scene_frames(seed: int, index: int, positive_fraction: float, image_size: int,
+                 n_frames: int) -> tuple[Scene, list[tuple[Image.Image, int]]]:
+    """Scene `index` of the dataset and its first n_frames camera frames, each with the
+    JPEG quality it is saved at. Depends only on (seed, index, positive_fraction,
+    image_size): all randomness comes from the scene's own rng, in this order."""
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index,)))
+    label = scene_label(seed, index, positive_fraction)
+    scene = sample_scene(rng, label, image_size * _SUPERSAMPLE)
+    canvas = render_scene(scene, _SUPERSAMPLE)
+    frames = []
+    for _ in range(n_frames):
+        frame = camera_frame(canvas, scene, rng, image_size)
+        frames.append((frame, int(rng.integers(*_JPEG_QUALITY))))
+    return scene, frames
+
+
 # ---------------------------------------------------------------- I/O
 def _validate(n_images, seed, image_size, positive_fraction, frames_per_scene) -> None:
     def is_int(v) -> bool:
@@ -154,14 +148,10 @@ def _write_images(root: Path, params: dict) -> list[tuple]:
         (root / "images" / sub).mkdir(parents=True, exist_ok=True)
     rows = []
     for i in range(math.ceil(n / fps)):
-        rng = np.random.default_rng(np.random.SeedSequence(params["seed"], spawn_key=(i,)))
-        label = scene_label(params["seed"], i, params["positive_fraction"])
-        scene = sample_scene(rng, label, size * _SUPERSAMPLE)
-        canvas = render_scene(scene, _SUPERSAMPLE)
+        scene, frames = scene_frames(params["seed"], i, params["positive_fraction"], size, min(fps, n - i * fps))
         group = f"scene-{i:06d}"
-        for f in range(min(fps, n - i * fps)):
-            rel = f"images/{'roadwork' if label else 'none'}/{group}_f{f}.jpg"
-            frame = camera_frame(canvas, scene, rng, size)
-            frame.save(root / rel, format="JPEG", quality=int(rng.integers(*_JPEG_QUALITY)))
-            rows.append((rel, label, group, scene.kind, scene.lighting))
+        for f, (frame, quality) in enumerate(frames):
+            rel = f"images/{'roadwork' if scene.label else 'none'}/{group}_f{f}.jpg"
+            frame.save(root / rel, format="JPEG", quality=quality)
+            rows.append((rel, scene.label, group, scene.kind, scene.lighting))
     return rows
