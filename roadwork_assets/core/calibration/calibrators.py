@@ -78,14 +78,17 @@ def as_two_class_logits(scores: Any) -> np.ndarray:
     return s
 
 
-def as_binary_labels(y: Any, n: int) -> np.ndarray:
+def as_binary_labels(y: Any, n: int, dtype: Any = np.float64) -> np.ndarray:
+    """Labels [n] of 0 (none) / 1 (roadwork) as `dtype` (float64: logistic targets; the
+    policy code asks for int64); refuse any other shape or value. The one label check of
+    core.calibration."""
     y = np.asarray(y)
     if y.shape != (n,):
         raise BadInputError(f"labels must have shape ({n},) to match the scores; got {y.shape}")
     if not np.all((y == 0) | (y == 1)):
         bad = np.unique(y[(y != 0) & (y != 1)])[:5]
         raise BadInputError(f"labels must be 0 (none) or 1 (roadwork); found {bad.tolist()}")
-    return y.astype(np.float64)
+    return y.astype(dtype)
 
 
 # ------------------------------------------------------------------ logistic fitting

@@ -22,12 +22,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy import stats
 from scipy.special import expit, logit
 from sklearn.linear_model import LogisticRegression
 
 from roadwork_assets.contracts.errors import ArtifactIntegrityError, BadInputError, InsufficientDataError
-from roadwork_assets.core.calibration.metrics import aurc, decision_confidence
+from roadwork_assets.core.calibration.metrics import aurc, clopper_pearson, decision_confidence
 
 GATE_FEATURES: tuple[str, ...] = (
     "max_prob",            # max softmax prob of the main view (raw logits)
@@ -205,7 +204,7 @@ def fit_failure_gate(
         if na:
             sel_risk = ne / na
             # one-sided exact (Clopper–Pearson) upper bound at level 1 - delta
-            upper = 1.0 if ne == na else float(stats.beta.ppf(1.0 - delta, ne + 1, na - ne))
+            upper = clopper_pearson(ne, na, 1.0 - delta, alternative="less")[1]
     else:
         tau, na = -1.0, 0
     return GateFit(

@@ -10,8 +10,11 @@ Conventions (stated because libraries differ):
 - AURC: area under the selective risk–coverage curve, confidence sorted high to
   low; ties are resolved by the expectation over random tie-breaking. E-AURC =
   AURC minus the AURC of an oracle that abstains on every error first.
-- FNR/FPR intervals: exact Clopper–Pearson; other intervals: percentile bootstrap
-  (scipy.stats.bootstrap, paired resampling of (p, y), seeded).
+- FNR/FPR intervals: exact Clopper–Pearson (scipy.stats.binomtest); other intervals:
+  percentile bootstrap (scipy.stats.bootstrap, paired resampling of (p, y), seeded).
+- Brier, NLL, AUROC, MCC and balanced accuracy are sklearn's (as the trainer's are).
+  What stays hand-rolled has no sklearn counterpart (ECE, AURC, the risk–coverage
+  curve) or must run along a batch axis for the bootstrap (the `_*_axis` statistics).
 Everything is vectorised; the cost is one sort, O(n log n).
 """
 
@@ -24,7 +27,13 @@ from typing import Any, Literal
 
 import numpy as np
 from scipy import stats
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import (
+    balanced_accuracy_score,
+    brier_score_loss,
+    log_loss,
+    matthews_corrcoef,
+    roc_auc_score,
+)
 
 from roadwork_assets.contracts.errors import BadInputError
 
@@ -82,15 +91,24 @@ def ece(p: Any, y: Any, n_bins: int = 15, variant: Literal["positive", "top_labe
 
 
 def brier(p: Any, y: Any) -> float:
+    """Mean squared error of p against y (sklearn brier_score_loss); NaN when empty."""
     p, y = _as_prob_label(p, y)
-    return float(np.mean((p - y) ** 2))
+    if not y.size:
+        return float("nan")
+    return float(brier_score_loss(y, p, labels=[0, 1]))
 
 
 def nll(p: Any, y: Any, eps: float = _NLL_EPS) -> float:
-    """Mean binary negative log-likelihood, p clipped to [eps, 1 - eps]."""
+    """Mean binary negative log-likelihood, p clipped to [eps, 1 - eps] (sklearn log_loss).
+
+    The clip is done here: sklearn clips only at the float eps (2.2e-16), so p = 1.0 for
+    a negative (a saturated sigmoid) would cost 36.04 there and 34.54 here, as it always has.
+    NaN when empty.
+    """
     p, y = _as_prob_label(p, y)
-    q = np.clip(p, eps, 1.0 - eps)
-    return float(-np.mean(y * np.log(q) + (1 - y) * np.log1p(-q)))
+    if not y.size:
+        return float("nan")
+    return float(log_loss(y, np.clip(p, eps, 1.0 - eps), labels=[0, 1]))
 
 
 def auroc(p: Any, y: Any) -> float:
@@ -178,30 +196,47 @@ def _mcc_from_counts(tp, tn, fp, fn):
         return np.where(denom > 0, (tp * tn - fp * fn) / np.where(denom > 0, denom, 1.0), 0.0)
 
 
+def _hard_labels(y: Any, pred: Any) -> tuple[np.ndarray, np.ndarray]:
+    return (np.asarray(y).ravel().astype(np.int64), np.asarray(pred).ravel().astype(np.int64))
+
+
 def mcc(y: Any, pred: Any) -> float:
-    """Matthews correlation coefficient (0 when a margin of the table is empty, as sklearn)."""
-    c = confusion_counts(y, pred)
-    return float(_mcc_from_counts(c["tp"], c["tn"], c["fp"], c["fn"]))
+    """Matthews correlation coefficient (sklearn): 0 when a margin of the table is empty,
+    and 0 for no items (sklearn refuses those; a policy may accept none)."""
+    y, pred = _hard_labels(y, pred)
+    if not y.size:
+        return 0.0
+    with warnings.catch_warnings():  # one label only is a legitimate answer here: MCC 0
+        warnings.filterwarnings("ignore", message="A single label was found", category=UserWarning)
+        return float(matthews_corrcoef(y, pred))
 
 
 def balanced_accuracy(y: Any, pred: Any) -> float:
-    c = confusion_counts(y, pred)
-    rates = []
-    if c["tp"] + c["fn"]:
-        rates.append(c["tp"] / (c["tp"] + c["fn"]))
-    if c["tn"] + c["fp"]:
-        rates.append(c["tn"] / (c["tn"] + c["fp"]))
-    return float(np.mean(rates)) if rates else float("nan")
+    """Mean recall over the classes present in y (sklearn); NaN for no items."""
+    y, pred = _hard_labels(y, pred)
+    if not y.size:
+        return float("nan")
+    with warnings.catch_warnings():  # a predicted class absent from y is left out, as intended
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true",
+                                category=UserWarning)
+        return float(balanced_accuracy_score(y, pred))
 
 
-def clopper_pearson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Exact two-sided binomial interval for k successes in n trials."""
+def clopper_pearson(
+    k: int, n: int, confidence: float = 0.95,
+    alternative: Literal["two-sided", "less"] = "two-sided",
+) -> tuple[float, float]:
+    """Exact (Clopper–Pearson) binomial interval for k successes in n trials, as
+    scipy.stats.binomtest(k, n).proportion_ci(method="exact") computes it.
+
+    alternative="less" is the one-sided upper bound (low = 0): high is the Beta(k + 1, n - k)
+    quantile at `confidence` (1 when k = n). (NaN, NaN) when n = 0.
+    """
     if n <= 0:
         return float("nan"), float("nan")
-    a = 1.0 - confidence
-    lo = 0.0 if k == 0 else float(stats.beta.ppf(a / 2, k, n - k + 1))
-    hi = 1.0 if k == n else float(stats.beta.ppf(1 - a / 2, k + 1, n - k))
-    return lo, hi
+    ci = stats.binomtest(int(k), int(n), alternative=alternative).proportion_ci(
+        confidence_level=confidence, method="exact")
+    return float(ci.low), float(ci.high)
 
 
 def rate_with_ci(k: int, n: int, confidence: float = 0.95) -> dict[str, Any]:

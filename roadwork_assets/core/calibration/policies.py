@@ -46,6 +46,7 @@ from roadwork_assets.contracts.policy_schemas import (
 from roadwork_assets.core.calibration.calibrators import (
     CALIBRATORS,
     Calibrator,
+    as_binary_labels,
     calibrator_from_params,
 )
 from roadwork_assets.core.calibration.conformal import (
@@ -75,6 +76,7 @@ from roadwork_assets.core.calibration.risk_control import (
     ltt_positive_exit_threshold,
 )
 from roadwork_assets.core.evaluation.shift import score_reference
+from roadwork_assets.core.hashing import unit_hash
 
 AnyPolicy = SoftmaxPolicyParams | GatePolicyParams | ScrcPolicyParams
 DEFAULT_CALIBRATOR_METHODS: tuple[str, ...] = tuple(CALIBRATORS)
@@ -83,15 +85,6 @@ DEFER, NEGATIVE, POSITIVE = -1, 0, 1
 
 
 # ----------------------------------------------------------------------- splits
-def _check_labels(labels: Any, n: int) -> np.ndarray:
-    y = np.asarray(labels)
-    if y.shape != (n,):
-        raise BadInputError(f"labels must have shape ({n},); got {y.shape}")
-    if not np.all((y == 0) | (y == 1)):
-        raise BadInputError("labels must be 0 (none) or 1 (roadwork)")
-    return y.astype(np.int64)
-
-
 def split_calibration_set(
     image_ids: Sequence[Any], labels: Any, fit_fraction: float = 0.5, *, salt: str = SPLIT_SALT,
     groups: Sequence[Any] | None = None,
@@ -111,12 +104,11 @@ def split_calibration_set(
     if not 0.0 < fit_fraction < 1.0:
         raise BadInputError(f"fit_fraction must be in (0, 1); got {fit_fraction}")
     ids = [str(i) for i in image_ids]
-    y = _check_labels(labels, len(ids))
+    y = as_binary_labels(labels, len(ids), dtype=np.int64)
     if groups is not None:
         if len(groups) != len(ids):
             raise BadInputError(f"{len(groups)} group keys for {len(ids)} calibration items")
-        unit = np.array([int(hashlib.sha256(f"{salt}:{g}".encode()).hexdigest()[:13], 16)
-                         / float(16**13) for g in map(str, groups)])
+        unit = unit_hash((f"{salt}:{g}" for g in map(str, groups)), bits=52)
         in_fit = unit < fit_fraction
         return np.flatnonzero(in_fit), np.flatnonzero(~in_fit)
     if len(set(ids)) != len(ids):
@@ -154,7 +146,7 @@ def check_calibration_capacity(
     own group when ``group_keys`` is None). Raises InsufficientDataError when that
     count is below `units_needed(alpha, guarantee, delta)`; returns it otherwise.
     """
-    y = _check_labels(labels, len(item_ids))
+    y = as_binary_labels(labels, len(item_ids), dtype=np.int64)
     _, idx_thr = split_calibration_set(item_ids, y, fit_fraction, groups=group_keys)
     keys = np.asarray([str(g) for g in (item_ids if group_keys is None else group_keys)])
     pos = y == 1
@@ -205,7 +197,7 @@ def select_calibrator(
     `n_bins` equal-width bins, L1) and "brier". Ties go to the earlier method.
     """
     scores = np.asarray(scores_fit, dtype=np.float64)
-    y = _check_labels(y_fit, scores.shape[0])
+    y = as_binary_labels(y_fit, scores.shape[0], dtype=np.int64)
     if not methods:
         raise BadInputError("select_calibrator needs at least one method")
     unknown = [m for m in methods if m not in CALIBRATORS]
@@ -418,7 +410,7 @@ def fit_policy(
     v = check_view_logits(view_logits)
     if main_view >= v.shape[1]:
         raise BadInputError(f"main_view={main_view} but the logits have {v.shape[1]} view(s)")
-    y = _check_labels(labels, v.shape[0])
+    y = as_binary_labels(labels, v.shape[0], dtype=np.int64)
     if len(image_ids) != v.shape[0]:
         raise BadInputError(f"{len(image_ids)} image ids for {v.shape[0]} logit rows")
 

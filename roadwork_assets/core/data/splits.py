@@ -18,7 +18,6 @@ and ranks move when data is added — that would break stability, which matters 
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +30,7 @@ from roadwork_assets.core.data.similarity import (
     confirm_pairs,
     thumbnail_array,
 )
+from roadwork_assets.core.hashing import unit_hash
 
 DEFAULT_FRACTIONS: dict[str, float] = {
     "train": 0.55,
@@ -112,15 +112,6 @@ def _components(base: pd.Series, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     size = n + (codes.max() + 1 if n else 0)
     graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(size, size))
     return connected_components(graph, directed=False)[1][:n]
-
-
-def _unit_hash(keys: pd.Series, seed: int) -> np.ndarray:
-    # 53 bits of sha256 -> a float in [0, 1); independent of the other keys.
-    out = np.empty(len(keys), dtype=np.float64)
-    for i, key in enumerate(keys.tolist()):
-        digest = hashlib.sha256(f"{seed}\x00{key}".encode()).digest()
-        out[i] = (int.from_bytes(digest[:8], "big") >> 11) / float(1 << 53)
-    return out
 
 
 @dataclass(frozen=True, eq=False)
@@ -210,7 +201,7 @@ def split_images(
     fresh = n_splits_here == 0
     if fresh.any():
         uniq = pd.unique(key[fresh])
-        u = pd.Series(_unit_hash(pd.Series(uniq), seed), index=uniq)
+        u = pd.Series(unit_hash(f"{seed}\x00{k}" for k in uniq), index=uniq)
         edges = np.cumsum([fr[s] for s in SPLITS])
         edges[-1] = 1.0 + 1e-12
         split[fresh] = np.asarray(SPLITS, dtype=object)[

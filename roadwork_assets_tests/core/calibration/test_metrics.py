@@ -98,6 +98,33 @@ def test_clopper_pearson_matches_scipy_binomtest(k, n):
     assert lo == pytest.approx(ref.low, abs=1e-12) and hi == pytest.approx(ref.high, abs=1e-12)
 
 
+@pytest.mark.parametrize("confidence", [0.8, 0.9, 0.95, 0.99])
+def test_clopper_pearson_keeps_the_beta_quantile_values_within_1e_12(confidence):
+    """binomtest's exact interval (a root finder) against the Beta-quantile form it
+    replaced, two-sided and one-sided (the failure gate's upper bound)."""
+    a = 1.0 - confidence
+    for n in (1, 2, 5, 30, 50, 400, 1000, 5000):
+        for k in sorted({0, 1, n // 3, n // 2, n - 1, n}):
+            lo = 0.0 if k == 0 else stats.beta.ppf(a / 2, k, n - k + 1)
+            hi = 1.0 if k == n else stats.beta.ppf(1 - a / 2, k + 1, n - k)
+            upper = 1.0 if k == n else stats.beta.ppf(confidence, k + 1, n - k)
+            got_lo, got_hi = clopper_pearson(k, n, confidence)
+            one_lo, one_hi = clopper_pearson(k, n, confidence, alternative="less")
+            assert abs(got_lo - lo) <= 1e-12 and abs(got_hi - hi) <= 1e-12, (k, n)
+            assert one_lo == 0.0 and abs(one_hi - upper) <= 1e-12, (k, n)
+    assert all(np.isnan(clopper_pearson(0, 0, confidence)))
+
+
+def test_sklearn_backed_metrics_keep_their_edge_cases():
+    # NLL clips at 1e-15 as before (sklearn alone would clip at 2.2e-16: ~36.0)
+    assert nll([1.0, 0.0], [0, 1]) == pytest.approx(34.53917619362578, rel=1e-12)
+    assert np.isnan(nll([], [])) and np.isnan(brier([], []))
+    assert brier([0.1, 0.2], [0, 0]) == pytest.approx(0.025)  # one class only
+    assert mcc([], []) == 0.0 and mcc([0, 0], [0, 0]) == 0.0
+    assert np.isnan(balanced_accuracy([], []))
+    assert balanced_accuracy([0, 0, 0, 0], [0, 1, 0, 1]) == 0.5  # recall of the class present
+
+
 def test_classification_report_is_json_and_counts_deferrals_as_non_misses(scored):
     p, y = scored
     decisions = np.where(p < 0.2, 0, np.where(p > 0.8, 1, -1)).astype(np.int8)
