@@ -1,4 +1,5 @@
-"""Schemas of the exit-policy artifacts (thresholds.json, gateparams.json).
+"""Schemas of the exit-policy artifacts: policies/{softmax,gate,scrc}.json under the
+artifact root (`ArtifactRegistry.policy`), and the one policy a bundle ships, policy.json.
 
 Three kinds share one decision rule on the calibrated main-view probability p:
 negative iff p <= t_lo, positive iff p > t_hi, defer otherwise; the gate kind

@@ -1,7 +1,7 @@
 """Resources: where artifacts live, where data comes from, how to train, which policy.
 
 All pydantic-typed (Dagster ConfigurableResource); every field can be overridden per
-run in the launchpad or with ``--config``. Environment variables give the defaults:
+run in the launchpad or with ``--config-json``. Environment variables give the defaults:
 ROADWORK_HOME (artifact root), ROADWORK_DATA (dataset), ROADWORK_WEIGHTS (frozen
 backbone weights file), ROADWORK_MLFLOW_URI (tracking server).
 """

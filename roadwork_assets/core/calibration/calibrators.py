@@ -10,7 +10,7 @@ too, NLL_Beta <= NLL_Platt <= NLL_TS on the fit set.
 Inputs (`scores`): either [N, 2] two-class logits (single-score methods use the
 margin z = z1 - z0) or [N] margins. Outputs: p1 = P(y = 1) as float64 [N].
 
-Formulas (DOMAIN.md, "Calibration and risk control"):
+Formulas (docs/domain.md, "Calibration and risk control"):
   temperature            q = σ(z / T)
   classwise_temperature  q = σ(z1 / T1 - z0 / T0)        (needs [N, 2] logits)
   platt                  q = σ(a z + b)

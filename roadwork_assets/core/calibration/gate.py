@@ -7,7 +7,7 @@ accepts iff g <= tau and defers otherwise. Because it only turns decisions into
 deferrals, it never raises the cascade FNR (see risk_control).
 
 With one view the features are all functions of a single probability and rank
-like max-prob (DOMAIN.md), so the gate should only beat the baseline when the
+like max-prob (docs/domain.md), so the gate should only beat the baseline when the
 views disagree informatively; `beats_baseline` reports what happened on held-out
 data rather than assuming it.
 

@@ -4,7 +4,7 @@ Fitting (val_calib only):
   1. `split_calibration_set`: a deterministic, label-stratified, disjoint split
      into a fit part (calibrator, gate) and a threshold part (t_lo, t_hi, tau,
      conformal quantiles). Fitting both on the same images would break the
-     guarantee (DOMAIN.md).
+     guarantee (docs/domain.md, "Calibration and risk control").
   2. `select_calibrator` on the fit part (held-out NLL), refit on the whole part.
   3. t_lo on the threshold part's positives: CRC (E[FNR] <= α) or LTT
      (P(FNR <= α) >= 1 - δ). With group keys the exchangeable unit is the group

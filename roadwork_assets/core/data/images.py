@@ -8,9 +8,9 @@ a :class:`BadInputError` that names the item and says what to do.
 Mode rules (why):
 - ``RGBA``/``LA``/``PA``/``P`` with transparency are composited on **black**. Transparent
   areas carry no scene content, and black is already the "no content" value the model
-  sees: the validator's rotation augmentation fills the corners with black. Compositing
-  (instead of dropping alpha) also makes the result independent of whatever colour the
-  encoder left under fully transparent pixels.
+  sees: the validator's rotation augmentation fills the corners with black (levels 1-3,
+  docs/domain.md). Compositing (instead of dropping alpha) also makes the result
+  independent of whatever colour the encoder left under fully transparent pixels.
 - ``I;16*`` (16-bit) is scaled with ``round(v * 255 / 65535)`` so 65535 -> 255 and the
   full range is kept; clipping would turn almost every 16-bit photo white.
   ``I`` (32-bit int, which PIL also uses for some 16-bit files) is scaled the same way when

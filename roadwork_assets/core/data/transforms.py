@@ -1,7 +1,8 @@
 """Image -> model input, the same way at training, evaluation and serving time.
 
-StreetVision's validator centre-crops to a square and resizes (augmentation level 0),
-so we do the same: fit the largest centred square, resize to ``img_size`` (bicubic).
+StreetVision's validator centre-crops to a square and resizes (augmentation level 0, see
+docs/domain.md), so we do the same: fit the largest centred square, resize to
+``img_size`` (bicubic).
 Images are cached as uint8 [3, S, S]; the model divides by 255 and normalises.
 """
 
