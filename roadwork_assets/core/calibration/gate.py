@@ -25,8 +25,16 @@ import numpy as np
 from scipy.special import expit, logit
 from sklearn.linear_model import LogisticRegression
 
-from roadwork_assets.contracts.errors import ArtifactIntegrityError, BadInputError, InsufficientDataError
-from roadwork_assets.core.calibration.metrics import aurc, clopper_pearson, decision_confidence
+from roadwork_assets.contracts.errors import (
+    ArtifactIntegrityError,
+    BadInputError,
+    InsufficientDataError,
+)
+from roadwork_assets.core.calibration.metrics import (
+    aurc,
+    clopper_pearson,
+    decision_confidence,
+)
 
 GATE_FEATURES: tuple[str, ...] = (
     "max_prob",            # max softmax prob of the main view (raw logits)

@@ -253,7 +253,6 @@ def _ece_axis(p, y, axis=-1, n_bins=15):
     p2, y2 = p.reshape(-1, p.shape[-1]), y.reshape(-1, y.shape[-1])
     rows, n = p2.shape
     flat = (np.arange(rows)[:, None] * n_bins + _bin_index(p2, n_bins)).ravel()
-    cnt = np.bincount(flat, minlength=rows * n_bins).reshape(rows, n_bins)
     sp = np.bincount(flat, weights=p2.ravel(), minlength=rows * n_bins).reshape(rows, n_bins)
     sy = np.bincount(flat, weights=y2.ravel(), minlength=rows * n_bins).reshape(rows, n_bins)
     return (np.abs(sy - sp).sum(axis=1) / n).reshape(batch_shape)

@@ -28,10 +28,12 @@ Application: `apply_policy(params, view_logits)` -> (decision, remapped_prob).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+from pydantic import ValidationError
 
 from roadwork_assets.contracts.errors import BadInputError, InsufficientDataError
 from roadwork_assets.contracts.policy_schemas import (
@@ -67,6 +69,10 @@ from roadwork_assets.core.calibration.metrics import (
     ece,
     nll,
 )
+from roadwork_assets.core.calibration.policy_config import (
+    DEFAULT_CALIBRATOR_METHODS,
+    PolicyFitConfig,
+)
 from roadwork_assets.core.calibration.risk_control import (
     FnrThreshold,
     crc_fnr_threshold,
@@ -79,7 +85,6 @@ from roadwork_assets.core.evaluation.shift import score_reference
 from roadwork_assets.core.hashing import unit_hash
 
 AnyPolicy = SoftmaxPolicyParams | GatePolicyParams | ScrcPolicyParams
-DEFAULT_CALIBRATOR_METHODS: tuple[str, ...] = tuple(CALIBRATORS)
 SPLIT_SALT = "roadwork_assets.val_calib"
 DEFER, NEGATIVE, POSITIVE = -1, 0, 1
 
@@ -174,7 +179,7 @@ def _stratified_holdout(y: np.ndarray, fraction: float, seed: int) -> tuple[np.n
                 f"calibrator selection needs at least 2 images of label {c} in the fit part; got {idx.size}"
             )
         idx = rng.permutation(idx)
-        n_hold = min(max(1, int(round(fraction * idx.size))), idx.size - 1)
+        n_hold = min(max(1, round(fraction * idx.size)), idx.size - 1)
         hold.append(idx[:n_hold])
         train.append(idx[n_hold:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(hold))
@@ -261,9 +266,29 @@ def policy_probability(params: AnyPolicy, view_logits: Any) -> np.ndarray:
     return cal.predict_proba(v[:, params.main_view])
 
 
-def _scrc_anchors(params: ScrcPolicyParams) -> tuple[float, float]:
-    lo = min(params.t_lo, params.q0, 1.0 - params.q1)
-    return lo, max(params.q0, 1.0 - params.q1, lo)
+def _exits(negative: np.ndarray, positive: np.ndarray) -> np.ndarray:
+    return np.where(negative, NEGATIVE, np.where(positive, POSITIVE, DEFER)).astype(np.int8)
+
+
+# Each kind's decision rule, as (negative, positive) exit masks: applying a policy and
+# scoring it on the threshold part while fitting run the same code.
+def _gate_exits(gate: GateSpec, view_logits: Any, p: np.ndarray, t_lo: float,
+                main_view: int) -> tuple[np.ndarray, np.ndarray]:
+    """The stage-1 two-way decision where the gate accepts it; deferral elsewhere."""
+    feats = gate_features(view_logits, p, t_lo, main_view)
+    accept = FailureGate.from_params(gate.model_dump()).predict_proba(feats) <= gate.tau
+    neg = p <= t_lo
+    return accept & neg, accept & ~neg
+
+
+def _scrc_exits(p: np.ndarray, q0: float, q1: float, t_lo: float) -> tuple[np.ndarray, np.ndarray]:
+    sets_dec = set_decisions(prediction_sets(p, q0, q1))
+    return (sets_dec == NEGATIVE) & (p <= t_lo), sets_dec == POSITIVE
+
+
+def _scrc_anchors(t_lo: float, q0: float, q1: float) -> tuple[float, float]:
+    lo = min(t_lo, q0, 1.0 - q1)
+    return lo, max(q0, 1.0 - q1, lo)
 
 
 def apply_policy(params: AnyPolicy, view_logits: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -285,22 +310,15 @@ def apply_policy(params: AnyPolicy, view_logits: Any) -> tuple[np.ndarray, np.nd
     p = policy_probability(params, view_logits)
     if isinstance(params, SoftmaxPolicyParams):
         neg, pos = p <= params.t_lo, p > params.t_hi
-        decision = np.where(neg, NEGATIVE, np.where(pos, POSITIVE, DEFER)).astype(np.int8)
-        return decision, remap_probability(p, params.t_lo, params.t_hi, neg, pos)
+        return _exits(neg, pos), remap_probability(p, params.t_lo, params.t_hi, neg, pos)
     if isinstance(params, GatePolicyParams):
         neg = p <= params.t_lo
-        gate = FailureGate.from_params(params.gate.model_dump())
-        feats = gate_features(view_logits, p, params.t_lo, params.main_view)
-        accept = gate.predict_proba(feats) <= params.gate.tau
-        decision = np.where(accept, np.where(neg, NEGATIVE, POSITIVE), DEFER).astype(np.int8)
+        decision = _exits(*_gate_exits(params.gate, view_logits, p, params.t_lo, params.main_view))
         return decision, remap_probability(p, params.t_lo, params.t_lo, neg, ~neg)
     if isinstance(params, ScrcPolicyParams):
-        sets_dec = set_decisions(prediction_sets(p, params.q0, params.q1))
-        neg = (sets_dec == NEGATIVE) & (p <= params.t_lo)
-        pos = sets_dec == POSITIVE
-        decision = np.where(neg, NEGATIVE, np.where(pos, POSITIVE, DEFER)).astype(np.int8)
-        lo, hi = _scrc_anchors(params)
-        return decision, remap_probability(p, lo, hi, neg, pos)
+        neg, pos = _scrc_exits(p, params.q0, params.q1, params.t_lo)
+        lo, hi = _scrc_anchors(params.t_lo, params.q0, params.q1)
+        return _exits(neg, pos), remap_probability(p, lo, hi, neg, pos)
     raise BadInputError(f"unknown policy type {type(params).__name__}")
 
 
@@ -351,19 +369,199 @@ def _statement(
     return " ".join([head, miss_def + ".", *extra, tail])
 
 
-def _threshold_stats(params: AnyPolicy, v_thr: np.ndarray, y_thr: np.ndarray) -> ThresholdPartStats:
-    dec, _ = apply_policy(params, v_thr)
+def _threshold_stats(decision: np.ndarray, y_thr: np.ndarray) -> ThresholdPartStats:
+    """What the policy's decisions did on the threshold part (in-sample estimates)."""
     n_pos, n_neg = int(y_thr.sum()), int((1 - y_thr).sum())
-    misses = int(np.sum((dec == NEGATIVE) & (y_thr == 1)))
-    pos_exit = dec == POSITIVE
-    acc = dec != DEFER
+    misses = int(np.sum((decision == NEGATIVE) & (y_thr == 1)))
+    pos_exit = decision == POSITIVE
+    acc = decision != DEFER
     defer_rate = float(np.mean(~acc))
     return ThresholdPartStats(
         fnr=misses / n_pos, n_misses=misses, defer_rate=defer_rate, coverage=1.0 - defer_rate,
         fpr=float(np.sum(pos_exit & (y_thr == 0)) / n_neg) if n_neg else 0.0,
         positive_exit_fdr=float(np.mean(y_thr[pos_exit] == 0)) if pos_exit.any() else None,
-        selective_risk=float(np.mean(dec[acc] != y_thr[acc])) if acc.any() else None,
+        selective_risk=float(np.mean(decision[acc] != y_thr[acc])) if acc.any() else None,
     )
+
+
+@dataclass(frozen=True)
+class _Stage1:
+    """What every policy kind shares, computed once: the val_calib fit / threshold
+    split, the calibrator chosen and fitted on the fit part, its probabilities on both
+    parts, and t_lo from the threshold part's positives (CRC or LTT, by group if given)."""
+
+    v: np.ndarray  # [N, V, 2] val_calib logits
+    y: np.ndarray  # [N] int64 labels
+    idx_fit: np.ndarray
+    idx_thr: np.ndarray
+    calibrator: Calibrator
+    candidates: list[dict[str, Any]]
+    p_fit: np.ndarray  # calibrated P(roadwork) of the main view on each part
+    p_thr: np.ndarray
+    fnr: FnrThreshold
+    context: str  # "<data> threshold part", as the statement and errors name it
+    grouped: bool
+
+    @property
+    def t_lo(self) -> float:
+        return self.fnr.t_lo
+
+    @property
+    def y_fit(self) -> np.ndarray:
+        return self.y[self.idx_fit]
+
+    @property
+    def y_thr(self) -> np.ndarray:
+        return self.y[self.idx_thr]
+
+    def statement(self, extra: list[str]) -> str:
+        return _statement(self.fnr, self.context, self.idx_fit.size, extra)
+
+    def common_fields(self, config: PolicyFitConfig) -> dict[str, Any]:
+        """The policy fields every kind shares."""
+        n_thr, n_pos = int(self.idx_thr.size), int(self.y_thr.sum())
+        return dict(
+            main_view=config.main_view,
+            calibrator=CalibratorSpec(**self.calibrator.to_params()),
+            calibrator_candidates=[CalibratorCandidate(**c) for c in self.candidates],
+            t_lo=self.t_lo, alpha=config.alpha, delta=config.delta,
+            guarantee="crc_expectation" if config.guarantee == "crc" else "ltt_high_probability",
+            n_calib_fit=int(self.idx_fit.size), n_calib_threshold=n_thr,
+            n_pos_threshold=n_pos, n_neg_threshold=n_thr - n_pos,
+            calibration_unit=self.fnr.unit, n_calibration_units=int(self.fnr.n_units or n_pos),
+            fit_fraction=config.fit_fraction,
+            **({"split_rule": "whole groups: sha256(salt:group_key) < fit_fraction -> fit part"}
+               if self.grouped else {}),
+        )
+
+
+def _fit_stage1(view_logits: Any, labels: Any, image_ids: Sequence[Any],
+                groups: Sequence[Any] | None, config: PolicyFitConfig) -> _Stage1:
+    v = check_view_logits(view_logits)
+    if config.main_view >= v.shape[1]:
+        raise BadInputError(f"main_view={config.main_view} but the logits have {v.shape[1]} view(s)")
+    y = as_binary_labels(labels, v.shape[0], dtype=np.int64)
+    if len(image_ids) != v.shape[0]:
+        raise BadInputError(f"{len(image_ids)} image ids for {v.shape[0]} logit rows")
+    idx_fit, idx_thr = split_calibration_set(image_ids, y, config.fit_fraction, groups=groups)
+    ctx = f"{config.context} threshold part"
+    y_fit, y_thr = y[idx_fit], y[idx_thr]
+    if int(y_thr.sum()) == 0:
+        raise InsufficientDataError(f"{ctx} has 0 positives; the FNR threshold needs roadwork images")
+    main = v[:, config.main_view]
+    cal, candidates = select_calibrator(main[idx_fit], y_fit, config.calibrator_methods,
+                                        config.holdout_fraction, config.n_bins)
+    p_fit, p_thr = cal.predict_proba(main[idx_fit]), cal.predict_proba(main[idx_thr])
+    pos_thr = p_thr[y_thr == 1]
+    # the exchangeable unit: one per group (scene) when group keys are given
+    pos_groups = None if groups is None else [str(groups[i]) for i in idx_thr[y_thr == 1]]
+    if config.guarantee == "crc":
+        fnr = crc_fnr_threshold(pos_thr, config.alpha, groups=pos_groups, context=ctx)
+    else:
+        fnr = ltt_fnr_threshold(pos_thr, config.alpha, config.delta, config.grid, fwer=config.fwer,
+                                groups=pos_groups, context=ctx)
+    return _Stage1(v, y, idx_fit, idx_thr, cal, candidates, p_fit, p_thr, fnr, ctx, groups is not None)
+
+
+@dataclass(frozen=True)
+class _KindFit:
+    """A policy kind's part of the fit: its class, its own fields (t_hi and the
+    guarantee statement included) and its decisions on the threshold part."""
+
+    policy_type: type[SoftmaxPolicyParams | GatePolicyParams | ScrcPolicyParams]
+    fields: dict[str, Any]
+    decisions: np.ndarray
+
+
+def _fit_softmax(s: _Stage1, config: PolicyFitConfig) -> _KindFit:
+    """two_way: positive iff p > t_lo. three_way: positive iff p > t_hi (LTT-certified
+    positive-exit FDR), defer in between."""
+    t_lo, delta, fdr = s.t_lo, config.delta, config.positive_fdr
+    t_hi, certified, extra = t_lo, None, []
+    if config.mode == "three_way":
+        ex = ltt_positive_exit_threshold(
+            s.p_thr, s.y_thr, t_lo=t_lo, fdr_target=fdr, delta=delta, grid=config.grid,
+            reference_scores=s.p_fit, reference_labels=s.y_fit,
+        )
+        t_hi, certified = ex.t_hi, ex.certified
+        joint = "Both hold together with probability >= 1 - 2*delta (union bound)." \
+            if config.guarantee == "ltt" else ""
+        if ex.certified:
+            extra.append(
+                f"Positive exits (p > t_hi = {t_hi:.6g}): LTT fixed-sequence gives, with probability "
+                f">= {1 - delta:g}, P(none | positive exit) <= {fdr:g}. {joint}"
+            )
+        else:
+            extra.append("No positive-exit threshold could be certified: t_hi = 1, so every image "
+                         "above t_lo is deferred.")
+        extra.append("Images with t_lo < p <= t_hi are deferred.")
+    else:
+        extra.append("Two-way: every image with p > t_lo is decided positive (no deferral).")
+    fields = {"t_hi": t_hi, "mode": config.mode,
+              "positive_fdr_target": fdr if config.mode == "three_way" else None,
+              "positive_exit_certified": certified, "guarantee_statement": s.statement(extra)}
+    return _KindFit(SoftmaxPolicyParams, fields, _exits(s.p_thr <= t_lo, s.p_thr > t_hi))
+
+
+def _fit_gate(s: _Stage1, config: PolicyFitConfig) -> _KindFit:
+    """Stage 1 two-way at t_lo; a failure gate fitted on the fit part defers the images
+    whose decision it predicts to be wrong."""
+    t_lo, view, risk = s.t_lo, config.main_view, config.gate_risk
+    v_fit, v_thr = s.v[s.idx_fit], s.v[s.idx_thr]
+    dec_fit, dec_thr = (s.p_fit > t_lo).astype(np.int64), (s.p_thr > t_lo).astype(np.int64)
+    gf = fit_failure_gate(
+        gate_features(v_fit, s.p_fit, t_lo, view), dec_fit != s.y_fit,
+        gate_features(v_thr, s.p_thr, t_lo, view), dec_thr != s.y_thr,
+        decision_confidence(s.p_thr, dec_thr), gate_risk=risk, delta=config.delta, C=config.gate_C,
+    )
+    spec = GateSpec(
+        **gf.gate.to_params(), tau=gf.tau, gate_risk=risk, risk_met=gf.risk_met,
+        accept_rate=gf.accept_rate, selective_risk=gf.selective_risk,
+        selective_risk_upper=gf.selective_risk_upper, aurc_gate=gf.aurc_gate,
+        aurc_baseline=gf.aurc_baseline, beats_baseline=gf.beats_baseline, accepts_all=gf.accepts_all,
+    )
+    extra = [
+        ("Stage 1 is two-way at t_lo; the failure gate (fitted on the fit part) only turns decisions "
+         "into deferrals, so it cannot raise the FNR."),
+        (f"Its accept threshold targets an error rate <= {risk:g} among accepted images: a plug-in "
+         "estimate on the threshold part, not a guarantee."),
+    ]
+    if gf.accepts_all:
+        extra.append(f"No stage-1 decision of the fit part was wrong (0 of {s.idx_fit.size}): the gate "
+                     "accepts every image, so this policy decides like softmax two-way.")
+    fields = {"t_hi": t_lo, "gate": spec, "guarantee_statement": s.statement(extra)}
+    return _KindFit(GatePolicyParams, fields, _exits(*_gate_exits(spec, v_thr, s.p_thr, t_lo, view)))
+
+
+def _fit_scrc(s: _Stage1, config: PolicyFitConfig) -> _KindFit:
+    """Split-conformal sets (Mondrian or LAC): {1} exits positive, {0} exits negative if
+    also p <= t_lo, {} / {0, 1} defer."""
+    c_alpha, method = config.conformal_alpha, config.conformal_method
+    conf = SplitConformalBinary(c_alpha, method).fit(s.p_thr, s.y_thr, context=s.context)
+    cov = coverage_report(conf.predict_sets(s.p_thr), s.y_thr)
+    if method == "mondrian":
+        cstate = (
+            f"Mondrian split-conformal sets at alpha_c = {c_alpha:g}: P(label in set | label) "
+            f">= {1 - c_alpha:g} for each label, so a 'none' image exits positive with "
+            f"probability <= {c_alpha:g} in expectation."
+        )
+    else:
+        cstate = (f"LAC split-conformal sets at alpha_c = {c_alpha:g}: marginal coverage "
+                  f"P(label in set) >= {1 - c_alpha:g}.")
+    extra = [cstate, ("Singleton sets exit ({0} only if also p <= t_lo), empty or two-label sets defer. "
+                      "Set quantiles and t_lo use the same threshold part; each statement holds on its own.")]
+    _, hi = _scrc_anchors(s.t_lo, conf.q0_, conf.q1_)
+    fields = {"t_hi": max(hi, s.t_lo), "conformal_method": method, "conformal_alpha": c_alpha,
+              "q0": conf.q0_, "q1": conf.q1_, "coverage": cov, "guarantee_statement": s.statement(extra)}
+    return _KindFit(ScrcPolicyParams, fields, _exits(*_scrc_exits(s.p_thr, conf.q0_, conf.q1_, s.t_lo)))
+
+
+PolicyFitter = Callable[[_Stage1, PolicyFitConfig], _KindFit]
+POLICY_FITTERS: dict[str, PolicyFitter] = {
+    "softmax": _fit_softmax,
+    "gate": _fit_gate,
+    "scrc": _fit_scrc,
+}
 
 
 def fit_policy(
@@ -372,156 +570,33 @@ def fit_policy(
     labels: Any,
     image_ids: Sequence[Any],
     *,
-    alpha: float = 0.02,
-    delta: float = 0.1,
-    guarantee: Literal["crc", "ltt"] = "crc",
-    calibrator_methods: Sequence[str] = DEFAULT_CALIBRATOR_METHODS,
-    mode: Literal["two_way", "three_way"] = "two_way",
-    positive_fdr: float = 0.05,
-    gate_risk: float = 0.05,
-    gate_C: float = 1.0,
-    conformal_alpha: float = 0.1,
-    conformal_method: Literal["lac", "mondrian"] = "mondrian",
-    fwer: Literal["fixed_sequence", "bonferroni"] = "fixed_sequence",
-    grid: Any = None,
-    fit_fraction: float = 0.5,
-    holdout_fraction: float = 0.3,
-    n_bins: int = 15,
-    main_view: int = 0,
-    context: str = "val_calib",
     groups: Sequence[Any] | None = None,
+    config: PolicyFitConfig | None = None,
+    **settings: Any,
 ) -> AnyPolicy:
-    """Fit a policy of `kind` on val_calib logits [N, V, 2] (view `main_view` is calibrated).
+    """Fit a policy of `kind` on val_calib logits [N, V, 2] (view `config.main_view` is
+    calibrated), as `config` (a `PolicyFitConfig`; default settings when None) says.
 
-    `mode` applies to kind="softmax" (three_way adds an LTT-certified positive-exit
-    threshold at FDR `positive_fdr`); `gate_risk`/`gate_C` to "gate";
-    `conformal_alpha`/`conformal_method` to "scrc". `groups` (scene keys) keeps each
-    group on one side of the fit / threshold split and makes the group the
-    exchangeable unit of the FNR guarantee (see risk_control). `delta` is the LTT failure
-    probability (used by guarantee="ltt" and by the positive-exit threshold).
+    `groups` (scene keys) keeps each group on one side of the fit / threshold split and
+    makes the group the exchangeable unit of the FNR guarantee (see risk_control).
+    `settings`: PolicyFitConfig fields given one by one (`alpha=0.05`), applied over
+    `config`; kept so that callers with a setting or two need not build a config.
     Raises InsufficientDataError when the threshold part has too few positives.
     """
-    if kind not in ("softmax", "gate", "scrc"):
-        raise BadInputError(f"policy kind must be 'softmax', 'gate' or 'scrc'; got {kind!r}")
-    if guarantee not in ("crc", "ltt"):
-        raise BadInputError(f"guarantee must be 'crc' or 'ltt'; got {guarantee!r}")
-    if mode not in ("two_way", "three_way"):
-        raise BadInputError(f"mode must be 'two_way' or 'three_way'; got {mode!r}")
-    v = check_view_logits(view_logits)
-    if main_view >= v.shape[1]:
-        raise BadInputError(f"main_view={main_view} but the logits have {v.shape[1]} view(s)")
-    y = as_binary_labels(labels, v.shape[0], dtype=np.int64)
-    if len(image_ids) != v.shape[0]:
-        raise BadInputError(f"{len(image_ids)} image ids for {v.shape[0]} logit rows")
-
-    idx_fit, idx_thr = split_calibration_set(image_ids, y, fit_fraction, groups=groups)
-    ctx = f"{context} threshold part"
-    y_fit, y_thr = y[idx_fit], y[idx_thr]
-    n_pos_thr = int(y_thr.sum())
-    if n_pos_thr == 0:
-        raise InsufficientDataError(f"{ctx} has 0 positives; the FNR threshold needs roadwork images")
-    main = v[:, main_view]
-    cal, candidates = select_calibrator(main[idx_fit], y_fit, calibrator_methods, holdout_fraction, n_bins)
-    p_fit, p_thr = cal.predict_proba(main[idx_fit]), cal.predict_proba(main[idx_thr])
-
-    pos_thr = p_thr[y_thr == 1]
-    # the exchangeable unit: one per group (scene) when group keys are given
-    pos_groups = None if groups is None else [str(groups[i]) for i in idx_thr[y_thr == 1]]
-    if guarantee == "crc":
-        fnr = crc_fnr_threshold(pos_thr, alpha, groups=pos_groups, context=ctx)
-    else:
-        fnr = ltt_fnr_threshold(pos_thr, alpha, delta, grid, fwer=fwer, groups=pos_groups, context=ctx)
-    t_lo = fnr.t_lo
-
-    placeholder = ThresholdPartStats(fnr=0, n_misses=0, defer_rate=0, coverage=1, fpr=0)
-    common: dict[str, Any] = dict(
-        main_view=main_view,
-        calibrator=CalibratorSpec(**cal.to_params()),
-        calibrator_candidates=[CalibratorCandidate(**c) for c in candidates],
-        t_lo=t_lo, alpha=alpha, delta=delta,
-        guarantee="crc_expectation" if guarantee == "crc" else "ltt_high_probability",
-        n_calib_fit=int(idx_fit.size), n_calib_threshold=int(idx_thr.size),
-        n_pos_threshold=n_pos_thr, n_neg_threshold=int(idx_thr.size - n_pos_thr),
-        calibration_unit=fnr.unit, n_calibration_units=int(fnr.n_units or n_pos_thr),
-        fit_fraction=fit_fraction, threshold_part=placeholder,
-        **({"split_rule": "whole groups: sha256(salt:group_key) < fit_fraction -> fit part"}
-           if groups is not None else {}),
+    fitter = POLICY_FITTERS.get(kind)
+    if fitter is None:
+        raise BadInputError(f"policy kind must be one of {list(POLICY_FITTERS)}; got {kind!r}")
+    if settings:
+        base = config.model_dump() if config is not None else {}
+        try:
+            config = PolicyFitConfig.model_validate({**base, **settings})
+        except ValidationError as err:
+            raise BadInputError(f"invalid policy settings {sorted(settings)}: {err}") from err
+    config = config or PolicyFitConfig()
+    s = _fit_stage1(view_logits, labels, image_ids, groups, config)
+    part = fitter(s, config)
+    return part.policy_type(
+        **s.common_fields(config), **part.fields,
+        threshold_part=_threshold_stats(part.decisions, s.y_thr),
+        score_reference=score_reference(s.p_thr, s.y_thr),
     )
-    joint = "Both hold together with probability >= 1 - 2*delta (union bound)." if guarantee == "ltt" else ""
-
-    params: AnyPolicy
-    if kind == "softmax":
-        extra: list[str] = []
-        t_hi, certified = t_lo, None
-        if mode == "three_way":
-            ex = ltt_positive_exit_threshold(
-                p_thr, y_thr, t_lo=t_lo, fdr_target=positive_fdr, delta=delta, grid=grid,
-                reference_scores=p_fit, reference_labels=y_fit,
-            )
-            t_hi, certified = ex.t_hi, ex.certified
-            if ex.certified:
-                extra.append(
-                    f"Positive exits (p > t_hi = {t_hi:.6g}): LTT fixed-sequence gives, with probability "
-                    f">= {1 - delta:g}, P(none | positive exit) <= {positive_fdr:g}. {joint}"
-                )
-            else:
-                extra.append("No positive-exit threshold could be certified: t_hi = 1, so every image "
-                             "above t_lo is deferred.")
-            extra.append("Images with t_lo < p <= t_hi are deferred.")
-        else:
-            extra.append("Two-way: every image with p > t_lo is decided positive (no deferral).")
-        params = SoftmaxPolicyParams(
-            **common, t_hi=t_hi, mode=mode,
-            positive_fdr_target=positive_fdr if mode == "three_way" else None,
-            positive_exit_certified=certified, guarantee_statement=_statement(fnr, ctx, idx_fit.size, extra),
-        )
-    elif kind == "gate":
-        dec_fit, dec_thr = (p_fit > t_lo).astype(np.int64), (p_thr > t_lo).astype(np.int64)
-        gf = fit_failure_gate(
-            gate_features(v[idx_fit], p_fit, t_lo, main_view), dec_fit != y_fit,
-            gate_features(v[idx_thr], p_thr, t_lo, main_view), dec_thr != y_thr,
-            decision_confidence(p_thr, dec_thr), gate_risk=gate_risk, delta=delta, C=gate_C,
-        )
-        spec = GateSpec(
-            **gf.gate.to_params(), tau=gf.tau, gate_risk=gate_risk, risk_met=gf.risk_met,
-            accept_rate=gf.accept_rate, selective_risk=gf.selective_risk,
-            selective_risk_upper=gf.selective_risk_upper, aurc_gate=gf.aurc_gate,
-            aurc_baseline=gf.aurc_baseline, beats_baseline=gf.beats_baseline, accepts_all=gf.accepts_all,
-        )
-        extra = [
-            "Stage 1 is two-way at t_lo; the failure gate (fitted on the fit part) only turns decisions "
-            "into deferrals, so it cannot raise the FNR.",
-            f"Its accept threshold targets an error rate <= {gate_risk:g} among accepted images: a plug-in "
-            "estimate on the threshold part, not a guarantee.",
-        ]
-        if gf.accepts_all:
-            extra.append(f"No stage-1 decision of the fit part was wrong (0 of {idx_fit.size}): the gate "
-                         "accepts every image, so this policy decides like softmax two-way.")
-        params = GatePolicyParams(
-            **common, t_hi=t_lo, gate=spec, guarantee_statement=_statement(fnr, ctx, idx_fit.size, extra)
-        )
-    else:
-        conf = SplitConformalBinary(conformal_alpha, conformal_method).fit(p_thr, y_thr, context=ctx)
-        cov = coverage_report(conf.predict_sets(p_thr), y_thr)
-        if conformal_method == "mondrian":
-            cstate = (
-                f"Mondrian split-conformal sets at alpha_c = {conformal_alpha:g}: P(label in set | label) "
-                f">= {1 - conformal_alpha:g} for each label, so a 'none' image exits positive with "
-                f"probability <= {conformal_alpha:g} in expectation."
-            )
-        else:
-            cstate = (f"LAC split-conformal sets at alpha_c = {conformal_alpha:g}: marginal coverage "
-                      f"P(label in set) >= {1 - conformal_alpha:g}.")
-        extra = [cstate, "Singleton sets exit ({0} only if also p <= t_lo), empty or two-label sets defer. "
-                 "Set quantiles and t_lo use the same threshold part; each statement holds on its own."]
-        draft = ScrcPolicyParams(
-            **common, t_hi=t_lo, conformal_method=conformal_method, conformal_alpha=conformal_alpha,
-            q0=conf.q0_, q1=conf.q1_, coverage=cov, guarantee_statement="-",
-        )
-        lo, hi = _scrc_anchors(draft)
-        params = draft.model_copy(update={
-            "t_hi": max(hi, t_lo), "guarantee_statement": _statement(fnr, ctx, idx_fit.size, extra),
-        })
-    stats = _threshold_stats(params, v[idx_thr], y_thr)
-    return type(params).model_validate({**params.model_dump(), "threshold_part": stats.model_dump(),
-                                        "score_reference": score_reference(p_thr, y_thr).model_dump()})

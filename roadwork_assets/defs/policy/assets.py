@@ -97,14 +97,7 @@ def _make_policy_asset(name: str, kind: str, what: str):
                 # val_calib is split into fit / threshold parts by group key, so frames of
                 # one scene (or near-duplicates) never sit on both sides
                 groups=calib["group_keys"].tolist(),
-                alpha=exit_policy.alpha,
-                delta=exit_policy.delta,
-                guarantee=exit_policy.guarantee,
-                fit_fraction=exit_policy.calib_fit_fraction,
-                conformal_alpha=exit_policy.conformal_alpha,
-                gate_risk=exit_policy.gate_risk,
-                mode=exit_policy.softmax_mode,
-                positive_fdr=exit_policy.positive_fdr,
+                config=exit_policy.to_config(),
             )
         except InsufficientDataError as exc:  # a data reason: record it, block nothing else
             params = UnfittedPolicy(kind=kind, reason=str(exc), error=type(exc).__name__)

@@ -15,6 +15,7 @@ from roadwork_assets.contracts.errors import (
     InsufficientDataError,
 )
 from roadwork_assets.contracts.policy_schemas import (
+    POLICY_KINDS,
     GatePolicyParams,
     ScrcPolicyParams,
     SoftmaxPolicyParams,
@@ -24,14 +25,16 @@ from roadwork_assets.contracts.policy_schemas import (
 )
 from roadwork_assets.core.calibration.policies import (
     DEFAULT_CALIBRATOR_METHODS,
+    POLICY_FITTERS,
+    PolicyFitConfig,
     apply_policy,
     check_calibration_capacity,
-    units_needed,
     fit_policy,
     policy_probability,
     remap_probability,
     select_calibrator,
     split_calibration_set,
+    units_needed,
 )
 
 from .conftest import draw, true_fnr
@@ -69,7 +72,8 @@ def calib_data():
 @pytest.fixture(scope="module")
 def fitted(calib_data):
     logits, y, ids = calib_data
-    return {f"{k}{sorted(kw.items())}": fit_policy(k, logits, y, ids, alpha=0.05, **kw) for k, kw in POLICY_CASES}
+    return {f"{k}{sorted(kw.items())}": fit_policy(k, logits, y, ids, config=PolicyFitConfig(alpha=0.05, **kw))
+            for k, kw in POLICY_CASES}
 
 
 # ----------------------------------------------------------------------- split
@@ -216,7 +220,8 @@ def test_served_fnr_out_of_sample(kind, kw):
     fnr, cov_pos = [], []
     for r in range(draws):
         logits, y = _views(rng, n_cal)
-        params = fit_policy(kind, logits, y, [f"{r}-{i}" for i in range(n_cal)], alpha=alpha, **kw)
+        params = fit_policy(kind, logits, y, [f"{r}-{i}" for i in range(n_cal)],
+                            config=PolicyFitConfig(alpha=alpha, **kw))
         test_logits, y_test = _views(rng, n_test)
         decision, _ = apply_policy(params, test_logits)
         fnr.append(np.mean(decision[y_test == 1] == 0))
@@ -268,7 +273,7 @@ def _scene_data(rng, n_scenes, frames, pos_share=0.5):
 
 def test_fit_policy_with_groups_calibrates_one_unit_per_scene(rng):
     logits, y, ids, groups = _scene_data(rng, 300, 8)
-    params = fit_policy("softmax", logits, y, ids, groups=groups, alpha=0.05)
+    params = fit_policy("softmax", logits, y, ids, groups=groups, config=PolicyFitConfig(alpha=0.05))
     _, idx_thr = split_calibration_set(ids, y, 0.5, groups=groups)
     scenes_with_roadwork = {groups[i] for i in idx_thr if y[i] == 1}
     assert params.calibration_unit == "group"
@@ -323,3 +328,39 @@ def test_check_calibration_capacity_agrees_with_fit_policy(rng):
             params = fit_policy("softmax", logits, y, ids, groups=groups, alpha=alpha)
             assert params.n_calibration_units == n_units
     assert set(passed) == {True, False}  # both branches were exercised
+
+
+# ----------------------------------------------------------- config and registry
+def test_every_policy_kind_has_a_fitter_and_unknown_kinds_are_refused(calib_data):
+    logits, y, ids = calib_data
+    assert tuple(POLICY_FITTERS) == POLICY_KINDS
+    with pytest.raises(BadInputError, match="policy kind"):
+        fit_policy("cascade", logits, y, ids)
+
+
+def test_policy_fit_config_is_frozen_strict_and_keeps_the_defaults():
+    c = PolicyFitConfig()
+    assert (c.alpha, c.delta, c.guarantee, c.mode, c.positive_fdr, c.gate_risk, c.gate_C,
+            c.conformal_alpha, c.conformal_method, c.fwer, c.grid, c.fit_fraction,
+            c.holdout_fraction, c.n_bins, c.main_view, c.context) == (
+        0.02, 0.1, "crc", "two_way", 0.05, 0.05, 1.0, 0.1, "mondrian", "fixed_sequence", None,
+        0.5, 0.3, 15, 0, "val_calib")
+    assert c.calibrator_methods == DEFAULT_CALIBRATOR_METHODS
+    with pytest.raises(ValueError):
+        c.alpha = 0.1  # frozen
+    with pytest.raises(ValueError):
+        PolicyFitConfig(alpah=0.1)  # extra="forbid"
+    with pytest.raises(ValueError):
+        PolicyFitConfig(guarantee="pac")
+    assert PolicyFitConfig(grid=np.array([0.1, 0.2])).grid == (0.1, 0.2)
+
+
+def test_settings_one_by_one_equal_the_config_and_override_it(calib_data):
+    logits, y, ids = calib_data
+    cfg = PolicyFitConfig(alpha=0.05, mode="three_way")
+    by_config = fit_policy("softmax", logits, y, ids, config=cfg)
+    assert fit_policy("softmax", logits, y, ids, alpha=0.05, mode="three_way") == by_config
+    over = fit_policy("softmax", logits, y, ids, config=cfg, mode="two_way")
+    assert over.mode == "two_way" and over.alpha == 0.05
+    with pytest.raises(BadInputError, match="invalid policy settings"):
+        fit_policy("softmax", logits, y, ids, guarantee="pac")
