@@ -1,15 +1,32 @@
-"""The Definitions object: every asset, check and resource of roadwork_assets."""
+"""The composition root: every asset and check of roadwork_assets, and the resources
+they run with, built and wired here (``defs/`` only declares them)."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import dagster as dg
 
-from roadwork_assets.defs.data.assets import source_images, split_assignment, split_manifest
+from roadwork_assets.core.artifacts import ArtifactRegistry
+from roadwork_assets.defs.data.assets import (
+    source_images,
+    split_assignment,
+    split_manifest,
+)
 from roadwork_assets.defs.evaluation.assets import test_report
 from roadwork_assets.defs.export.assets import bundle
+from roadwork_assets.defs.io_manager import RegistryIOManager
 from roadwork_assets.defs.leakage_audit import assert_graph_obeys_policy
 from roadwork_assets.defs.policy.assets import policy_assets
-from roadwork_assets.defs.resources import resources_from_env
+from roadwork_assets.defs.resources import (
+    ArtifactRegistryResource,
+    DatasetSource,
+    ExitPolicyResource,
+    TrainerResource,
+    default_home,
+    env_settings,
+)
 from roadwork_assets.defs.training.assets import checkpoint, embeddings, logits
 
 ALL_ASSETS = [
@@ -23,6 +40,30 @@ ALL_ASSETS = [
     bundle,
     test_report,
 ]
+
+
+def resources_from_env() -> dict[str, object]:
+    """Every resource, with the defaults the environment sets (``env_settings``)."""
+    from dagster_mlflow import mlflow_tracking
+
+    home = default_home()
+    tracking_uri = os.environ.get("ROADWORK_MLFLOW_URI") or ArtifactRegistry(
+        Path(home)
+    ).mlflow_tracking_uri
+    env = {group: {k: v for k, (v, _) in fields.items()}
+           for group, fields in env_settings().items()}
+    # one artifacts resource, shared: assets write where the IO manager reads
+    artifacts = ArtifactRegistryResource(root=home)
+    return {
+        "io_manager": RegistryIOManager(artifacts=artifacts),
+        "artifacts": artifacts,
+        "dataset": DatasetSource(**env["dataset"]),
+        "trainer": TrainerResource(**env["trainer"]),
+        "exit_policy": ExitPolicyResource(),
+        "mlflow": mlflow_tracking.configured(
+            {"experiment_name": "roadwork_assets", "mlflow_tracking_uri": tracking_uri}
+        ),
+    }
 
 
 def build_definitions(resources: dict[str, object] | None = None) -> dg.Definitions:

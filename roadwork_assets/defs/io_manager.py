@@ -1,23 +1,13 @@
 """The registry IO manager: loads artifacts by path and records every split read.
 
-Assets write their artifacts themselves, atomically, through the artifact registry
-and return the path; this IO manager only checks the path exists and, on load, maps
-(asset, partition) to the registry path and reads it by suffix.
-
-Every load — of a split partition or of an unpartitioned derived asset, through a
-declared input or any other way (``context.load_asset_value(...)`` goes through here
-too) — is recorded in a process-wide read ledger (partition None when unpartitioned:
-its taint, the splits it carries, is looked up in the asset graph). Each asset drains
-the ledger at the end of its body, records the partitions it actually read in its
-metadata, and a blocking check compares them — and what they carry — with the split
-policy. Steps run one at a time per process
-(in-process executor) or one per process (multiprocess / k8s executors), so what a
-step drains is what that step read.
+Assets write their artifacts themselves, atomically, at the path the asset→path table
+(``defs.asset_paths``) gives and return it; this IO manager only checks the path exists
+and, on load, reads the same table's path by suffix. Every load is recorded in the
+read ledger that the ``split_reads_allowed`` check drains (``defs.split_reads``).
 """
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -31,29 +21,9 @@ from roadwork_assets.core.artifacts import (
     read_parquet_provenance,
 )
 from roadwork_assets.core.training.checkpoint import load_checkpoint
+from roadwork_assets.defs.asset_paths import asset_path
 from roadwork_assets.defs.resources import ArtifactRegistryResource
-
-_LEDGER_LOCK = threading.Lock()
-# (consuming step key or None when unknown, upstream asset name, partition key or None)
-_LEDGER: list[tuple[str | None, str, str | None]] = []
-
-
-def record_read(asset_name: str, partition: str | None, step_key: str | None = None) -> None:
-    with _LEDGER_LOCK:
-        _LEDGER.append((step_key, asset_name, partition))
-
-
-def drain_reads(step_key: str | None = None) -> list[tuple[str, str | None]]:
-    """Return and clear what was read since the last drain in this process.
-
-    Loads made for another step (a step that failed before draining) are dropped, not
-    attributed to this one. Loads with no known step (``load_asset_value``) count for
-    the draining step: steps run one at a time per process.
-    """
-    with _LEDGER_LOCK:
-        out = [(a, p) for s, a, p in _LEDGER if s is None or step_key is None or s == step_key]
-        _LEDGER.clear()
-    return out
+from roadwork_assets.defs.split_reads import record_read
 
 
 def _step_key(context: dg.InputContext) -> str | None:
@@ -63,34 +33,8 @@ def _step_key(context: dg.InputContext) -> str | None:
         return None
 
 
-def artifact_path(registry: ArtifactRegistry, asset_name: str, partition: str | None) -> Path:
-    """Where an asset (partition) lives. The single mapping from asset to path."""
-    per_split = {
-        "split_manifest": registry.split_manifest,
-        "embeddings": registry.embeddings,
-        "logits": registry.logits,
-    }
-    fixed = {
-        "source_images": registry.source_table,
-        "split_assignment": registry.split_assignment,
-        "checkpoint": registry.checkpoint,
-        "thresholds": registry.policy("softmax"),
-        "gate_params": registry.policy("gate"),
-        "conformal_sets": registry.policy("scrc"),
-        "bundle": registry.latest_bundle_pointer,
-        "test_report": registry.test_report,
-    }
-    if asset_name in per_split:
-        if partition not in SPLITS:
-            raise ValueError(f"{asset_name} needs a split partition, got {partition!r}")
-        return per_split[asset_name](partition)
-    if asset_name in fixed:
-        return fixed[asset_name]
-    raise KeyError(f"no artifact path registered for asset {asset_name!r}")
-
-
 def read_artifact(registry: ArtifactRegistry, asset_name: str, partition: str | None) -> Any:
-    path = artifact_path(registry, asset_name, partition)
+    path = asset_path(registry, asset_name, partition)
     if asset_name == "bundle":
         return registry.latest_bundle()
     if asset_name == "checkpoint":
@@ -105,7 +49,7 @@ def read_artifact(registry: ArtifactRegistry, asset_name: str, partition: str | 
 
 
 class RegistryIOManager(dg.ConfigurableIOManager):
-    """Stores nothing itself; resolves registry paths and keeps the read ledger.
+    """Stores nothing itself; resolves registry paths and records reads in the ledger.
 
     It shares the ``artifacts`` resource with the assets, so the root assets write to
     and the root inputs are loaded from cannot be configured apart.

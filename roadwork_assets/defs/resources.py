@@ -16,7 +16,6 @@ import dagster as dg
 from pydantic import Field
 
 from roadwork_assets.core.artifacts import ArtifactRegistry
-from roadwork_assets.core.calibration.policy_config import PolicyFitConfig
 from roadwork_assets.core.data.similarity import NearDuplicateRule
 from roadwork_assets.core.data.splits import DEFAULT_FRACTIONS
 from roadwork_assets.core.training.config import DEFAULT_FROZEN_BACKBONE, TrainerConfig
@@ -101,22 +100,12 @@ class ExitPolicyResource(dg.ConfigurableResource):
     gate_risk: float = Field(0.02, gt=0, lt=1, description="target error among accepted")
     export_onnx: bool = True
 
-    def to_config(self) -> PolicyFitConfig:
-        """The fitting settings as core reads them (`bundle_policy` and `export_onnx`
-        are about the bundle, not the fit); the rest keep PolicyFitConfig's defaults."""
-        return PolicyFitConfig(
-            alpha=self.alpha, delta=self.delta, guarantee=self.guarantee,
-            fit_fraction=self.calib_fit_fraction, mode=self.softmax_mode,
-            positive_fdr=self.positive_fdr, conformal_alpha=self.conformal_alpha,
-            gate_risk=self.gate_risk,
-        )
-
 
 def env_settings(environ: dict[str, str] | None = None) -> dict[str, dict[str, tuple]]:
     """The fields environment variables set: {group: {field: (value, "ENV_VAR")}}.
 
-    The one place env vars become settings; ``resources_from_env`` and ``roadwork run``
-    (``defs.settings.resolve_settings``) both read it."""
+    The one place env vars become settings; ``definitions.resources_from_env`` and
+    ``roadwork run`` (``defs.settings.resolve_settings``) both read it."""
     env = os.environ if environ is None else environ
     out: dict[str, dict[str, tuple]] = {"dataset": {}, "trainer": {}, "exit_policy": {}}
     if env.get("ROADWORK_DATA"):
@@ -129,27 +118,3 @@ def env_settings(environ: dict[str, str] | None = None) -> dict[str, dict[str, t
                       "ROADWORK_BACKBONE" if env.get("ROADWORK_BACKBONE") else "ROADWORK_WEIGHTS"),
             img_size=(224, "ROADWORK_WEIGHTS"))
     return out
-
-
-def resources_from_env() -> dict[str, object]:
-    home = default_home()
-    from dagster_mlflow import mlflow_tracking
-
-    tracking_uri = os.environ.get("ROADWORK_MLFLOW_URI") or ArtifactRegistry(
-        Path(home)
-    ).mlflow_tracking_uri
-    from roadwork_assets.defs.io_manager import RegistryIOManager
-
-    env = {group: {k: v for k, (v, _) in fields.items()}
-           for group, fields in env_settings().items()}
-    artifacts = ArtifactRegistryResource(root=home)
-    return {
-        "io_manager": RegistryIOManager(artifacts=artifacts),
-        "artifacts": artifacts,
-        "dataset": DatasetSource(**env["dataset"]),
-        "trainer": TrainerResource(**env["trainer"]),
-        "exit_policy": ExitPolicyResource(),
-        "mlflow": mlflow_tracking.configured(
-            {"experiment_name": "roadwork_assets", "mlflow_tracking_uri": tracking_uri}
-        ),
-    }

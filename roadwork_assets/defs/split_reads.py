@@ -1,16 +1,51 @@
 """Run-level leakage check shared by every asset: what did this step actually read, and
-what do the things it loaded carry (their taint, from the asset graph)?"""
+what do the things it loaded carry (their taint, from the asset graph)?
+
+The read ledger lives here, beside the check that consumes it. The IO manager records
+every load into it (``record_read``) — of a split partition or of an unpartitioned
+derived asset, through a declared input or any other way (``context.load_asset_value``
+goes through the IO manager too); partition None when unpartitioned: its taint, the
+splits it carries, is looked up in the asset graph. Each asset drains the ledger at the
+end of its body (``split_reads_result``), records the partitions it actually read in
+its metadata, and a blocking check compares them — and what they carry — with the split
+policy. Steps run one at a time per process (in-process executor) or one per process
+(multiprocess / k8s executors), so what a step drains is what that step read.
+"""
 
 from __future__ import annotations
+
+import threading
 
 import dagster as dg
 from dagster_shared.check import CheckError
 
 from roadwork_assets.contracts.splits import forbidden_reads, rule_for
-from roadwork_assets.defs.io_manager import drain_reads
 from roadwork_assets.defs.leakage_audit import tainted_loads
 
 SPLIT_READS_CHECK = "split_reads_allowed"
+
+_LEDGER_LOCK = threading.Lock()
+# (consuming step key or None when unknown, upstream asset name, partition key or None)
+_LEDGER: list[tuple[str | None, str, str | None]] = []
+
+
+def record_read(asset_name: str, partition: str | None, step_key: str | None = None) -> None:
+    """Note that ``step_key`` (None: not known) loaded ``asset_name[partition]``."""
+    with _LEDGER_LOCK:
+        _LEDGER.append((step_key, asset_name, partition))
+
+
+def drain_reads(step_key: str | None = None) -> list[tuple[str, str | None]]:
+    """Return and clear what was read since the last drain in this process.
+
+    Loads made for another step (a step that failed before draining) are dropped, not
+    attributed to this one. Loads with no known step (``load_asset_value``) count for
+    the draining step: steps run one at a time per process.
+    """
+    with _LEDGER_LOCK:
+        out = [(a, p) for s, a, p in _LEDGER if s is None or step_key is None or s == step_key]
+        _LEDGER.clear()
+    return out
 
 
 def split_reads_check_spec(asset_name: str) -> dg.AssetCheckSpec:

@@ -21,10 +21,11 @@ from roadwork_assets.core.artifacts import (
     file_sha256,
 )
 from roadwork_assets.defs.export.assets import bundle
-from roadwork_assets.defs.io_manager import RegistryIOManager, drain_reads
+from roadwork_assets.defs.io_manager import RegistryIOManager
 from roadwork_assets.defs.partitions import split_partitions
 from roadwork_assets.defs.policy.assets import policy_assets
 from roadwork_assets.defs.resources import ArtifactRegistryResource, ExitPolicyResource
+from roadwork_assets.defs.split_reads import drain_reads
 from roadwork_assets_tests.core.calibration.test_unfitted_policies import (
     _checkpoint,
     _few_negatives,

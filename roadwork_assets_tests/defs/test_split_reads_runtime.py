@@ -7,11 +7,12 @@ import dagster as dg
 import numpy as np
 
 from roadwork_assets.core.artifacts import ArtifactRegistry, atomic_write_npz
-from roadwork_assets.defs.io_manager import RegistryIOManager, drain_reads
+from roadwork_assets.defs.io_manager import RegistryIOManager
 from roadwork_assets.defs.partitions import POLICY_FITTING_SPLITS, split_partitions
 from roadwork_assets.defs.resources import ArtifactRegistryResource
 from roadwork_assets.defs.split_reads import (
     SPLIT_READS_CHECK,
+    drain_reads,
     split_reads_check_spec,
     split_reads_result,
 )
@@ -90,7 +91,7 @@ def test_peeking_at_val_test_fails_the_blocking_check_and_stops_downstream(tmp_p
 
 
 def test_reads_left_by_a_failed_step_are_not_blamed_on_the_next_one():
-    from roadwork_assets.defs.io_manager import record_read
+    from roadwork_assets.defs.split_reads import record_read
 
     drain_reads()
     record_read("logits", "val_test", "test_report")  # that step failed before draining

@@ -20,7 +20,7 @@ from roadwork_assets.contracts.splits import (
 )
 from roadwork_assets.core.artifacts import ArtifactRegistry, atomic_write_npz
 from roadwork_assets.definitions import ALL_ASSETS, build_definitions
-from roadwork_assets.defs.io_manager import RegistryIOManager, drain_reads
+from roadwork_assets.defs.io_manager import RegistryIOManager
 from roadwork_assets.defs.leakage_audit import audit_taint, carried_splits
 from roadwork_assets.defs.partitions import (
     FINAL_EVALUATION_SPLITS,
@@ -31,6 +31,7 @@ from roadwork_assets.defs.partitions import (
 from roadwork_assets.defs.resources import ArtifactRegistryResource
 from roadwork_assets.defs.split_reads import (
     SPLIT_READS_CHECK,
+    drain_reads,
     split_reads_check_spec,
     split_reads_result,
 )

@@ -1,0 +1,43 @@
+"""The one table from asset (partition) to artifact path.
+
+Each asset writes its artifact at ``asset_path(registry, name, partition)`` (staged
+beside it, promoted after its checks), and the IO manager loads inputs from the same
+place; nothing else maps asset names to registry paths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from roadwork_assets.contracts.splits import SPLITS
+from roadwork_assets.core.artifacts import ArtifactRegistry
+
+# split-partitioned assets: one file per split partition
+PER_SPLIT: dict[str, Callable[[ArtifactRegistry, str], Path]] = {
+    "split_manifest": ArtifactRegistry.split_manifest,
+    "embeddings": ArtifactRegistry.embeddings,
+    "logits": ArtifactRegistry.logits,
+}
+# unpartitioned assets: one file each
+FIXED: dict[str, Callable[[ArtifactRegistry], Path]] = {
+    "source_images": lambda reg: reg.source_table,
+    "split_assignment": lambda reg: reg.split_assignment,
+    "checkpoint": lambda reg: reg.checkpoint,
+    "thresholds": lambda reg: reg.policy("softmax"),
+    "gate_params": lambda reg: reg.policy("gate"),
+    "conformal_sets": lambda reg: reg.policy("scrc"),
+    "bundle": lambda reg: reg.latest_bundle_pointer,
+    "test_report": lambda reg: reg.test_report,
+}
+
+
+def asset_path(registry: ArtifactRegistry, asset_name: str, partition: str | None = None) -> Path:
+    """Where an asset (partition) lives."""
+    if asset_name in PER_SPLIT:
+        if partition not in SPLITS:
+            raise ValueError(f"{asset_name} needs a split partition, got {partition!r}")
+        return PER_SPLIT[asset_name](registry, partition)
+    if asset_name in FIXED:
+        return FIXED[asset_name](registry)
+    raise KeyError(f"no artifact path registered for asset {asset_name!r}")
