@@ -16,6 +16,7 @@ import dagster as dg
 from pydantic import Field
 
 from roadwork_assets.core.artifacts import ArtifactRegistry
+from roadwork_assets.core.calibration.policy_config import PolicyFitConfig
 from roadwork_assets.core.data.similarity import NearDuplicateRule
 from roadwork_assets.core.data.splits import DEFAULT_FRACTIONS
 from roadwork_assets.core.training.config import DEFAULT_FROZEN_BACKBONE, TrainerConfig
@@ -99,6 +100,16 @@ class ExitPolicyResource(dg.ConfigurableResource):
     conformal_alpha: float = Field(0.05, gt=0, lt=1, description="1 - set coverage")
     gate_risk: float = Field(0.02, gt=0, lt=1, description="target error among accepted")
     export_onnx: bool = True
+
+    def to_config(self) -> PolicyFitConfig:
+        """The fitting settings as core reads them (`bundle_policy` and `export_onnx`
+        are about the bundle, not the fit); the rest keep PolicyFitConfig's defaults."""
+        return PolicyFitConfig(
+            alpha=self.alpha, delta=self.delta, guarantee=self.guarantee,
+            fit_fraction=self.calib_fit_fraction, mode=self.softmax_mode,
+            positive_fdr=self.positive_fdr, conformal_alpha=self.conformal_alpha,
+            gate_risk=self.gate_risk,
+        )
 
 
 def env_settings(environ: dict[str, str] | None = None) -> dict[str, dict[str, tuple]]:
