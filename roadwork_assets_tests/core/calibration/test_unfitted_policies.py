@@ -23,9 +23,11 @@ from roadwork_assets.contracts.policy_schemas import (
     parse_policy,
     parse_policy_artifact,
 )
+from roadwork_assets.contracts.schemas import Provenance
 from roadwork_assets.core.artifacts import (
     ArtifactRegistry,
     atomic_write_json,
+    file_sha256,
 )
 from roadwork_assets.core.calibration.policies import apply_policy, fit_policy
 from roadwork_assets.core.export.bundle import build_bundle
@@ -50,7 +52,7 @@ def _checkpoint(reg: ArtifactRegistry) -> None:
     save_checkpoint(reg.checkpoint, model_state_dict=build_model(cfg).state_dict(), epoch=1,
                     best_metric=0.5, best_metric_name="val_select_nll", config=cfg.model_dump(),
                     backbone_name=cfg.backbone, mode=cfg.mode, data_version="d" * 64,
-                    code_version="c")
+                    code_version="c", assignment_version="a", weights_sha256="")
 
 
 # ------------------------------------------------------------------ core level
@@ -86,7 +88,10 @@ def test_unfittable_policy_blocks_only_its_own_bundle(tmp_path):
         fit_policy("scrc", logits, y, ids, alpha=0.05, conformal_alpha=0.05)
     reg = ArtifactRegistry(tmp_path)
     _checkpoint(reg)
-    atomic_write_json(reg.policy("softmax"), fit_policy("softmax", logits, y, ids, alpha=0.05))
+    fitted_on = Provenance(data_version="d" * 64, code_version="c", created_at="t",
+                           checkpoint_sha256=file_sha256(reg.checkpoint))
+    softmax = fit_policy("softmax", logits, y, ids, alpha=0.05)
+    atomic_write_json(reg.policy("softmax"), softmax.model_copy(update={"provenance": fitted_on}))
     atomic_write_json(reg.policy("scrc"), UnfittedPolicy(kind="scrc", reason=str(err.value)))
     _, manifest, _ = build_bundle(reg.bundles_dir, checkpoint_path=reg.checkpoint,
                                   policy_path=reg.policy("softmax"), policy_asset="thresholds",
