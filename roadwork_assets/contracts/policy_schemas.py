@@ -16,15 +16,24 @@ reads either, and only the bundle that is configured to ship it refuses it.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
-from roadwork_assets.contracts.schemas import Provenance, ScoreReference
 from roadwork_assets.contracts.errors import ArtifactIntegrityError
+from roadwork_assets.contracts.schemas import Provenance, ScoreReference
 
 SCHEMA_VERSION = 2  # 2: calibration_unit, n_calibration_units; unfitted records
-POLICY_KINDS = ("softmax", "gate", "scrc")
+# policy kind -> the asset that fits it: the one place this mapping is written
+POLICY_ASSET_NAMES: dict[str, str] = {"softmax": "thresholds", "gate": "gate_params", "scrc": "conformal_sets"}
+POLICY_KINDS = tuple(POLICY_ASSET_NAMES)
 CalibratorMethod = Literal["temperature", "classwise_temperature", "platt", "beta", "isotonic"]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Level = Annotated[float, Field(gt=0.0, lt=1.0)]
@@ -170,7 +179,7 @@ class UnfittedPolicy(_Frozen):
 
 
 PolicyParams = Annotated[
-    Union[SoftmaxPolicyParams, GatePolicyParams, ScrcPolicyParams], Field(discriminator="kind")
+    SoftmaxPolicyParams | GatePolicyParams | ScrcPolicyParams, Field(discriminator="kind")
 ]
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(PolicyParams)
 

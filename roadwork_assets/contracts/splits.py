@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from roadwork_assets.contracts.errors import LeakageError
+from roadwork_assets.contracts.policy_schemas import POLICY_ASSET_NAMES
 
 SPLITS: tuple[str, ...] = ("train", "val_select", "val_calib", "val_test")
 
@@ -111,11 +112,11 @@ SPLIT_READ_POLICY: dict[str, ReadRule] = {
         "val_select",
     ),
     "logits": _rule(ROLE_INFERENCE, "model outputs of its own split only", SAME_PARTITION),
-    "thresholds": _rule(
+    POLICY_ASSET_NAMES["softmax"]: _rule(
         ROLE_POLICY_FITTING, "calibrator on val_calib part A, thresholds on part B", "val_calib"
     ),
-    "gate_params": _rule(ROLE_POLICY_FITTING, "failure gate on val_calib only", "val_calib"),
-    "conformal_sets": _rule(ROLE_POLICY_FITTING, "conformal sets on val_calib only", "val_calib"),
+    POLICY_ASSET_NAMES["gate"]: _rule(ROLE_POLICY_FITTING, "failure gate on val_calib only", "val_calib"),
+    POLICY_ASSET_NAMES["scrc"]: _rule(ROLE_POLICY_FITTING, "conformal sets on val_calib only", "val_calib"),
     "bundle": _rule(ROLE_EXPORT, "packages fitted artifacts; reads no partition"),
     "test_report": _rule(ROLE_FINAL_EVALUATION, "held-out evaluation", "val_test"),
 }

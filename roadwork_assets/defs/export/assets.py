@@ -4,18 +4,19 @@
 import dagster as dg
 
 from roadwork_assets.contracts.errors import ArtifactIntegrityError
+from roadwork_assets.contracts.policy_schemas import POLICY_ASSET_NAMES
 from roadwork_assets.core.export.bundle import build_bundle, set_latest, verify_bundle
 from roadwork_assets.defs.resources import ArtifactRegistryResource, ExitPolicyResource
 from roadwork_assets.defs.split_reads import split_reads_check_spec, split_reads_result
 
 BUNDLE_CHECK = "one_policy_and_hashes_match"
 ONNX_CHECK = "onnx_matches_torch"
-POLICY_ASSET = {"softmax": "thresholds", "gate": "gate_params", "scrc": "conformal_sets"}
+POLICY_ASSET = POLICY_ASSET_NAMES
 
 
 @dg.asset(
     group_name="export",
-    deps=["checkpoint", "thresholds", "gate_params", "conformal_sets"],
+    deps=["checkpoint", *POLICY_ASSET_NAMES.values()],
     check_specs=[
         split_reads_check_spec("bundle"),
         dg.AssetCheckSpec(BUNDLE_CHECK, asset="bundle", blocking=True,

@@ -16,6 +16,7 @@ from roadwork_assets.contracts.errors import (
     InsufficientDataError,
 )
 from roadwork_assets.contracts.policy_schemas import (
+    POLICY_ASSET_NAMES,
     PolicyParams,
     UnfittedPolicy,
     parse_policy_artifact,
@@ -35,15 +36,17 @@ from roadwork_assets.defs.split_reads import split_reads_check_spec, split_reads
 
 SCHEMA_CHECK = "schema_valid"
 
-# asset name -> (policy kind, what it is)
-POLICY_ASSETS = {
-    "thresholds": ("softmax", "calibrated three-way exit (t_lo, t_hi) with an FNR "
-                   "guarantee from conformal risk control or Learn-then-Test"),
-    "gate_params": ("gate", "learned failure gate on uncertainty features, compared "
-                    "with the max-probability baseline by AURC"),
-    "conformal_sets": ("scrc", "split-conformal prediction sets (LAC and "
-                       "class-conditional); singletons exit, the rest defer"),
+# policy kind -> what it is
+_POLICY_WHAT = {
+    "softmax": ("calibrated three-way exit (t_lo, t_hi) with an FNR "
+                "guarantee from conformal risk control or Learn-then-Test"),
+    "gate": ("learned failure gate on uncertainty features, compared "
+             "with the max-probability baseline by AURC"),
+    "scrc": ("split-conformal prediction sets (LAC and "
+             "class-conditional); singletons exit, the rest defer"),
 }
+# asset name (contracts.policy_schemas.POLICY_ASSET_NAMES) -> (policy kind, what it is)
+POLICY_ASSETS = {POLICY_ASSET_NAMES[kind]: (kind, what) for kind, what in _POLICY_WHAT.items()}
 
 
 def _policy_metadata(params: PolicyParams | UnfittedPolicy) -> dict[str, dg.MetadataValue]:
