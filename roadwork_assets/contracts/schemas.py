@@ -1,4 +1,4 @@
-"""Pydantic schemas for the JSON artifacts and the checkpoint's required keys.
+"""Pydantic schemas for the JSON artifacts and the checkpoint's metadata.
 
 Every JSON artifact carries ``schema_version``; a version this code does not know is
 refused with a message that says which version was found and which are supported,
@@ -25,20 +25,45 @@ from roadwork_assets.contracts.errors import ArtifactIntegrityError
 LABEL_NAMES: dict[int, str] = {0: "none", 1: "roadwork"}
 
 CHECKPOINT_SCHEMA_VERSION = 1
-REQUIRED_CHECKPOINT_KEYS: frozenset[str] = frozenset(
-    {
-        "schema_version",
-        "model_state_dict",
-        "epoch",
-        "best_metric",
-        "best_metric_name",
-        "config",
-        "backbone_name",
-        "mode",
-        "data_version",
-        "code_version",
-    }
-)
+
+
+class CheckpointMeta(BaseModel):
+    """Everything in a checkpoint file but its tensors. The file (``model.pt``, read with
+    ``torch.load(weights_only=True)``) is this model's fields plus ``model_state_dict``;
+    ``core.training.checkpoint`` validates it on save and on load."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    schema_version: Literal[1] = 1
+    epoch: int = Field(ge=0, description="the epoch selected on val_select")
+    best_metric: float
+    best_metric_name: str
+    config: dict[str, Any] = Field(description="TrainerConfig.model_dump() it was trained "
+                                   "with; rebuilds the architecture")
+    backbone_name: str
+    mode: Literal["end_to_end", "frozen"]
+    data_version: str = Field(description="combined data_version of train and val_select")
+    code_version: str
+    assignment_version: str = Field(
+        description="the split assignment train and val_select came from; logits refuse "
+        "embeddings of any other assignment (they may hold training images)")
+    weights_sha256: str = Field(
+        description="sha256 of the frozen backbone's weights file ('' when trained from "
+        "scratch); logits refuse embeddings made with other weights")
+    img_size: int = Field(description="input size; when not given, config['img_size']")
+    select_metrics: dict[str, float] = Field(
+        default_factory=dict, description="val_select metrics at the selected epoch")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _img_size_from_config(cls, data: Any) -> Any:
+        config = data.get("config") if isinstance(data, dict) else None
+        if isinstance(config, dict) and "img_size" in config:
+            if data.get("img_size") is None:
+                return {**data, "img_size": config["img_size"]}
+            if data["img_size"] != config["img_size"]:
+                raise ValueError(f"img_size {data['img_size']!r} differs from config "
+                                 f"img_size {config['img_size']!r}")
+        return data
 
 
 class Provenance(BaseModel):

@@ -26,7 +26,7 @@ def _save(path, epoch, n_floats):
         path, model_state_dict={"w": torch.full((n_floats,), float(epoch))}, epoch=epoch,
         best_metric=0.1, best_metric_name="val_select_nll", config={"img_size": 96},
         backbone_name="test_resnet.r160_in1k", mode="end_to_end", data_version="d",
-        code_version="c",
+        code_version="c", assignment_version="a", weights_sha256="",
     )
 
 
@@ -37,14 +37,16 @@ def test_sigkill_during_checkpoint_write_leaves_previous_version_intact(tmp_path
         import torch
         from roadwork_assets.core.training.checkpoint import save_checkpoint
         save_checkpoint({str(path)!r}, model_state_dict={{"w": torch.full((150_000_000,), 2.0)}},
-            epoch=2, best_metric=0.0, best_metric_name="x", config={{}}, backbone_name="b",
-            mode="end_to_end", data_version="d", code_version="c")
+            epoch=2, best_metric=0.0, best_metric_name="x", config={{"img_size": 96}},
+            backbone_name="b", mode="end_to_end", data_version="d", code_version="c",
+            assignment_version="a", weights_sha256="")
     """)
     proc = subprocess.Popen([sys.executable, "-c", script])
     deadline = time.time() + 120
     tmp_seen = None
     while time.time() < deadline and proc.poll() is None:
-        tmps = [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+        # atomic_path's temporary name: .model.pt.tmp-<pid>-<random>
+        tmps = [p for p in path.parent.iterdir() if ".tmp-" in p.name]
         if tmps and tmps[0].stat().st_size > 10_000_000:  # mid-write: bytes are landing
             tmp_seen = tmps[0]
             break
@@ -67,10 +69,9 @@ def test_failed_write_removes_temp_file_and_keeps_old_content(tmp_path):
 
     from roadwork_assets.core.artifacts import atomic_path
 
-    with pytest.raises(Boom):
-        with atomic_path(dest) as tmp:
-            tmp.write_text("half")
-            raise Boom
+    with pytest.raises(Boom), atomic_path(dest) as tmp:
+        tmp.write_text("half")
+        raise Boom
     assert dest.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
 

@@ -35,7 +35,8 @@ def bundle_dir(tmp_path_factory):
     save_checkpoint(reg.checkpoint, model_state_dict=model.state_dict(), epoch=1,
                     best_metric=0.5, best_metric_name="val_select_nll",
                     config=cfg.model_dump(), backbone_name=cfg.backbone, mode=cfg.mode,
-                    data_version="d" * 64, code_version="c")
+                    data_version="d" * 64, code_version="c",
+                    assignment_version="a", weights_sha256="")
     rng = np.random.default_rng(0)
     n = 600
     y = rng.integers(0, 2, n)
@@ -117,7 +118,8 @@ def test_policy_fitted_on_another_checkpoint_is_refused(tmp_path):
     cfg = TrainerConfig(img_size=32)
     save_checkpoint(reg.checkpoint, model_state_dict=build_model(cfg).state_dict(), epoch=1,
                     best_metric=0.5, best_metric_name="nll", config=cfg.model_dump(),
-                    backbone_name=cfg.backbone, mode=cfg.mode, data_version="d", code_version="c")
+                    backbone_name=cfg.backbone, mode=cfg.mode, data_version="d", code_version="c",
+                    assignment_version="a", weights_sha256="")
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 400)
     views = np.stack([np.zeros(400), 3 * (2 * y - 1) + rng.normal(size=400)], 1)[:, None, :]
@@ -169,7 +171,7 @@ def _other_checkpoint(path, seed=1):
     save_checkpoint(path, model_state_dict=build_model(cfg).state_dict(), epoch=1,
                     best_metric=0.5, best_metric_name="val_select_nll", config=cfg.model_dump(),
                     backbone_name=cfg.backbone, mode=cfg.mode, data_version="d" * 64,
-                    code_version="c")
+                    code_version="c", assignment_version="a", weights_sha256="")
     return path
 
 

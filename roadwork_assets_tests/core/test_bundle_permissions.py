@@ -37,7 +37,8 @@ def test_bundle_folder_and_files_have_the_modes_of_other_artifacts(tmp_path):
     save_checkpoint(reg.checkpoint, model_state_dict=model.state_dict(), epoch=1,
                     best_metric=0.5, best_metric_name="val_select_nll",
                     config=cfg.model_dump(), backbone_name=cfg.backbone, mode=cfg.mode,
-                    data_version="d" * 64, code_version="c")
+                    data_version="d" * 64, code_version="c",
+                    assignment_version="a", weights_sha256="")
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 400)
     z = np.stack([np.zeros(400), 3 * (2 * y - 1) + rng.normal(size=400)], 1)

@@ -156,8 +156,10 @@ def train_checkpoint(
         mode=cfg.mode,
         data_version=data_version,
         code_version=code_version(),
-        extra={"select_metrics": result.select_metrics, "img_size": cfg.img_size,
-               "assignment_version": assignment.pop(), "weights_sha256": weights_sha256},
+        assignment_version=assignment.pop(),
+        weights_sha256=weights_sha256,
+        img_size=cfg.img_size,
+        select_metrics=result.select_metrics,
     )
     return result
 
@@ -201,5 +203,5 @@ def compute_logits(payload: dict[str, Any], cache: dict[str, np.ndarray], split:
                      data_version=np.array(data_version),
                      checkpoint_sha256=np.array(checkpoint_sha256),
                      code_version=np.array(code_version()))
-    return {"n": int(len(y)), "n_positive": int(y.sum()), "n_negative": int(len(y) - y.sum()),
+    return {"n": len(y), "n_positive": int(y.sum()), "n_negative": int(len(y) - y.sum()),
             "n_views": int(logits.shape[1]), "finite": bool(np.isfinite(logits).all())}

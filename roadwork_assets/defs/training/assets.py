@@ -75,7 +75,8 @@ CHECKPOINT_CHECK = "checkpoint_loadable"
     check_specs=[
         split_reads_check_spec("checkpoint"),
         dg.AssetCheckSpec(CHECKPOINT_CHECK, asset="checkpoint", blocking=True,
-                          description="loads with weights_only=True and has the required keys"),
+                          description="loads with weights_only=True and matches its schema "
+                          "(contracts.schemas.CheckpointMeta)"),
     ],
     description="The classifier, fit on train and selected on val_select only.",
 )
