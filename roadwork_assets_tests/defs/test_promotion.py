@@ -3,7 +3,7 @@
 import dagster as dg
 
 from roadwork_assets.core.artifacts import atomic_write_text, staged_path
-from roadwork_assets.defs.promotion import publish
+from roadwork_assets.defs.promotion import StagedFiles, publish
 
 
 def _check(passed: bool) -> dg.AssetCheckResult:
@@ -13,7 +13,8 @@ def _check(passed: bool) -> dg.AssetCheckResult:
 def test_failed_check_keeps_the_previous_artifact_and_sets_the_new_one_aside(tmp_path):
     dest = atomic_write_text(tmp_path / "thresholds.json", "good")
     staged = atomic_write_text(staged_path(dest), "bad")
-    path, meta = publish(dg.build_asset_context(), staged, dest, [_check(True), _check(False)])
+    path, meta = publish(dg.build_asset_context(), StagedFiles.at(dest),
+                         [_check(True), _check(False)])
     assert dest.read_text() == "good"
     assert path.name == "thresholds.json.rejected.json" and path.read_text() == "bad"
     assert meta["promoted"].value is False
@@ -22,6 +23,6 @@ def test_failed_check_keeps_the_previous_artifact_and_sets_the_new_one_aside(tmp
 
 def test_passing_checks_promote(tmp_path):
     dest = atomic_write_text(tmp_path / "a.parquet", "old")
-    staged = atomic_write_text(staged_path(dest), "new")
-    path, meta = publish(dg.build_asset_context(), staged, dest, [_check(True)])
+    atomic_write_text(staged_path(dest), "new")
+    path, meta = publish(dg.build_asset_context(), StagedFiles.at(dest), [_check(True)])
     assert path == dest and dest.read_text() == "new" and meta["promoted"].value is True

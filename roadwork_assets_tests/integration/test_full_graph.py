@@ -88,3 +88,32 @@ def test_every_artifact_records_data_and_code_version(materialized_root):
         assert prov["data_version"] == str(read_npz(reg.logits("val_calib"))["data_version"])
     report = json.loads(reg.test_report.read_text())
     assert report["provenance"]["code_version"] == code_version()
+
+
+def test_materializations_carry_the_artifacts_data_and_code_version(materialized_root):
+    """Dagster's DataVersion of a materialization is the data_version its artifact
+    records, and its code_version the one the artifact was stamped with, so the UI
+    shows real staleness."""
+    from roadwork_assets.core.artifacts import code_version, read_parquet_provenance
+
+    root, _, results = materialized_root
+    reg = ArtifactRegistry(root)
+    recorded = {
+        ("split_manifest", "train"): read_parquet_provenance(
+            reg.split_manifest("train"))["data_version"],
+        ("logits", "val_calib"): str(read_npz(reg.logits("val_calib"))["data_version"]),
+        ("checkpoint", None): load_checkpoint(reg.checkpoint)["data_version"],
+        ("thresholds", None): json.loads(reg.policy("softmax").read_text())["provenance"][
+            "data_version"],
+        ("test_report", None): json.loads(reg.test_report.read_text())["provenance"][
+            "data_version"],
+    }
+    tags = {}
+    for result in results:
+        for event in result.get_asset_materialization_events():
+            mat = event.materialization
+            tags[(event.asset_key.to_user_string(), mat.partition)] = mat.tags
+    for key, data_version in recorded.items():
+        assert tags[key]["dagster/data_version"] == data_version, key
+        assert tags[key]["dagster/data_version_is_user_provided"] == "true", key
+        assert tags[key]["dagster/code_version"] == code_version(), key

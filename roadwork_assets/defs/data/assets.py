@@ -24,16 +24,17 @@ from roadwork_assets.core.data.splits import (
     split_shape_report,
 )
 from roadwork_assets.core.data.synthetic import generate_default_dataset
-from roadwork_assets.defs.metadata import counts_meta, path_meta, table_md
+from roadwork_assets.defs.asset_paths import asset_path
+from roadwork_assets.defs.metadata import counts_meta, table_md
 from roadwork_assets.defs.partitions import split_partitions
-from roadwork_assets.defs.promotion import publish
+from roadwork_assets.defs.promotion import StagedFiles, materialize_result
 from roadwork_assets.defs.resources import (
     ArtifactRegistryResource,
     DatasetSource,
     ExitPolicyResource,
 )
 from roadwork_assets.defs.settings import merge_records, used_settings
-from roadwork_assets.defs.split_reads import split_reads_check_spec, split_reads_result
+from roadwork_assets.defs.split_reads import split_reads_check_spec
 
 MANIFEST_COLUMNS = ["item_id", "uri", "label", "group_id", "group_key", "pixel_sha256",
                     "phash", "thumb", "width", "height", "split"]
@@ -43,6 +44,7 @@ SHAPE_CHECK = "split_shape"
 
 @dg.asset(
     group_name="data",
+    code_version=code_version(),
     check_specs=[split_reads_check_spec("source_images")],
     description="Every usable source image, decoded once and fingerprinted (pixel sha256, "
     "pHash); unusable images are quarantined and listed.",
@@ -71,15 +73,12 @@ def source_images(
     data_version = frame_fingerprint(ingested, ["item_id", "label", "pixel_sha256"])
     stamp = {"data_version": data_version, "code_version": code_version(),
              "settings": used_settings(dataset=dataset)}
+    dest = asset_path(reg, "source_images")
     atomic_write_parquet(staged_path(reg.quarantine_table), quarantined, stamp)
-    atomic_write_parquet(staged_path(reg.source_table), ingested, stamp)
-    reads_meta, reads_check = split_reads_result(context)
-    path, promo = publish(context, [(staged_path(reg.source_table), reg.source_table),
-                                    (staged_path(reg.quarantine_table), reg.quarantine_table)],
-                          None, [reads_check])
+    atomic_write_parquet(staged_path(dest), ingested, stamp)
     n_pos = int((ingested["label"] == 1).sum())
-    yield dg.Output(
-        path,
+    return materialize_result(
+        context, StagedFiles.at(dest, reg.quarantine_table), data_version=data_version,
         metadata={
             "source": dg.MetadataValue.text(spec),
             "source_kind": dg.MetadataValue.text(kind),
@@ -89,16 +88,13 @@ def source_images(
             "n_quarantined": dg.MetadataValue.int(len(quarantined)),
             "quarantined": table_md(quarantined),
             "data_version": data_version,
-            **path_meta(path),
-            **reads_meta,
-            **promo,
         },
     )
-    yield reads_check
 
 
 @dg.asset(
     group_name="data",
+    code_version=code_version(),
     check_specs=[
         split_reads_check_spec("split_assignment"),
         dg.AssetCheckSpec(LEAKAGE_CHECK, asset="split_assignment", blocking=True,
@@ -119,9 +115,9 @@ def split_assignment(
     dataset: DatasetSource,
     exit_policy: ExitPolicyResource,
 ):
-    reg = artifacts.registry
+    dest = asset_path(artifacts.registry, "split_assignment")
     settings = json.dumps(dataset.split_settings(), sort_keys=True)
-    previous = _previous_assignment(context, reg.split_assignment, settings)
+    previous = _previous_assignment(context, dest, settings)
     result = split_images(source_images, dataset.split_fractions, seed=dataset.split_seed,
                           rule=dataset.near_duplicate_rule(), previous=previous)
     assignment = result.assignment
@@ -136,13 +132,12 @@ def split_assignment(
     report = check_split_leakage(assignment, dataset.near_duplicate_rule())
     shape = split_shape_report(assignment, dataset.split_fractions, dataset.max_group_share)
     data_version = frame_fingerprint(assignment.drop(columns=["thumb"], errors="ignore"))
-    staged = atomic_write_parquet(staged_path(reg.split_assignment), assignment,
-                                  {"data_version": data_version, "code_version": code_version(),
-                                   "split_settings": settings,
-                                   "settings": merge_records(
-                                       source_images.attrs.get("provenance", {}).get("settings"),
-                                       used_settings(dataset=dataset, exit_policy=exit_policy))})
-    reads_meta, reads_check = split_reads_result(context)
+    atomic_write_parquet(staged_path(dest), assignment,
+                         {"data_version": data_version, "code_version": code_version(),
+                          "split_settings": settings,
+                          "settings": merge_records(
+                              source_images.attrs.get("provenance", {}).get("settings"),
+                              used_settings(dataset=dataset, exit_policy=exit_policy))})
     leakage_check = dg.AssetCheckResult(
         check_name=LEAKAGE_CHECK,
         passed=report.ok,
@@ -169,10 +164,9 @@ def split_assignment(
         },
         description=shape.summary(),
     )
-    path, promo = publish(context, staged, reg.split_assignment,
-                          [reads_check, leakage_check, shape_check])
-    yield dg.Output(
-        path,
+    return materialize_result(
+        context, StagedFiles.at(dest), data_version=data_version,
+        checks=[leakage_check, shape_check],
         metadata={
             "counts": counts_meta(split_counts(assignment)),
             "fractions": dg.MetadataValue.json(dataset.split_fractions),
@@ -186,14 +180,8 @@ def split_assignment(
             "n_held_out": dg.MetadataValue.int(len(result.held_out)),
             "held_out": table_md(result.held_out),
             "data_version": data_version,
-            **path_meta(path),
-            **reads_meta,
-            **promo,
         },
     )
-    yield reads_check
-    yield leakage_check
-    yield shape_check
 
 
 def _previous_assignment(context, path, settings: str) -> pd.DataFrame | None:
@@ -217,6 +205,7 @@ def _previous_assignment(context, path, settings: str) -> pd.DataFrame | None:
 @dg.asset(
     group_name="data",
     partitions_def=split_partitions,
+    code_version=code_version(),
     check_specs=[split_reads_check_spec("split_manifest")],
     description="The rows of one split partition (item, file, label, group, hashes).",
 )
@@ -230,18 +219,16 @@ def split_manifest(
     if rows.empty:
         raise InsufficientDataError(f"split {split!r} is empty: re-materialize split_assignment")
     data_version = frame_fingerprint(rows.drop(columns=["thumb"], errors="ignore"))
-    dest = artifacts.registry.split_manifest(split)
-    staged = atomic_write_parquet(staged_path(dest), rows, {
+    dest = asset_path(artifacts.registry, "split_manifest", split)
+    atomic_write_parquet(staged_path(dest), rows, {
         "data_version": data_version, "code_version": code_version(),
         "assignment_version": frame_fingerprint(
             split_assignment.drop(columns=["thumb"], errors="ignore")),
         # no settings of its own: those that made the assignment
         "settings": split_assignment.attrs.get("provenance", {}).get("settings") or {}})
-    reads_meta, reads_check = split_reads_result(context)
-    path, promo = publish(context, staged, dest, [reads_check])
     n_pos = int((rows["label"] == 1).sum())
-    yield dg.Output(
-        path,
+    return materialize_result(
+        context, StagedFiles.at(dest), data_version=data_version,
         metadata={
             "split": dg.MetadataValue.text(split),
             "n_images": dg.MetadataValue.int(len(rows)),
@@ -249,9 +236,5 @@ def split_manifest(
             "n_negative": dg.MetadataValue.int(len(rows) - n_pos),
             "data_version": data_version,
             "preview": table_md(rows[["item_id", "label", "group_key"]], 10),
-            **path_meta(path),
-            **reads_meta,
-            **promo,
         },
     )
-    yield reads_check

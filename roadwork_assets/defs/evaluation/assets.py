@@ -9,6 +9,7 @@ import numpy as np
 
 from roadwork_assets.core.artifacts import (
     atomic_write_json,
+    code_version,
     combine_versions,
     make_provenance,
     staged_path,
@@ -19,11 +20,11 @@ from roadwork_assets.core.evaluation.report import (
     plot_reliability,
 )
 from roadwork_assets.core.export.bundle import load_bundle
-from roadwork_assets.defs.metadata import path_meta
+from roadwork_assets.defs.asset_paths import asset_path
 from roadwork_assets.defs.partitions import FINAL_EVALUATION_SPLITS
-from roadwork_assets.defs.promotion import publish
+from roadwork_assets.defs.promotion import StagedFiles, materialize_result
 from roadwork_assets.defs.resources import ArtifactRegistryResource
-from roadwork_assets.defs.split_reads import split_reads_check_spec, split_reads_result
+from roadwork_assets.defs.split_reads import split_reads_check_spec
 
 
 def _png_md(path: Path, title: str) -> dg.MetadataValue:
@@ -55,6 +56,7 @@ def _shift_table(report) -> str:
 @dg.asset(
     group_name="evaluation",
     ins={"logits": dg.AssetIn(partition_mapping=FINAL_EVALUATION_SPLITS)},
+    code_version=code_version(),
     check_specs=[split_reads_check_spec("test_report")],
     description="Held-out evaluation of the bundle on val_test only: accuracy, balanced "
     "accuracy, MCC, FNR/FPR with exact intervals, ECE, AUROC, the policy's defer rate, and "
@@ -80,16 +82,15 @@ def test_report(
             settings=(loaded.manifest.provenance.settings
                       or getattr(loaded.policy.provenance, "settings", None))),
     )
-    staged = atomic_write_json(staged_path(reg.test_report), report)
+    dest = asset_path(reg, "test_report")
+    atomic_write_json(staged_path(dest), report)
     if report.shift_warning:
         context.log.warning(report.shift_warning)
     plot = plot_reliability(arrays["calibrated"], test["labels"], reg.test_report_plot("reliability"))
     fnr = report.fnr
-    reads_meta, reads_check = split_reads_result(context)
-    dest, promo = publish(context, staged, reg.test_report, [reads_check])
     cm = report.confusion_matrix
-    yield dg.Output(
-        dest,
+    return materialize_result(
+        context, StagedFiles.at(dest), data_version=report.provenance.data_version,
         metadata={
             "balanced_accuracy": dg.MetadataValue.float(report.balanced_accuracy),
             "model_balanced_accuracy": dg.MetadataValue.float(report.model_balanced_accuracy),
@@ -112,9 +113,5 @@ def test_report(
             "score_shift": dg.MetadataValue.md(_shift_table(report)),
             "bundle_id": report.bundle_id,
             "n_images": report.n_images,
-            **path_meta(dest),
-            **reads_meta,
-            **promo,
         },
     )
-    yield reads_check

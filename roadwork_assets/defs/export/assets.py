@@ -5,9 +5,12 @@ import dagster as dg
 
 from roadwork_assets.contracts.errors import ArtifactIntegrityError
 from roadwork_assets.contracts.policy_schemas import POLICY_ASSET_NAMES
-from roadwork_assets.core.export.bundle import build_bundle, set_latest, verify_bundle
+from roadwork_assets.core.artifacts import code_version
+from roadwork_assets.core.export.bundle import build_bundle, verify_bundle
+from roadwork_assets.defs.asset_paths import asset_path
+from roadwork_assets.defs.promotion import LatestBundle, materialize_result
 from roadwork_assets.defs.resources import ArtifactRegistryResource, ExitPolicyResource
-from roadwork_assets.defs.split_reads import split_reads_check_spec, split_reads_result
+from roadwork_assets.defs.split_reads import split_reads_check_spec
 
 BUNDLE_CHECK = "one_policy_and_hashes_match"
 ONNX_CHECK = "onnx_matches_torch"
@@ -17,6 +20,7 @@ POLICY_ASSET = POLICY_ASSET_NAMES
 @dg.asset(
     group_name="export",
     deps=["checkpoint", *POLICY_ASSET_NAMES.values()],
+    code_version=code_version(),
     check_specs=[
         split_reads_check_spec("bundle"),
         dg.AssetCheckSpec(BUNDLE_CHECK, asset="bundle", blocking=True,
@@ -37,15 +41,15 @@ def bundle(
     exit_policy: ExitPolicyResource,
 ):
     reg = artifacts.registry
+    policy_asset = POLICY_ASSET[exit_policy.bundle_policy]
     directory, manifest, extra = build_bundle(
         reg.bundles_dir,
-        checkpoint_path=reg.checkpoint,
-        policy_path=reg.policy(exit_policy.bundle_policy),
-        policy_asset=POLICY_ASSET[exit_policy.bundle_policy],
+        checkpoint_path=asset_path(reg, "checkpoint"),
+        policy_path=asset_path(reg, policy_asset),
+        policy_asset=policy_asset,
         export_onnx_model=exit_policy.export_onnx,
     )
     report = extra.pop("onnx_parity", None)  # core.export.onnx_export.ParityReport
-    reads_meta, reads_check = split_reads_result(context)
     try:
         verify_bundle(directory)
         verified = dg.AssetCheckResult(check_name=BUNDLE_CHECK, passed=True,
@@ -59,13 +63,11 @@ def bundle(
         metadata={} if report is None else {
             k: dg.MetadataValue.float(v) for k, v in report.metadata().items()},
     )
-    promoted = all(c.passed for c in (reads_check, verified, parity))
-    if promoted:  # serving (`LATEST`) switches only to a bundle that passed its checks
-        set_latest(reg.latest_bundle_pointer, manifest.bundle_id)
-    else:
-        context.log.error(f"bundle {directory} failed a blocking check; LATEST unchanged")
-    yield dg.Output(
-        reg.latest_bundle_pointer if promoted else directory,
+    # serving (`LATEST`) switches only to a bundle that passed its checks
+    latest = LatestBundle(asset_path(reg, "bundle"), manifest.bundle_id, directory)
+    return materialize_result(
+        context, latest, data_version=manifest.provenance.data_version,
+        checks=[verified, parity],
         metadata={
             "bundle_id": manifest.bundle_id,
             "bundle_dir": dg.MetadataValue.path(str(directory)),
@@ -77,10 +79,5 @@ def bundle(
             "code_version": manifest.provenance.code_version,
             **{k: dg.MetadataValue.float(v) for k, v in extra.items()},
             "checkpoint_sha256": manifest.provenance.checkpoint_sha256,
-            "promoted": dg.MetadataValue.bool(promoted),
-            **reads_meta,
         },
     )
-    yield reads_check
-    yield verified
-    yield parity

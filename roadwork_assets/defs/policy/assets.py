@@ -23,16 +23,17 @@ from roadwork_assets.contracts.policy_schemas import (
 )
 from roadwork_assets.core.artifacts import (
     atomic_write_json,
+    code_version,
     make_provenance,
     staged_path,
 )
 from roadwork_assets.core.calibration.policies import fit_policy
-from roadwork_assets.defs.metadata import path_meta
+from roadwork_assets.defs.asset_paths import asset_path
 from roadwork_assets.defs.partitions import POLICY_FITTING_SPLITS
-from roadwork_assets.defs.promotion import publish
+from roadwork_assets.defs.promotion import StagedFiles, materialize_result
 from roadwork_assets.defs.resources import ArtifactRegistryResource, ExitPolicyResource
 from roadwork_assets.defs.settings import used_settings
-from roadwork_assets.defs.split_reads import split_reads_check_spec, split_reads_result
+from roadwork_assets.defs.split_reads import split_reads_check_spec
 
 SCHEMA_CHECK = "schema_valid"
 
@@ -77,6 +78,7 @@ def _make_policy_asset(name: str, kind: str, what: str):
         name=name,
         group_name="policy",
         ins={"logits": dg.AssetIn(partition_mapping=POLICY_FITTING_SPLITS)},
+        code_version=code_version(),
         check_specs=[
             split_reads_check_spec(name),
             dg.AssetCheckSpec(SCHEMA_CHECK, asset=name, blocking=True,
@@ -108,15 +110,11 @@ def _make_policy_asset(name: str, kind: str, what: str):
         params = params.model_copy(update={"provenance": make_provenance(
             str(calib["data_version"]), checkpoint_sha256=str(calib["checkpoint_sha256"]),
             settings=used_settings(exit_policy=exit_policy))})
-        dest = artifacts.registry.policy(kind)
-        staged = atomic_write_json(staged_path(dest), params)
-        schema = _schema_check(staged)
-        reads_meta, reads_check = split_reads_result(context)
-        path, promo = publish(context, staged, dest, [reads_check, schema])
-        yield dg.Output(path, metadata={**_policy_metadata(params), **path_meta(path),
-                                        **reads_meta, **promo})
-        yield reads_check
-        yield schema
+        dest = asset_path(artifacts.registry, name)
+        schema = _schema_check(atomic_write_json(staged_path(dest), params))
+        return materialize_result(context, StagedFiles.at(dest), checks=[schema],
+                                  data_version=params.provenance.data_version,
+                                  metadata=_policy_metadata(params))
 
     return _policy_asset
 

@@ -7,23 +7,31 @@ import numpy as np
 import pandas as pd
 
 from roadwork_assets.contracts.errors import ArtifactIntegrityError
-from roadwork_assets.core.artifacts import file_sha256, frame_fingerprint, read_npz, staged_path
+from roadwork_assets.core.artifacts import (
+    code_version,
+    file_sha256,
+    frame_fingerprint,
+    read_npz,
+    staged_path,
+)
 from roadwork_assets.core.training.checkpoint import load_checkpoint
 from roadwork_assets.core.training.pipeline import (
     compute_embeddings,
     compute_logits,
     train_checkpoint,
 )
-from roadwork_assets.defs.metadata import floats, path_meta
+from roadwork_assets.defs.asset_paths import asset_path
+from roadwork_assets.defs.metadata import floats
 from roadwork_assets.defs.partitions import MODEL_FITTING_SPLITS, split_partitions
-from roadwork_assets.defs.promotion import publish
+from roadwork_assets.defs.promotion import StagedFiles, materialize_result
 from roadwork_assets.defs.resources import ArtifactRegistryResource, TrainerResource
-from roadwork_assets.defs.split_reads import split_reads_check_spec, split_reads_result
+from roadwork_assets.defs.split_reads import split_reads_check_spec
 
 
 @dg.asset(
     group_name="model",
     partitions_def=split_partitions,
+    code_version=code_version(),
     check_specs=[split_reads_check_spec("embeddings")],
     description="Frozen-stage cache of one split: pretrained-backbone features per view "
     "(frozen mode) or decoded, resized uint8 images (end_to_end mode).",
@@ -35,17 +43,15 @@ def embeddings(
     trainer: TrainerResource,
 ):
     split = context.partition_key
-    dest = artifacts.registry.embeddings(split)
+    dest = asset_path(artifacts.registry, "embeddings", split)
     # the versions split_manifest stamped into its parquet footer: one source of truth
     stamp = split_manifest.attrs.get("provenance", {})
     data_version = stamp.get("data_version") or frame_fingerprint(split_manifest)
     assignment_version = stamp.get("assignment_version", "")
     summary = compute_embeddings(split_manifest, trainer.to_config(), staged_path(dest), split,
                                  data_version, assignment_version)
-    reads_meta, reads_check = split_reads_result(context)
-    path, promo = publish(context, staged_path(dest), dest, [reads_check])
-    yield dg.Output(
-        path,
+    return materialize_result(
+        context, StagedFiles.at(dest), data_version=data_version,
         metadata={
             "split": split,
             "kind": summary["kind"],
@@ -55,12 +61,8 @@ def embeddings(
             "backbone": trainer.backbone,
             "data_version": data_version,
             "assignment_version": assignment_version,
-            **path_meta(path),
-            **reads_meta,
-            **promo,
         },
     )
-    yield reads_check
 
 
 CHECKPOINT_CHECK = "checkpoint_loadable"
@@ -72,6 +74,7 @@ CHECKPOINT_CHECK = "checkpoint_loadable"
     # dagster-mlflow is a function-style resource, so this asset names all its
     # resources by key (Dagster forbids mixing keys with typed resource arguments).
     required_resource_keys={"mlflow", "artifacts", "trainer"},
+    code_version=code_version(),
     check_specs=[
         split_reads_check_spec("checkpoint"),
         dg.AssetCheckSpec(CHECKPOINT_CHECK, asset="checkpoint", blocking=True,
@@ -87,7 +90,7 @@ def checkpoint(
     artifacts: ArtifactRegistryResource = context.resources.artifacts
     trainer: TrainerResource = context.resources.trainer
     cfg = trainer.to_config()
-    dest = artifacts.registry.checkpoint
+    dest = asset_path(artifacts.registry, "checkpoint")
     staged = staged_path(dest)
     mlflow = context.resources.mlflow
     mlflow.log_params({k: v for k, v in cfg.model_dump().items() if v is not None})
@@ -106,10 +109,9 @@ def checkpoint(
     finally:
         mlflow.end_run()  # dagster-mlflow only ends runs on failure; close ours here
     loaded = _checkpoint_check(staged)
-    reads_meta, reads_check = split_reads_result(context)
-    path, promo = publish(context, staged, dest, [reads_check, loaded])
-    yield dg.Output(
-        path,
+    return materialize_result(
+        context, StagedFiles.at(dest), checks=[loaded],
+        data_version=loaded.metadata["data_version"].value if loaded.passed else None,
         metadata={
             "mode": cfg.mode,
             "backbone": cfg.backbone,
@@ -120,13 +122,8 @@ def checkpoint(
             **{f"val_select_{k}": v for k, v in floats(result.select_metrics).items()},
             "history": dg.MetadataValue.md(pd.DataFrame(result.history).round(4).to_markdown(index=False)),
             "mlflow_run_id": str(run_id),
-            **path_meta(path),
-            **reads_meta,
-            **promo,
         },
     )
-    yield reads_check
-    yield loaded
 
 
 def _checkpoint_check(path: Path) -> dg.AssetCheckResult:
@@ -150,6 +147,7 @@ LOGITS_CHECK = "logits_finite_and_aligned"
 @dg.asset(
     group_name="model",
     partitions_def=split_partitions,
+    code_version=code_version(),
     check_specs=[
         split_reads_check_spec("logits"),
         dg.AssetCheckSpec(LOGITS_CHECK, asset="logits", blocking=True,
@@ -168,21 +166,18 @@ def logits(
 ):
     split = context.partition_key
     reg = artifacts.registry
-    dest = reg.logits(split)
+    dest = asset_path(reg, "logits", split)
     staged = staged_path(dest)
     summary = compute_logits(checkpoint, embeddings, split, staged,
-                             checkpoint_sha256=file_sha256(reg.checkpoint),
+                             checkpoint_sha256=file_sha256(asset_path(reg, "checkpoint")),
                              override=trainer.to_config())
     written = read_npz(staged)
     aligned = _logits_check(written, split_manifest)
-    reads_meta, reads_check = split_reads_result(context)
-    path, promo = publish(context, staged, dest, [reads_check, aligned])
-    yield dg.Output(path, metadata={"split": split, **summary,
-                                    "data_version": str(written["data_version"]),
-                                    "checkpoint_sha256": str(written["checkpoint_sha256"]),
-                                    **path_meta(path), **reads_meta, **promo})
-    yield reads_check
-    yield aligned
+    data_version = str(written["data_version"])
+    return materialize_result(
+        context, StagedFiles.at(dest), data_version=data_version, checks=[aligned],
+        metadata={"split": split, **summary, "data_version": data_version,
+                  "checkpoint_sha256": str(written["checkpoint_sha256"])})
 
 
 def _logits_check(written: dict[str, np.ndarray], manifest: pd.DataFrame) -> dg.AssetCheckResult:
