@@ -1,8 +1,10 @@
 """Materialize the whole graph, stage by stage, through Dagster.
 
 Split-partitioned and unpartitioned assets cannot share one run (a run targets one
-partition), so the graph is run as five stages; every stage is a real Dagster run on
-the given instance, visible in the UI with its logs, metadata and check results.
+partition), so the graph is run in stages derived from the asset graph itself
+(``stages``): its topological levels, consecutive levels of the same kind merged into
+one stage; a partitioned stage runs once per split. Every stage is a real Dagster run
+on the given instance, visible in the UI with its logs, metadata and check results.
 
 A failed blocking asset check stops the run; it is raised as ``BlockingCheckFailed``, a
 one-line ``RoadworkError`` naming each failed check and its own description (the
@@ -37,14 +39,28 @@ class Stage:
     partitioned: bool
 
 
-STAGES: tuple[Stage, ...] = (
-    Stage(("source_images", "split_assignment"), partitioned=False),
-    Stage(("split_manifest", "embeddings"), partitioned=True),
-    Stage(("checkpoint",), partitioned=False),
-    Stage(("logits",), partitioned=True),
-    Stage(("thresholds", "gate_params", "conformal_sets", "bundle", "test_report"),
-          partitioned=False),
-)
+def stages(defs: dg.Definitions) -> tuple[Stage, ...]:
+    """The graph's topological levels, consecutive levels of one kind (partitioned or
+    not) merged: every asset runs after its parents, and each stage is one run (per
+    partition). Within a level, assets keep their order in the Definitions."""
+    graph = defs.resolve_asset_graph()
+    order = {key: i for i, key in enumerate(
+        key for assets_def in defs.assets or [] for key in assets_def.keys)}
+    out: list[Stage] = []
+    for level in graph.toposorted_asset_keys_by_level:
+        keys = sorted((k for k in level if graph.get(k).is_materializable),
+                      key=lambda k: (order.get(k, len(order)), k.to_user_string()))
+        kinds = [False, True] if not out or not out[-1].partitioned else [True, False]
+        for partitioned in kinds:  # the kind of the stage before first: it may extend it
+            names = tuple(k.to_user_string() for k in keys
+                          if graph.get(k).is_partitioned == partitioned)
+            if not names:
+                continue
+            if out and out[-1].partitioned == partitioned:
+                out[-1] = Stage(out[-1].assets + names, partitioned)
+            else:
+                out.append(Stage(names, partitioned))
+    return tuple(out)
 
 
 def materialize_all(
@@ -57,12 +73,13 @@ def materialize_all(
 ) -> list[dg.ExecuteInProcessResult]:
     """Run every stage; raise on the first failed run (a failed blocking check included)."""
     job = defs.resolve_implicit_global_asset_job_def()
+    plan = stages(defs)
     results = []
-    for n, stage in enumerate(STAGES, start=1):
+    for n, stage in enumerate(plan, start=1):
         keys = [dg.AssetKey(name) for name in stage.assets]
         for partition in (splits if stage.partitioned else [None]):
             label = ", ".join(stage.assets) + (f" [{partition}]" if partition else "")
-            say(f"[roadwork] stage {n}/{len(STAGES)}: {label}")
+            say(f"[roadwork] stage {n}/{len(plan)}: {label}")
             t0 = time.perf_counter()
             result = run_stage(job, instance, keys, partition, run_config,
                                tags={STAGE_TAG: str(n), PID_TAG: str(os.getpid()),

@@ -54,11 +54,27 @@ def test_roadwork_run_prints_one_line_and_exits_nonzero(tmp_path, monkeypatch, c
 
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
     monkeypatch.setenv("ROADWORK_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(definitions, "defs", TOY_DEFS)
-    monkeypatch.setattr(runner, "STAGES", (runner.Stage(("toy", "downstream"), partitioned=False),))
+    monkeypatch.setattr(definitions, "defs", TOY_DEFS)  # its stages follow from its graph
     code = cli.main(["run"])
     out, err = capfd.readouterr()
     assert code != 0
     assert err.strip().splitlines() == [
         f"roadwork run: error: blocking check toy:parity failed: {DESCRIPTION}"]
     assert "Traceback" not in out + err and "DagsterAssetCheckFailedError" not in out + err
+
+
+def test_stages_follow_the_asset_graph(tmp_path):
+    """Topological levels, consecutive levels of one kind merged: the five stages
+    `roadwork run` has always run, in the same order."""
+    from roadwork_assets.definitions import build_definitions
+    from roadwork_assets_tests.conftest import tiny_resources
+
+    assert runner.stages(build_definitions(tiny_resources(tmp_path))) == (
+        runner.Stage(("source_images", "split_assignment"), partitioned=False),
+        runner.Stage(("split_manifest", "embeddings"), partitioned=True),
+        runner.Stage(("checkpoint",), partitioned=False),
+        runner.Stage(("logits",), partitioned=True),
+        runner.Stage(("thresholds", "gate_params", "conformal_sets", "bundle", "test_report"),
+                     partitioned=False),
+    )
+    assert runner.stages(TOY_DEFS) == (runner.Stage(("toy", "downstream"), partitioned=False),)
