@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from roadwork_assets.contracts.policy_schemas import POLICY_ASSET_NAMES
 from roadwork_assets.contracts.splits import SPLITS
 from roadwork_assets.core.artifacts import ArtifactRegistry
 
@@ -24,9 +25,7 @@ FIXED: dict[str, Callable[[ArtifactRegistry], Path]] = {
     "source_images": lambda reg: reg.source_table,
     "split_assignment": lambda reg: reg.split_assignment,
     "checkpoint": lambda reg: reg.checkpoint,
-    "thresholds": lambda reg: reg.policy("softmax"),
-    "gate_params": lambda reg: reg.policy("gate"),
-    "conformal_sets": lambda reg: reg.policy("scrc"),
+    **{name: (lambda reg, kind=kind: reg.policy(kind)) for kind, name in POLICY_ASSET_NAMES.items()},
     "bundle": lambda reg: reg.latest_bundle_pointer,
     "test_report": lambda reg: reg.test_report,
 }
