@@ -29,7 +29,7 @@ from roadwork_assets.defs.split_reads import record_read
 def _step_key(context: dg.InputContext) -> str | None:
     try:
         return context.step_context.step.key
-    except Exception:  # noqa: BLE001 -- AssetValueLoader contexts have no step
+    except Exception:
         return None
 
 

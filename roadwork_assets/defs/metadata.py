@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -36,5 +37,5 @@ def floats(metrics: dict[str, Any]) -> dict[str, dg.MetadataValue]:
     return {
         k: dg.MetadataValue.float(float(v))
         for k, v in metrics.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
     }

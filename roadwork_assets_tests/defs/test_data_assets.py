@@ -16,7 +16,7 @@ from roadwork_assets_tests.conftest import tiny_resources
 
 def _class_folders(root, n_per_class=60):
     rng = np.random.default_rng(0)
-    for label, name in ((1, "roadwork"), (0, "none")):
+    for name in ("roadwork", "none"):
         folder = root / name
         folder.mkdir(parents=True)
         for i in range(n_per_class):

@@ -62,7 +62,7 @@ def test_every_check_passes_on_unseen_awkward_data(awkward_run):
 
 
 def test_split_fractions_hold_and_no_giant_group(awkward_run):
-    items, root, results = awkward_run
+    _, root, results = awkward_run
     assignment = pd.read_parquet(ArtifactRegistry(root).split_assignment)
     assert len(assignment) == N_IMAGES + N_COPIES  # nothing quarantined or held out
     sizes = assignment.groupby("group_key").size()

@@ -220,10 +220,9 @@ def hoeffding_bentkus_pvalues(n_errors: Any, n: Any, alpha: float, *, binary: bo
         term1 = np.where(r_cap > 0, r_cap * np.log(r_cap / alpha), 0.0)
         h1 = term1 + (1.0 - r_cap) * np.log((1.0 - r_cap) / (1.0 - alpha))
     hoeffding = np.exp(-n * h1)
-    if binary:
-        bentkus = stats.binom.cdf(k, n, alpha)
-    else:  # ⌈k⌉ with slack: sums of 1/m_g land a hair above an integer
-        bentkus = np.e * stats.binom.cdf(np.ceil(k - 1e-9), n, alpha)
+    # non-binary: ⌈k⌉ with slack, since sums of 1/m_g land a hair above an integer
+    bentkus = (stats.binom.cdf(k, n, alpha) if binary
+               else np.e * stats.binom.cdf(np.ceil(k - 1e-9), n, alpha))
     return np.where(n > 0, np.minimum(hoeffding, bentkus), 1.0)
 
 

@@ -200,7 +200,7 @@ def _orientation(im: Image.Image, loaded: bool) -> int | None:
             exif.load(im.info["exif"])
             return exif.get(_ORIENTATION)
         return getattr(im, "tag_v2", {}).get(_ORIENTATION)  # TIFF keeps it as a tag
-    except Exception:  # noqa: BLE001 - a malformed EXIF block is not a malformed picture
+    except Exception:
         return None
 
 
@@ -237,7 +237,7 @@ def _open_source(source: bytes | Path | str, item: str) -> Iterator[io.BufferedI
 def _apply_exif_orientation(im: Image.Image) -> Image.Image:
     try:
         return _replace(im, ImageOps.exif_transpose(im))
-    except Exception:  # noqa: BLE001 - a malformed EXIF block is not a malformed picture
+    except Exception:
         return im
 
 

@@ -124,7 +124,7 @@ def _refuse_conflicting_labels(ingested: pd.DataFrame) -> None:
     examples = []
     for digest in conflicting[:_MAX_LISTED]:
         rows = ingested.loc[ingested["pixel_sha256"] == digest, ["item_id", "label"]].drop_duplicates("label")
-        examples.append(" vs ".join(f"{i!r} (label {l})" for i, l in zip(rows["item_id"], rows["label"])))
+        examples.append(" vs ".join(f"{i!r} (label {lab})" for i, lab in zip(rows["item_id"], rows["label"])))
     more = f" (and {len(conflicting) - _MAX_LISTED} more)" if len(conflicting) > _MAX_LISTED else ""
     raise BadInputError(
         f"{len(conflicting)} image(s) have identical pixels but conflicting labels: "

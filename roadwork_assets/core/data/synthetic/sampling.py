@@ -158,7 +158,7 @@ def _hard_negative(rng, cam, st: Street, kind) -> list[Item]:
         return [make_tree(rng, X, Z, autumn=True)]
     if kind == "hard_person_orange":
         people = []
-        for i in range(int(rng.integers(1, 4))):
+        for _ in range(int(rng.integers(1, 4))):
             band = road if rng.random() < 0.3 else _sidewalk_band(rng, st)
             X, Z = _anchor(rng, cam, 1.75, 1.9, band, (0.05, 0.35))
             shirt = (210, 250, 40) if rng.random() < 0.2 else pick(rng, ORANGES)  # neon jogger
@@ -191,7 +191,7 @@ def _hides(protected, it: Item, cam: Camera) -> bool:
     """True if `it` stands in front of >30 % of the in-frame part of a roadwork object."""
     b = it.bbox(cam)
     for (x0, y0, x1, y1), z in protected:
-        if it.Z < z:
+        if z > it.Z:
             ov = max(0.0, min(x1, b[2]) - max(x0, b[0])) * max(0.0, min(y1, b[3]) - max(y0, b[1]))
             if ov > 0.3 * max(x1 - x0, 1e-9) * max(y1 - y0, 1e-9):
                 return True
