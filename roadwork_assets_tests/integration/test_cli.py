@@ -13,7 +13,9 @@ SMALL = {
     "resources": {
         "dataset": {"config": {"default_n_images": 320, "default_image_size": 64}},
         "trainer": {"config": {"epochs": 1, "img_size": 32, "threads": 2}},
-        "exit_policy": {"config": {"alpha": 0.1}},
+        # 320 images in 160 scenes: val_calib holds ~20 scenes with roadwork, ~10 in its
+        # threshold part, and CRC at alpha 0.1 needs 9 of them; 0.2 needs 4
+        "exit_policy": {"config": {"alpha": 0.2}},
     }
 }
 
