@@ -164,16 +164,7 @@ def split_images(
             else (np.zeros(0, np.int64),) * 2)
     comp = _components(base, i, j) if len(out) else np.zeros(0, np.int64)
 
-    prev_split = pd.Series([None] * len(out), dtype=object)
-    prev_key = pd.Series([None] * len(out), dtype=object)
-    if previous is not None and len(previous):
-        need = {"pixel_sha256", "split", "group_key"} - set(previous.columns)
-        if need:
-            raise BadInputError(f"previous split assignment lacks column(s) {sorted(need)}; "
-                                "delete it to re-split from scratch")
-        by_sha = previous.drop_duplicates("pixel_sha256").set_index("pixel_sha256")
-        prev_split = out["pixel_sha256"].map(by_sha["split"]).astype(object)
-        prev_key = out["pixel_sha256"].map(by_sha["group_key"]).astype(object)
+    prev_split, prev_key = _previous_of(out, previous)
     has_prev = prev_split.notna().to_numpy()
 
     table = pd.DataFrame({"comp": comp, "base": base, "prev_split": prev_split,
@@ -200,27 +191,52 @@ def split_images(
 
     fresh = n_splits_here == 0
     if fresh.any():
-        uniq = pd.unique(key[fresh])
-        u = pd.Series(unit_hash(f"{seed}\x00{k}" for k in uniq), index=uniq)
-        edges = np.cumsum([fr[s] for s in SPLITS])
-        edges[-1] = 1.0 + 1e-12
-        split[fresh] = np.asarray(SPLITS, dtype=object)[
-            np.searchsorted(edges, u.reindex(key[fresh]).to_numpy(), side="right")]
+        split[fresh] = _hash_splits(key[fresh], fr, seed)
 
     out["group_key"] = key
     out["split"] = split
-    held_rows = out.loc[held, [c for c in ("item_id", "uri") if c in out.columns]].copy()
-    if len(held_rows):
-        splits_of = table[has_prev].groupby("comp")["prev_split"].agg(lambda v: sorted(set(v)))
-        held_rows["reason"] = [
-            f"{item!r} is a near-copy of images already in splits {splits_of[c]}; no split can "
-            "take it without leaking. Remove the copy, or give it the group id of the scene "
-            "it belongs to"
-            for item, c in zip(held_rows["item_id"], comp[held])]
-    else:
-        held_rows["reason"] = pd.Series(dtype=object)
+    held_rows = _held_out_rows(out, held, comp, table[has_prev])
     assignment = out.loc[~held].reset_index(drop=True)
-    return SplitResult(assignment, held_rows.reset_index(drop=True), int(has_prev.sum()))
+    return SplitResult(assignment, held_rows, int(has_prev.sum()))
+
+
+def _previous_of(out: pd.DataFrame, previous: pd.DataFrame | None) -> tuple[pd.Series, pd.Series]:
+    """Each row's split and group key in the previous assignment (None when new)."""
+    none = pd.Series([None] * len(out), dtype=object)
+    if previous is None or not len(previous):
+        return none, none.copy()
+    need = {"pixel_sha256", "split", "group_key"} - set(previous.columns)
+    if need:
+        raise BadInputError(f"previous split assignment lacks column(s) {sorted(need)}; "
+                            "delete it to re-split from scratch")
+    by_sha = previous.drop_duplicates("pixel_sha256").set_index("pixel_sha256")
+    return (out["pixel_sha256"].map(by_sha["split"]).astype(object),
+            out["pixel_sha256"].map(by_sha["group_key"]).astype(object))
+
+
+def _hash_splits(keys: np.ndarray, fractions: dict[str, float], seed: int) -> np.ndarray:
+    """The bucket of the cumulative fractions that u = sha256(seed, key) falls into."""
+    uniq = pd.unique(keys)
+    u = pd.Series(unit_hash(f"{seed}\x00{k}" for k in uniq), index=uniq)
+    edges = np.cumsum([fractions[s] for s in SPLITS])
+    edges[-1] = 1.0 + 1e-12
+    return np.asarray(SPLITS, dtype=object)[
+        np.searchsorted(edges, u.reindex(keys).to_numpy(), side="right")]
+
+
+def _held_out_rows(out: pd.DataFrame, held: np.ndarray, comp: np.ndarray,
+                   prior: pd.DataFrame) -> pd.DataFrame:
+    rows = out.loc[held, [c for c in ("item_id", "uri") if c in out.columns]].copy()
+    if not len(rows):
+        rows["reason"] = pd.Series(dtype=object)
+        return rows.reset_index(drop=True)
+    splits_of = prior.groupby("comp")["prev_split"].agg(lambda v: sorted(set(v)))
+    rows["reason"] = [
+        f"{item!r} is a near-copy of images already in splits {splits_of[c]}; no split can "
+        "take it without leaking. Remove the copy, or give it the group id of the scene "
+        "it belongs to"
+        for item, c in zip(rows["item_id"], comp[held])]
+    return rows.reset_index(drop=True)
 
 
 def assign_splits(
