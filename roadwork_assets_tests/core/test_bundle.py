@@ -333,3 +333,31 @@ def test_policy_without_a_recorded_checkpoint_is_not_bundled(bundle_dir, tmp_pat
     with pytest.raises(ArtifactIntegrityError,
                        match=r"policy\.json records no checkpoint it was fitted on"):
         bundle_lineage(bundle_dir / "model.pt", tmp_path / "policy.json", "thresholds")
+
+
+def test_bundle_folder_and_files_have_the_modes_of_other_artifacts(bundle_dir):
+    """Folders 0777 & ~umask (0755 under 022), files 0666 & ~umask (0644), like every other
+    artifact -- not mkdtemp's 0700 (issue 8.5)."""
+    import os
+    import stat
+
+    def mode(path) -> int:
+        return stat.S_IMODE(os.stat(path).st_mode)
+
+    umask = os.umask(0)
+    os.umask(umask)
+    bundles = bundle_dir.parent
+    assert mode(bundle_dir) == 0o777 & ~umask == mode(bundles)
+    files = [p for p in bundle_dir.iterdir() if p.is_file()]
+    assert files and {p.name: mode(p) for p in files} == {p.name: 0o666 & ~umask for p in files}
+    assert mode(bundles.parent / "checkpoint" / "model.pt") == 0o666 & ~umask
+
+
+def test_latest_pointer_that_leaves_the_bundles_folder_is_refused(tmp_path):
+    from roadwork_assets.contracts.errors import ArtifactIntegrityError
+
+    reg = ArtifactRegistry(tmp_path)
+    reg.bundles_dir.mkdir(parents=True)
+    reg.latest_bundle_pointer.write_text("../../etc\n")
+    with pytest.raises(ArtifactIntegrityError, match="not a bundle id"):
+        reg.latest_bundle()
