@@ -55,9 +55,9 @@ class DatasetSource(dg.ConfigurableResource):
         "pHash candidate a likely copy of the same photo (core.data.similarity)")
     near_duplicate_certain_residual: float = Field(
         0.5, gt=0, description="max residual (98th percentile) of a certain copy; only certain "
-        "copies chain past near_duplicate_max_loose_group images")
+        "copies chain past near_duplicate_max_loose_group units")
     near_duplicate_max_loose_group: int = Field(
-        8, ge=2, description="largest group likely-copy links may form")
+        8, ge=2, description="most units (scenes or distinct photos) likely-copy links may join")
     max_group_share: float = Field(
         0.01, gt=0, le=1, description="blocking check split_shape: no group (scene, or copies "
         "of one photo) may hold more than this share of the images")

@@ -58,3 +58,17 @@ def test_too_few_calib_positives_fails_clearly_and_keeps_previous_artifact(tmp_p
         dg.materialize([source_images, split_assignment], selection=["split_assignment"],
                        resources=_resources(tmp_path, data, alpha=0.01))
     assert file_sha256(path) == before
+
+
+def test_damaged_previous_assignment_is_one_error_naming_it_and_the_fix(tmp_path):
+    data = _class_folders(tmp_path / "data")
+    assert dg.materialize([source_images, split_assignment],
+                          resources=_resources(tmp_path, data)).success
+    path = ArtifactRegistry(tmp_path / "home").split_assignment
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])  # truncated
+    from roadwork_assets.contracts.errors import BadInputError
+
+    with pytest.raises(BadInputError, match=r"previous split assignment .* cannot be read .* "
+                       r"delete it to re-split from scratch"):
+        dg.materialize([source_images, split_assignment], selection=["split_assignment"],
+                       resources=_resources(tmp_path, data))

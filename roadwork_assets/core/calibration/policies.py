@@ -152,9 +152,16 @@ def check_calibration_capacity(
     count is below `units_needed(alpha, guarantee, delta)`; returns it otherwise.
     """
     y = as_binary_labels(labels, len(item_ids), dtype=np.int64)
-    _, idx_thr = split_calibration_set(item_ids, y, fit_fraction, groups=group_keys)
+    idx_fit, idx_thr = split_calibration_set(item_ids, y, fit_fraction, groups=group_keys)
     keys = np.asarray([str(g) for g in (item_ids if group_keys is None else group_keys)])
     pos = y == 1
+    fit_counts = np.bincount(y[idx_fit], minlength=2)
+    if fit_counts.min() < _MIN_FIT_PER_LABEL:  # the calibrator's held-out selection needs them
+        raise InsufficientDataError(
+            f"val_calib's fit part (the fit_fraction = {fit_fraction:g} share, chosen by group) "
+            f"holds {fit_counts[1]} roadwork and {fit_counts[0]} none images; choosing the "
+            f"calibrator needs at least {_MIN_FIT_PER_LABEL} of each. Add images from more "
+            "scenes, or raise the val_calib fraction.")
     have = int(np.unique(keys[idx_thr][y[idx_thr] == 1]).size)
     need = units_needed(alpha, guarantee, delta)
     if have < need:
@@ -169,14 +176,18 @@ def check_calibration_capacity(
     return have
 
 
+_MIN_FIT_PER_LABEL = 2  # the held-out calibrator choice needs one to hold out, one to fit
+
+
 def _stratified_holdout(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     train, hold = [], []
     for c in (0, 1):
         idx = np.flatnonzero(y == c)
-        if idx.size < 2:
+        if idx.size < _MIN_FIT_PER_LABEL:
             raise InsufficientDataError(
-                f"calibrator selection needs at least 2 images of label {c} in the fit part; got {idx.size}"
+                f"calibrator selection needs at least {_MIN_FIT_PER_LABEL} images of label {c} in "
+                f"the fit part; got {idx.size}"
             )
         idx = rng.permutation(idx)
         n_hold = min(max(1, round(fraction * idx.size)), idx.size - 1)

@@ -70,9 +70,10 @@ class NearDuplicateRule(BaseModel):
     max_residual: float = Field(0.8, gt=0, description="max aligned thumbnail residual (in units "
                                 "of the image's detail) that makes a candidate a likely copy")
     certain_residual: float = Field(0.5, gt=0, description="max residual of a certain copy: only "
-                                    "certain links chain beyond max_loose_group images")
+                                    "certain links chain beyond max_loose_group units")
     max_loose_group: int = Field(8, ge=2, description="a group joined by likely-copy links may "
-                                 "hold at most this many images; larger ones keep certain links only")
+                                 "join at most this many units (scenes or distinct photos); larger "
+                                 "ones keep certain links only")
     featureless_std: float = Field(2.0, ge=0, description="thumbnails with a grey-level std "
                                    "below this are featureless: linked only as exact copies")
 

@@ -72,8 +72,8 @@ def near_duplicate_links(
     thumbnails confirm it (``core.data.similarity``): pHash alone never links, so
     low-texture or dark scenes that share a layout fingerprint stay apart. Chaining is
     bounded: links of likely copies (residual <= ``max_residual``) may join at most
-    ``max_loose_group`` images; a component larger than that keeps only its certain
-    links (residual <= ``certain_residual``). A handful of rare false "likely" links
+    ``max_loose_group`` units (scenes with a group id, or distinct photos); a component
+    larger than that keeps only its certain links (residual <= ``certain_residual``). A handful of rare false "likely" links
     among thousands of look-alike scenes therefore cannot snowball into one giant group.
     """
     from roadwork_assets.core.data.dedup import near_duplicate_pairs, phash_array
@@ -95,7 +95,10 @@ def near_duplicate_links(
     if base is None:
         base = group_keys(frame).astype(str).reset_index(drop=True)
     comp = _components(base, i, j)
-    big = np.bincount(comp)[comp] > rule.max_loose_group  # per image: in an oversize component
+    # size in units (a scene with a group id, or one photo's pixels), not images: a scene of
+    # 50 frames is one unit, and a likely copy of one of its frames must still join it
+    units = pd.Series(np.asarray(base)).groupby(comp).nunique().to_numpy()
+    big = units[comp] > rule.max_loose_group  # per image: in an oversize component
     keep = ~big[i] | certain
     return i[keep], j[keep]
 
@@ -128,6 +131,7 @@ class SplitResult:
     assignment: pd.DataFrame
     held_out: pd.DataFrame
     n_kept_from_previous: int
+    previous_note: str | None = None
 
 
 def split_images(
@@ -164,6 +168,7 @@ def split_images(
             else (np.zeros(0, np.int64),) * 2)
     comp = _components(base, i, j) if len(out) else np.zeros(0, np.int64)
 
+    previous, note = _consistent_previous(out, previous)
     prev_split, prev_key = _previous_of(out, previous)
     has_prev = prev_split.notna().to_numpy()
 
@@ -197,7 +202,31 @@ def split_images(
     out["split"] = split
     held_rows = _held_out_rows(out, held, comp, table[has_prev])
     assignment = out.loc[~held].reset_index(drop=True)
-    return SplitResult(assignment, held_rows, int(has_prev.sum()))
+    return SplitResult(assignment, held_rows, int(has_prev.sum()), note)
+
+
+def _consistent_previous(out: pd.DataFrame, previous: pd.DataFrame | None
+                         ) -> tuple[pd.DataFrame | None, str | None]:
+    """``previous`` if every image in both carries the same group id as before, else None.
+
+    A corrected group id changes which images must share a split; keeping the old splits
+    of some members would put one scene in two splits, so the whole split starts over.
+    """
+    if previous is None or not len(previous) or "group_id" not in previous.columns:
+        return previous, None
+    def gid(frame: pd.DataFrame) -> pd.Series:
+        return frame.drop_duplicates("pixel_sha256").set_index("pixel_sha256")["group_id"] \
+            .astype("string").fillna("")
+
+    now = gid(out) if "group_id" in out.columns else pd.Series("", index=out["pixel_sha256"])
+    before = gid(previous)
+    both = now.index.intersection(before.index)
+    changed = both[(now.reindex(both) != before.reindex(both)).to_numpy()]
+    if len(changed) == 0:
+        return previous, None
+    return None, (f"the group ids of {len(changed)} image(s) changed since the previous split "
+                  "assignment: re-splitting from scratch, so existing images may move between "
+                  "splits (keeping their old splits would put one scene in two splits)")
 
 
 def _previous_of(out: pd.DataFrame, previous: pd.DataFrame | None) -> tuple[pd.Series, pd.Series]:

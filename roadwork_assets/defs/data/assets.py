@@ -5,7 +5,7 @@ import json
 import dagster as dg
 import pandas as pd
 
-from roadwork_assets.contracts.errors import InsufficientDataError
+from roadwork_assets.contracts.errors import BadInputError, InsufficientDataError
 from roadwork_assets.core.artifacts import (
     atomic_write_parquet,
     code_version,
@@ -121,6 +121,8 @@ def split_assignment(
     result = split_images(source_images, dataset.split_fractions, seed=dataset.split_seed,
                           rule=dataset.near_duplicate_rule(), previous=previous)
     assignment = result.assignment
+    if result.previous_note:
+        context.log.warning(result.previous_note)
     check_split_sizes(assignment)
     calib = assignment[assignment["split"] == "val_calib"]
     # the same fit / threshold split, by group, that the policy assets will make
@@ -193,13 +195,19 @@ def _previous_assignment(context, path, settings: str) -> pd.DataFrame | None:
     """
     if not path.exists():
         return None
-    stamp = read_parquet_provenance(path)
-    if stamp.get("split_settings") != settings:
-        context.log.warning(
-            "split settings changed since the last split assignment (or it predates them): "
-            "re-splitting from scratch, so existing images may move between splits")
-        return None
-    return pd.read_parquet(path, columns=["pixel_sha256", "split", "group_key"])
+    try:
+        stamp = read_parquet_provenance(path)
+        if stamp.get("split_settings") != settings:
+            context.log.warning(
+                "split settings changed since the last split assignment (or it predates them): "
+                "re-splitting from scratch, so existing images may move between splits")
+            return None
+        return pd.read_parquet(path, columns=["pixel_sha256", "split", "group_key", "group_id"])
+    except Exception as exc:  # pyarrow raises several unrelated types for a damaged file
+        raise BadInputError(
+            f"the previous split assignment {path} cannot be read ({type(exc).__name__}: "
+            f"{str(exc)[:120]}); delete it to re-split from scratch (existing images may then "
+            "move between splits)") from exc
 
 
 @dg.asset(

@@ -364,3 +364,16 @@ def test_settings_one_by_one_equal_the_config_and_override_it(calib_data):
     assert over.mode == "two_way" and over.alpha == 0.05
     with pytest.raises(BadInputError, match="invalid policy settings"):
         fit_policy("softmax", logits, y, ids, guarantee="pac")
+
+
+def test_check_calibration_capacity_also_refuses_a_fit_part_without_both_labels():
+    """Enough roadwork scenes in the threshold part but the by-group fit part holds a single
+    'none' image: refused at split_assignment time, not later at the policy."""
+    ids = [f"i{k}" for k in range(400)]
+    groups = [f"g{k}" for k in range(400)]
+    y = np.ones(400, dtype=int)
+    fit, _ = split_calibration_set(ids, y, 0.5, groups=groups)
+    y[fit[0]] = 0  # exactly one negative, in the fit part
+    with pytest.raises(InsufficientDataError, match=r"fit part .* holds \d+ roadwork and 1 none images"):
+        check_calibration_capacity(ids, y, groups, alpha=0.05, guarantee="crc", delta=0.1,
+                                   fit_fraction=0.5)

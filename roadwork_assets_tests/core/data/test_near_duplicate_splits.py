@@ -233,3 +233,26 @@ def test_a_stored_thumbnail_of_the_wrong_size_is_refused_with_the_row_and_fix():
     frame.loc[2, "thumb"] = b"\x00" * 100
     with pytest.raises(BadInputError, match="thumbnail at row 2 has 100 bytes.*re-materialize source_images"):
         assign_splits(frame, rule=RULE)
+
+
+def test_changed_group_ids_re_split_from_scratch_instead_of_splitting_a_scene():
+    """Reusing old splits after group ids were corrected would put one scene in two splits."""
+    frame = _hash_frame(400)
+    frame["group_id"] = [f"solo{k}" for k in range(400)]
+    first = assign_splits(frame)
+    regrouped = frame.assign(group_id=[f"pair{k // 2}" for k in range(400)])
+    result = split_images(regrouped, previous=first)
+    assert result.previous_note and "group ids of 400 image(s) changed" in result.previous_note
+    assert (result.assignment.groupby("group_id")["split"].nunique() == 1).all()
+    # unchanged group ids: the previous assignment is used
+    assert split_images(frame, previous=first).previous_note is None
+
+
+def test_a_likely_copy_of_one_frame_of_a_long_scene_joins_that_scene():
+    """The loose-link cap counts scenes and photos, not images: a 30-frame scene is one unit."""
+    frames = [(f"f{k:02d}", scene(900 + k, 96, 72)) for k in range(30)]
+    rows = [_row(i, im, group="long_scene") for i, im in frames]
+    rows += [_row(i, im) for i, im in _scenes(200)]
+    rows.append(_row("copy_of_f00", near_copy(frames[0][1])))  # likely, not certain (r98 0.60)
+    out = assign_splits(pd.DataFrame(rows), rule=RULE).set_index("item_id")
+    assert out.loc["copy_of_f00", "group_key"] == out.loc["f00", "group_key"] == "group:long_scene"
