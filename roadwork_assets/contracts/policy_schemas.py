@@ -178,8 +178,110 @@ class UnfittedPolicy(_Frozen):
     provenance: Provenance | None = None
 
 
+class CascadeFrontierPoint(_Frozen):
+    """One λ of the cascade's nested family, scored on the threshold part (for plotting)."""
+
+    lam: Probability  # λ = 1 - t2, clipped to [0, 1]
+    t2: float  # stage-2 threshold; stage 1 exits negative iff p1 <= rho * t2
+    crc_bound: Probability  # (Σ_g L_g + 1)/(n_g + 1): the smallest α certifying this λ
+    certified: bool  # crc_bound <= alpha (λ >= the certified λ̂)
+    fnr: Probability  # served image-level FNR on the threshold part (in-sample)
+    reward: Probability  # estimated validator reward (0.5·MCC + 0.5·accuracy)^3
+    routing_rate: Probability
+    latency_s: float = Field(ge=0.0)
+
+
+class CascadeAlphaPoint(_Frozen):
+    """What one α costs: the cascade refitted at that α (shape, λ, reward, latency)."""
+
+    alpha: Level
+    feasible: bool
+    reason: str | None = None  # why not, when infeasible (too few scenes with roadwork)
+    lam: Probability | None = None
+    rho: float | None = None
+    exit_pos_floor: float | None = None
+    crc_bound: Probability | None = None
+    reward: Probability | None = None
+    routing_rate: Probability | None = None
+    latency_s: float | None = None
+    latency_budget_met: bool | None = None
+
+
+class CascadeShapeCandidate(_Frozen):
+    """A shape (rho, exit_pos_floor) tried on the fit part, at its CRC-like λ there."""
+
+    rho: float = Field(gt=0.0, le=1.0)
+    exit_pos_floor: float
+    lam: Probability
+    reward: Probability
+    routing_rate: Probability
+    latency_s: float = Field(ge=0.0)
+    within_budget: bool
+
+
+class CascadePolicyParams(_Frozen):
+    """Two-stage cascade with one FNR guarantee over the composed decision
+    (`core.calibration.cascade`): with p1 the calibrated stage-1 probability and p2 stage 2's,
+
+        negative at stage 1  iff p1 <= t_exit_neg  (= rho * t2)
+        positive at stage 1  iff p1 >  t_exit_pos  (= max(t_exit_neg, exit_pos_floor))
+        else routed: stage 2 says positive iff p2 > t2.
+
+    Not yet a policy asset: "cascade" is not in POLICY_ASSET_NAMES, so `parse_policy`
+    refuses it until the graph fits one; `CascadePolicyParams.model_validate` reads it.
+    """
+
+    schema_version: Literal[2] = 2
+    fitted: Literal[True] = True
+    kind: Literal["cascade"] = "cascade"
+    provenance: Provenance | None = None
+    composition: Literal["crc_one_lambda"] = "crc_one_lambda"
+    guarantee: Literal["crc_expectation"] = "crc_expectation"
+    guarantee_statement: str = Field(min_length=1)
+    alpha: Level
+    lam: Probability  # the λ served (>= lambda_certified)
+    lambda_certified: Probability  # λ̂: the smallest λ CRC certifies at alpha
+    rho: float = Field(gt=0.0, le=1.0)
+    exit_pos_floor: float
+    t_exit_neg: float
+    t_exit_pos: float
+    t2: float
+    crc_bound: Probability  # (Σ_g L_g(λ) + 1)/(n_g + 1) at the served λ, <= alpha
+    latency_stage1_s: float = Field(ge=0.0)
+    latency_stage2_s: float = Field(ge=0.0)
+    latency_budget_s: float = Field(gt=0.0)
+    routing_rate: Probability  # threshold part
+    expected_latency_s: float = Field(ge=0.0)  # latency_stage1_s + routing_rate * latency_stage2_s
+    latency_budget_met: bool
+    positive_prior: Probability | None = 0.5  # the validator's label mix; None: the data's
+    estimated_reward: Probability
+    estimated_mcc: Probability  # clamped at 0, as the validator does
+    estimated_accuracy: Probability
+    threshold_fnr: Probability  # served image-level FNR on the threshold part (in-sample)
+    n_calib_fit: int = Field(ge=0)
+    n_calib_threshold: int = Field(ge=1)
+    n_pos_threshold: int = Field(ge=1)
+    n_neg_threshold: int = Field(ge=1)
+    calibration_unit: Literal["image", "group"]
+    n_calibration_units: int = Field(ge=1)
+    fit_fraction: Level = 0.5
+    split_rule: str
+    shape_candidates: list[CascadeShapeCandidate] = Field(default_factory=list)
+    frontier: list[CascadeFrontierPoint] = Field(default_factory=list)
+    alpha_frontier: list[CascadeAlphaPoint] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check_cascade(self):
+        if self.t_exit_pos < self.t_exit_neg:
+            raise ValueError(f"t_exit_pos={self.t_exit_pos} must be >= t_exit_neg={self.t_exit_neg}")
+        if self.lam < self.lambda_certified:
+            raise ValueError(f"lam={self.lam} is below the certified lambda {self.lambda_certified}")
+        return self
+
+
 PolicyParams = Annotated[
-    SoftmaxPolicyParams | GatePolicyParams | ScrcPolicyParams, Field(discriminator="kind")
+    SoftmaxPolicyParams | GatePolicyParams | ScrcPolicyParams | CascadePolicyParams,
+    Field(discriminator="kind"),
 ]
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(PolicyParams)
 
