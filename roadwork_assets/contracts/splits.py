@@ -47,6 +47,15 @@ NEVER_CARRY_BY_ROLE: dict[str, frozenset[str]] = {
     ROLE_EXPORT: frozenset({"val_test"}),
 }
 
+# Splits whose *content* (images, labels, scores of their images) a role may never carry.
+# Content stops at a model: an asset of a MODEL_ROLES role passes on what it was fitted
+# on as lineage, not content, so every policy legitimately carries train + val_select
+# through `checkpoint`, while a policy fitted on val_select's scores is refused.
+NEVER_CONTENT_BY_ROLE: dict[str, frozenset[str]] = {
+    ROLE_POLICY_FITTING: frozenset({"train", "val_select", "val_test"}),
+}
+MODEL_ROLES: frozenset[str] = frozenset({ROLE_MODEL_FITTING})
+
 # How an asset's taint is derived: "inputs" (the default) — the union of what every
 # input carries, plus each split partition it reads; "own split" — exactly its own
 # split partition, because it selects that split's rows out of an all-splits table.
@@ -64,6 +73,7 @@ class ReadRule:
     reason: str
     never_carry: frozenset[str] = frozenset()
     carries: str = CARRIES_INPUTS
+    never_content: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if self.carries not in (CARRIES_INPUTS, CARRIES_OWN_SPLIT):
@@ -84,7 +94,8 @@ class ReadRule:
 
 def _rule(role: str, reason: str, *splits: str, carries: str = CARRIES_INPUTS) -> ReadRule:
     return ReadRule(role=role, may_read=frozenset(splits), reason=reason,
-                    never_carry=NEVER_CARRY_BY_ROLE.get(role, frozenset()), carries=carries)
+                    never_carry=NEVER_CARRY_BY_ROLE.get(role, frozenset()), carries=carries,
+                    never_content=NEVER_CONTENT_BY_ROLE.get(role, frozenset()))
 
 
 # Unpartitioned assets whose content spans every split (all images and labels): reading

@@ -19,6 +19,7 @@ import dagster as dg
 from roadwork_assets.contracts.splits import (
     ALL_SPLITS_ASSETS,
     CARRIES_OWN_SPLIT,
+    MODEL_ROLES,
     SAME_PARTITION,
     SPLIT_READ_POLICY,
     SPLITS,
@@ -122,12 +123,14 @@ def carried_by_load(carried: dict[str, dict[str | None, Taint]], asset: str,
     return taint
 
 
-def carried_splits(asset_graph) -> dict[str, dict[str | None, Taint]]:
+def carried_splits(asset_graph, *, content: bool = False) -> dict[str, dict[str | None, Taint]]:
     """{asset: {own partition or None: {split carried: chain it came through}}}.
 
     An asset in ALL_SPLITS_ASSETS carries every split; a rule with carries="own split"
     (the splitter's split_manifest) carries exactly its own partition; every other asset
     carries the union of what it reads (parent taint plus split partitions read).
+    ``content=True``: only data content, which stops at a model (MODEL_ROLES): a model
+    passes on what it was fitted on as lineage, not as content.
     """
     out: dict[str, dict[str | None, Taint]] = {}
     for key in asset_graph.toposorted_asset_keys:
@@ -136,7 +139,9 @@ def carried_splits(asset_graph) -> dict[str, dict[str | None, Taint]]:
         out[name] = {}
         for own in _own_keys(asset_graph.get(key)):
             taint: Taint = {}
-            if name in ALL_SPLITS_ASSETS:
+            if content and rule is not None and rule.role in MODEL_ROLES:
+                pass  # a model's weights are not its training data
+            elif name in ALL_SPLITS_ASSETS:
                 taint = {s: name for s in SPLITS}
             elif rule is not None and rule.carries == CARRIES_OWN_SPLIT and own in SPLITS:
                 taint = {own: _label(name, own)}
@@ -163,11 +168,12 @@ def audit_taint(asset_graph, carried: dict[str, dict[str | None, Taint]] | None 
                 ) -> list[str]:
     """Every input whose taint includes a split its reader's role may never see."""
     carried = carried if carried is not None else carried_splits(asset_graph)
+    content = carried_splits(asset_graph, content=True)
     problems: list[str] = []
     for key in asset_graph.toposorted_asset_keys:
         name = key.to_user_string()
         rule = SPLIT_READ_POLICY.get(name)
-        if rule is None or not rule.never_carry:
+        if rule is None or not (rule.never_carry or rule.never_content):
             continue
         for own in _own_keys(asset_graph.get(key)):
             for parent, part in _parent_reads(asset_graph, key, own):
@@ -175,7 +181,22 @@ def audit_taint(asset_graph, carried: dict[str, dict[str | None, Taint]] | None 
                     if split in rule.never_carry:
                         problems.append(_never_carry_problem(
                             name, own, _label(parent, part), split, chain))
+                for split, chain in sorted(carried_by_load(content, parent, part).items()):
+                    if split in rule.never_content - rule.never_carry:
+                        problems.append(_never_content_problem(
+                            name, own, _label(parent, part), split, chain))
     return problems
+
+
+def _never_content_problem(asset: str, own: str | None, source: str, split: str,
+                           chain: str) -> str:
+    rule = SPLIT_READ_POLICY[asset]
+    return (
+        f"asset {_label(asset, own)!r} input {source!r} carries the content of split "
+        f"{split!r} (taint: {chain}); {rule.role} may never use the data of "
+        f"{sorted(rule.never_content)}, not even through a derived asset (a model "
+        f"trained on them is fine): remove that input"
+    )
 
 
 def tainted_loads(asset_graph, asset: str, own: str | None,
@@ -186,15 +207,26 @@ def tainted_loads(asset_graph, asset: str, own: str | None,
     lineage is unknown, so it cannot be shown clean.
     """
     carried = carried_splits(asset_graph)
+    content = carried_splits(asset_graph, content=True)
     taint: Taint = dict(carried.get(asset, {}).get(own, {}))
-    never = SPLIT_READ_POLICY[asset].never_carry if asset in SPLIT_READ_POLICY else frozenset()
+    rule = SPLIT_READ_POLICY.get(asset)
+    never = rule.never_carry if rule is not None else frozenset()
+    never_content = rule.never_content - never if rule is not None else frozenset()
     problems: list[str] = []
     for loaded, part in sorted(set(loads), key=lambda lp: (lp[0], str(lp[1]))):
         if loaded in carried:
             got = carried_by_load(carried, loaded, part)
+            got_content = carried_by_load(content, loaded, part)
         else:
             got = {s: f"{_label(loaded, part)} (not in the asset graph: lineage unknown)"
                    for s in SPLITS}
+            got_content = got
+        for split, chain in got_content.items():
+            if split in never_content:
+                problems.append(
+                    f"{asset} loaded {_label(loaded, part)!r}, which carries the content of "
+                    f"split {split!r} (taint: {chain}); {rule.role} may never use the data of "
+                    f"{sorted(rule.never_content)}: stop loading it")
         for split, chain in got.items():
             _shortest(taint, split, f"{_label(asset, own)} <- {chain}")
             if split in never:

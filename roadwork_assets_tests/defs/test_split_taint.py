@@ -234,3 +234,50 @@ def test_policy_without_the_peek_passes_and_records_its_taint(tmp_path):
               if e.asset_key.to_user_string() == "thresholds"]
     carried = mat.materialization.metadata["splits_carried"].value
     assert carried == {"val_calib": "thresholds <- logits[val_calib]"}
+
+
+def test_policy_fitted_on_val_select_scores_through_a_derived_asset_is_refused(
+        tmp_path, monkeypatch):
+    """Content vs lineage: every policy carries train + val_select through `checkpoint` (the
+    model was fitted on them), which is fine; a policy that reads an asset derived from
+    val_select's *scores* would be fitted on model-selection data and is refused."""
+    import roadwork_assets.definitions as d
+    from roadwork_assets.contracts.splits import ROLE_INFERENCE
+
+    @dg.asset(name="val_select_scores",
+              ins={"logits": dg.AssetIn(
+                  partition_mapping=dg.SpecificPartitionsPartitionMapping(["val_select"]))})
+    def val_select_scores(logits):
+        return None
+
+    @dg.asset(name="cascade", ins={"logits": dg.AssetIn(partition_mapping=POLICY_FITTING_SPLITS),
+                                   "val_select_scores": dg.AssetIn()})
+    def cascade(logits, val_select_scores):
+        return None
+
+    monkeypatch.setitem(SPLIT_READ_POLICY, "val_select_scores",
+                        _rule(ROLE_INFERENCE, "scores of val_select", "val_select"))
+    monkeypatch.setitem(SPLIT_READ_POLICY, "cascade",
+                        _rule(ROLE_POLICY_FITTING, "stage-2 exit", "val_calib"))
+    monkeypatch.setattr(d, "ALL_ASSETS", [*ALL_ASSETS, val_select_scores, cascade])
+    with pytest.raises(LeakageError) as err:
+        d.build_definitions(tiny_resources(tmp_path))
+    text = str(err.value)
+    assert ("asset 'cascade' input 'val_select_scores' carries the content of split "
+            "'val_select' (taint: val_select_scores <- logits[val_select])") in text
+    assert "input 'logits[val_calib]'" not in text  # lineage through the checkpoint is fine
+
+
+def test_real_policies_carry_train_and_val_select_only_as_model_lineage(graph):
+    content = carried_splits(graph, content=True)
+    assert set(content["thresholds"][None]) == {"val_calib"}
+    assert set(content["test_report"][None]) == {"val_calib", "val_test"}
+
+
+def test_run_time_check_names_val_select_content_loaded_by_a_policy(graph):
+    from roadwork_assets.defs.leakage_audit import tainted_loads
+
+    _, problems = tainted_loads(graph, "thresholds", None, [("logits", "val_calib")])
+    assert problems == []
+    _, problems = tainted_loads(graph, "thresholds", None, [("logits", "val_select")])
+    assert any("carries the content of split 'val_select'" in p for p in problems)
