@@ -36,6 +36,7 @@ from sklearn.metrics import (
 )
 
 from roadwork_assets.contracts.errors import BadInputError
+from roadwork_assets.core.calibration.calibrators import as_binary_labels
 
 _NLL_EPS = 1e-15
 
@@ -47,9 +48,7 @@ def _as_prob_label(p: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
         raise BadInputError(f"probabilities {p.shape} and labels {y.shape} differ in length")
     if p.size and (np.nanmin(p) < 0 or np.nanmax(p) > 1 or not np.all(np.isfinite(p))):
         raise BadInputError("probabilities must be finite and in [0, 1]")
-    if not np.all((y == 0) | (y == 1)):
-        raise BadInputError("labels must be 0 or 1")
-    return p, y.astype(np.int64)
+    return p, as_binary_labels(y, p.size, dtype=np.int64)
 
 
 # ------------------------------------------------------------------ calibration

@@ -19,6 +19,7 @@ from scipy.stats import ks_2samp
 
 from roadwork_assets.contracts.errors import BadInputError
 from roadwork_assets.contracts.schemas import KsTest, ScoreReference, ScoreShift
+from roadwork_assets.core.calibration.calibrators import as_binary_labels
 
 SHIFT_LEVEL = 0.01  # p below this on a class's KS test: that class's scores shifted
 MAX_REFERENCE_POINTS = 4000  # above this, keep every stride-th order statistic
@@ -31,9 +32,7 @@ def _scores_labels(scores, labels) -> tuple[np.ndarray, np.ndarray]:
         raise BadInputError(f"{p.size} scores for {y.size} labels")
     if not np.isfinite(p).all():
         raise BadInputError(f"scores hold NaN/inf at rows {np.flatnonzero(~np.isfinite(p))[:10].tolist()}")
-    if not np.isin(y, (0, 1)).all():
-        raise BadInputError("labels must be 0 (none) or 1 (roadwork)")
-    return p, y.astype(np.int64)
+    return p, as_binary_labels(y, p.size, dtype=np.int64)
 
 
 def score_reference(scores, labels, max_points: int = MAX_REFERENCE_POINTS) -> ScoreReference:
