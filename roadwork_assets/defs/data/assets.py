@@ -106,7 +106,7 @@ def source_images(
                           "tolerance of the configured ones; no group above max_group_share"),
     ],
     description="Deterministic split of every image into train / val_select / val_calib / "
-    "val_test from a hash of its group key (scene id, else pixels; near-duplicates merged).",
+    "val_test from a hash of its group key (scene id, else pixels; copies of one photo merged; existing images keep their split).",
 )
 def split_assignment(
     context: dg.AssetExecutionContext,
