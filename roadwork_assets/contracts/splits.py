@@ -123,16 +123,6 @@ SPLIT_READ_POLICY: dict[str, ReadRule] = {
         "val_select",
     ),
     "logits": _rule(ROLE_INFERENCE, "model outputs of its own split only", SAME_PARTITION),
-    "multiview_checkpoint": _rule(
-        ROLE_MODEL_FITTING,
-        "stage 2: attention aggregator fit on train view logits, aggregator chosen on "
-        "val_select",
-        "train",
-        "val_select",
-    ),
-    "multiview_logits": _rule(
-        ROLE_INFERENCE, "stage-2 outputs of its own split only", SAME_PARTITION
-    ),
     POLICY_ASSET_NAMES["softmax"]: _rule(
         ROLE_POLICY_FITTING, "calibrator on val_calib part A, thresholds on part B", "val_calib"
     ),
