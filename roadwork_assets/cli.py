@@ -124,6 +124,11 @@ def _run_locked(args: argparse.Namespace, root: Path, settings) -> int:
           f"{report['policy_fnr']['value']:.4f} with {report['policy_defer_rate']:.1%} deferred")
     print(f"[roadwork] the calibrated model alone at 0.5 (no exit policy): balanced accuracy "
           f"{report['model_balanced_accuracy']:.4f}")
+    if report.get("validator"):
+        from roadwork_assets.contracts.validator_schemas import ValidatorSimulation
+        from roadwork_assets.core.evaluation.validator_rows import closing_line
+
+        print(f"[roadwork] {closing_line(ValidatorSimulation.model_validate(report['validator']))}")
     print(f"[roadwork] bundle: {report['bundle_id']}")
     print(f"[roadwork] report: {report_path}")
     return 0

@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from roadwork_assets.contracts.errors import ArtifactIntegrityError
+from roadwork_assets.contracts.validator_schemas import ValidatorSimulation
 
 LABEL_NAMES: dict[int, str] = {0: "none", 1: "roadwork"}
 
@@ -245,12 +246,13 @@ class TestReport(BaseModel):
     0.5, every image answered (a deferred image is emitted as roadwork). ``policy``: the
     three-way exit (positive / negative / defer); its FNR counts a positive as missed
     only when the policy says negative. ``model``: the calibrated probability at 0.5,
-    without the policy — the classifier's own quality.
+    without the policy — the classifier's own quality. ``validator``: the same ways of
+    serving, scored by a simulated StreetVision validator (augmented images, its reward).
     """
 
     __test__ = False  # not a pytest class
     model_config = ConfigDict(extra="forbid")
-    schema_version: Literal[1] = 1
+    schema_version: Literal[2] = 2  # 2: the validator simulation
     split: Literal["val_test"] = "val_test"
     n_images: int
     n_positive: int
@@ -277,6 +279,10 @@ class TestReport(BaseModel):
         "no score_reference")
     shift_warning: str | None = Field(
         None, description="set when val_test looks not exchangeable with val_calib")
+    validator: ValidatorSimulation | None = Field(
+        None, description="the StreetVision validator simulator on val_test, one row per "
+        "way of serving (stage1_served, single_view_0.5, ...); None: switched off "
+        "(exit_policy.validator_images = 0)")
     provenance: Provenance
 
 

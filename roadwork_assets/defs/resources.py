@@ -85,7 +85,8 @@ class TrainerResource(dg.ConfigurableResource, TrainerConfig):
 
 
 class ExitPolicyResource(dg.ConfigurableResource):
-    """How the exit policies are fitted and which one the bundle ships."""
+    """How the exit policies are fitted, which one the bundle ships, and how the test
+    report's validator simulator scores what it serves."""
 
     alpha: float = Field(0.02, gt=0, lt=1, description="target false-negative rate")
     delta: float = Field(0.1, gt=0, lt=1, description="LTT failure probability")
@@ -100,10 +101,21 @@ class ExitPolicyResource(dg.ConfigurableResource):
     conformal_alpha: float = Field(0.05, gt=0, lt=1, description="1 - set coverage")
     gate_risk: float = Field(0.02, gt=0, lt=1, description="target error among accepted")
     export_onnx: bool = True
+    validator_images: int = Field(
+        600, ge=0, description="test_report's StreetVision validator simulator: at most this "
+        "many val_test images (a seeded subsample of whole groups), each decoded, augmented "
+        "and predicted at L0-L3; cost is linear in it: about 2 s per image (all four levels) "
+        "for a 12 MP photo on one CPU core, 0.3 s for a 2 MP frame, 5 ms for a 64 px one, "
+        "plus the model; 0 = skip the simulator")
+    validator_flips: bool = Field(
+        True, description="the simulated validator flips with p = 0.5 each, as its docs say "
+        "(False: as its code runs today, never)")
+    validator_seed: int = Field(0, description="seed of the subsample and the augmentations")
 
     def to_config(self) -> PolicyFitConfig:
         """The fitting settings as core reads them (`bundle_policy` and `export_onnx`
-        are about the bundle, not the fit); the rest keep PolicyFitConfig's defaults."""
+        are about the bundle, `validator_*` about the test report, not the fit); the rest
+        keep PolicyFitConfig's defaults."""
         return PolicyFitConfig(
             alpha=self.alpha, delta=self.delta, guarantee=self.guarantee,
             fit_fraction=self.calib_fit_fraction, mode=self.softmax_mode,

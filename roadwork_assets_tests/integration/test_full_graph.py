@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from roadwork_assets.contracts.policy_schemas import parse_policy
 from roadwork_assets.contracts.splits import SPLITS
@@ -117,3 +118,64 @@ def test_materializations_carry_the_artifacts_data_and_code_version(materialized
         assert tags[key]["dagster/data_version"] == data_version, key
         assert tags[key]["dagster/data_version_is_user_provided"] == "true", key
         assert tags[key]["dagster/code_version"] == code_version(), key
+
+
+def test_report_carries_the_validator_simulator_rows(materialized_root):
+    """test_report runs the StreetVision validator simulator on val_test's original images,
+    one row per way of serving, and shows it in the UI."""
+    import pandas as pd
+
+    from roadwork_assets.contracts.schemas import TestReport, load_json_artifact
+
+    root, _, results = materialized_root
+    reg = ArtifactRegistry(root)
+    report = load_json_artifact(reg.test_report, TestReport)
+    sim = report.validator
+    assert sim is not None and sim.split == "val_test" and sim.flips
+    assert [r.name for r in sim.rows][:2] == ["stage1_served", "single_view_0.5"]
+    n_test = len(pd.read_parquet(reg.split_manifest("val_test")))
+    assert sim.n_images == sim.n_available == n_test == report.n_images  # under the cap
+    for row in sim.rows:
+        rw = row.reward
+        assert 0.0 <= rw.ci_low <= rw.mean <= rw.ci_high <= 1.0, row.name
+        assert rw.expected is not None and 0.0 <= rw.expected <= 1.0
+        assert abs(rw.mean - rw.expected) < 0.03, row.name  # simulation vs closed form
+        assert [m.level for m in row.per_level] == [0, 1, 2, 3]
+        assert all(m.n == sim.n_images and m.n_invalid == 0 for m in row.per_level)
+    # L0 is the validator's centre crop + JPEG: close to what the logits say, image for image
+    l0 = sim.row("single_view_0.5").per_level[0]
+    assert abs(l0.balanced_accuracy - report.model_balanced_accuracy) < 0.1
+    served_l0 = sim.row("stage1_served").per_level[0]
+    assert abs(served_l0.balanced_accuracy - report.balanced_accuracy) < 0.1
+    meta = next(ev.materialization.metadata for r in results
+                for ev in r.get_asset_materialization_events()
+                if ev.asset_key.to_user_string() == "test_report")
+    assert "| stage1_served |" in meta["validator"].value
+    assert "| single_view_0.5 |" in meta["validator"].value
+
+
+def test_validator_rows_score_a_perfect_answer_one(materialized_root):
+    """Perfect-label sanity through the same sampling and decoding: an oracle that answers
+    each validator image with its true label earns reward 1 and MCC 1 at every level."""
+    import pandas as pd
+
+    from roadwork_assets.core.evaluation.validator_rows import sample_by_group, simulate_rows
+
+    root, _, _ = materialized_root
+    m = pd.read_parquet(ArtifactRegistry(root).split_manifest("val_test"))
+    keep = sample_by_group(m["group_key"].astype(str).tolist(), 30, seed=3)
+    truth = m["label"].to_numpy()[keep]
+    seen = []
+
+    def oracle(images):  # the simulator asks image by image, level by level, in order
+        start = sum(seen) % truth.size
+        seen.append(len(images))
+        return truth[start:start + len(images)].astype(float)
+
+    sim = simulate_rows(m["uri"].tolist(), m["item_id"].tolist(), m["label"].to_numpy(),
+                        m["group_key"].astype(str).tolist(), {"oracle": ("truth", oracle)},
+                        max_images=30, seed=3, n_windows=500)
+    assert 0 < sim.n_images <= 30 and sum(seen) == 4 * sim.n_images
+    row = sim.row("oracle")
+    assert row.reward.mean == 1.0 and row.reward.expected == pytest.approx(1.0)
+    assert all(lv.mcc == 1.0 and lv.accuracy == 1.0 for lv in row.per_level)

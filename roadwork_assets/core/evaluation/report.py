@@ -10,6 +10,7 @@ import numpy as np
 from roadwork_assets.contracts.errors import ArtifactIntegrityError, BadInputError
 from roadwork_assets.contracts.policy_schemas import PolicyParams
 from roadwork_assets.contracts.schemas import Provenance, RateWithInterval, TestReport
+from roadwork_assets.contracts.validator_schemas import ValidatorSimulation
 from roadwork_assets.core.calibration.metrics import classification_report, reliability_bins
 from roadwork_assets.core.calibration.policies import apply_policy, policy_probability
 from roadwork_assets.core.evaluation.shift import compare_to_reference
@@ -42,8 +43,10 @@ def evaluate_bundle_policy(
     bundle_id: str,
     provenance: Provenance,
     n_bootstrap: int = 1000,
+    validator: ValidatorSimulation | None = None,
 ) -> tuple[TestReport, dict[str, np.ndarray]]:
-    """Return the report and the arrays the plots need."""
+    """Return the report and the arrays the plots need. ``validator``: the validator
+    simulation of the same bundle (``core.evaluation.validator_rows``), carried as is."""
     if not np.isfinite(view_logits).all():
         bad = np.flatnonzero(~np.isfinite(view_logits).all(axis=tuple(range(1, view_logits.ndim))))
         raise BadInputError(f"val_test logits hold NaN/inf at rows {bad[:10].tolist()}: "
@@ -86,6 +89,7 @@ def evaluate_bundle_policy(
         model=calib,
         score_shift=shift,
         shift_warning=shift.warning if shift else None,
+        validator=validator,
         provenance=provenance,
     )
     return report, {"calibrated": calibrated, "emitted": emitted, "decision": decision}

@@ -74,11 +74,15 @@ import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
-from pydantic import BaseModel, ConfigDict
 from scipy import ndimage, stats
 from sklearn.metrics import matthews_corrcoef
 
 from roadwork_assets.contracts.errors import BadInputError
+from roadwork_assets.contracts.validator_schemas import (
+    LevelMetrics,
+    RewardEstimate,
+    ValidatorReport,
+)
 
 TARGET_SIZE = 224
 JPEG_QUALITY = 75  # PIL's default, what upstream's image.save(format="JPEG") uses
@@ -393,54 +397,8 @@ def expected_reward(tpr: float, tnr: float, *, window: int = MCC_WINDOW,
 
 
 # -------------------------------------------------------------------- reports
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class RewardEstimate(_Frozen):
-    """Validator reward per challenge at steady state (windows full), simulated."""
-
-    mean: float  # average over simulated windows
-    ci_low: float  # normal 95 % interval of the Monte-Carlo mean (simulation error only)
-    ci_high: float
-    n_windows: int
-    expected: float | None  # closed form at the pooled TPR/TNR (None if answers invalid)
-    mcc: float  # max(0, MCC) of all answers pooled (binarised, valid only)
-    accuracy: float  # balanced: labels are drawn 50/50, so (TPR + TNR) / 2
-    tpr: float
-    tnr: float
-    invalid_rate: float
-    n_positive: int
-    n_negative: int
-    note: str = ("interval = Monte-Carlo error of the window simulation; it does not cover "
-                 "the sampling error of the finite test set")
-
-
-class LevelMetrics(_Frozen):
-    level: int
-    n: int
-    n_positive: int
-    n_negative: int
-    n_invalid: int
-    mcc: float  # sklearn MCC of the binarised answers (not clamped), 0 if one class
-    accuracy: float
-    balanced_accuracy: float
-    tpr: float
-    tnr: float
-
-
-class ValidatorReport(_Frozen):
-    seed: int
-    levels: list[int]
-    flips: bool
-    n_images: int
-    per_level: list[LevelMetrics]
-    reward: RewardEstimate  # levels drawn uniformly from `levels`, as the validator does
-    method: str = ("StreetVision validator simulation: each image once per level "
-                   "(augment -> JPEG q75 224x224 -> predict_fn -> np.round at 0.5); "
-                   "reward = (0.5 MCC@100 + 0.5 acc@10)^3 over windows whose labels are "
-                   "drawn 50/50 and answers resampled from the pooled (image, level) answers "
-                   "of that class")
+# The report models (RewardEstimate, LevelMetrics, ValidatorReport) live in
+# contracts.validator_schemas: the test report artifact embeds them.
 
 
 def _rates(y: np.ndarray, d: np.ndarray, valid: np.ndarray) -> tuple[float, float]:

@@ -1,4 +1,5 @@
-"""test_report: the bundle's policy on val_test, and nothing else."""
+"""test_report: the bundle's policy on val_test, and nothing else: its metrics from the
+logits, and a simulated StreetVision validator on val_test's original images."""
 
 
 import base64
@@ -6,11 +7,14 @@ from pathlib import Path
 
 import dagster as dg
 import numpy as np
+import pandas as pd
 
+from roadwork_assets.contracts.errors import ArtifactIntegrityError
 from roadwork_assets.core.artifacts import (
     atomic_write_json,
     code_version,
     combine_versions,
+    frame_fingerprint,
     make_provenance,
     staged_path,
 )
@@ -19,11 +23,16 @@ from roadwork_assets.core.evaluation.report import (
     evaluate_bundle_policy,
     plot_reliability,
 )
+from roadwork_assets.core.evaluation.validator_rows import (
+    closing_line,
+    rows_table,
+    simulate_bundle,
+)
 from roadwork_assets.core.export.bundle import load_bundle
 from roadwork_assets.defs.asset_paths import asset_path
 from roadwork_assets.defs.partitions import FINAL_EVALUATION_SPLITS
 from roadwork_assets.defs.promotion import StagedFiles, materialize_result
-from roadwork_assets.defs.resources import ArtifactRegistryResource
+from roadwork_assets.defs.resources import ArtifactRegistryResource, ExitPolicyResource
 from roadwork_assets.defs.split_reads import split_reads_check_spec
 
 
@@ -53,34 +62,81 @@ def _shift_table(report) -> str:
     return "\n".join(rows) + f"\n\n{report.score_shift.method}, level {report.score_shift.level:g}"
 
 
+def _validator(context, loaded, manifest: pd.DataFrame, test, exit_policy: ExitPolicyResource):
+    """The validator simulator on val_test (decoded originals, at most validator_images)."""
+    if exit_policy.validator_images == 0:
+        context.log.info("validator simulator off (exit_policy.validator_images = 0)")
+        return None
+    if not np.array_equal(manifest["item_id"].astype(str).to_numpy(),
+                          test["item_ids"].astype(str)):
+        raise ArtifactIntegrityError(
+            "split_manifest[val_test] and logits[val_test] hold other images (or another "
+            "order): re-materialize embeddings[val_test] and logits[val_test]")
+    groups = manifest["group_key"] if "group_key" in manifest else manifest["item_id"]
+    sim = simulate_bundle(
+        loaded, manifest["uri"].astype(str).tolist(), manifest["item_id"].astype(str).tolist(),
+        manifest["label"].to_numpy(np.int64), groups.astype(str).tolist(),
+        max_images=exit_policy.validator_images, seed=exit_policy.validator_seed,
+        flips=exit_policy.validator_flips)
+    context.log.info(f"{closing_line(sim)}; {sim.seconds:.1f} s, "
+                     f"{1000 * sim.seconds_per_answer:.1f} ms per image and level")
+    return sim
+
+
+def _validator_metadata(sim) -> dict[str, dg.MetadataValue]:
+    if sim is None:
+        return {"validator": dg.MetadataValue.text(
+            "off: exit_policy.validator_images = 0")}
+    return {
+        "validator": dg.MetadataValue.md(rows_table(sim)),
+        **{f"validator_reward[{r.name}]": dg.MetadataValue.float(r.reward.mean)
+           for r in sim.rows},
+        "validator_seconds_per_answer": dg.MetadataValue.float(sim.seconds_per_answer),
+    }
+
+
 @dg.asset(
     group_name="evaluation",
-    ins={"logits": dg.AssetIn(partition_mapping=FINAL_EVALUATION_SPLITS)},
+    ins={"logits": dg.AssetIn(partition_mapping=FINAL_EVALUATION_SPLITS),
+         "split_manifest": dg.AssetIn(partition_mapping=FINAL_EVALUATION_SPLITS)},
     code_version=code_version(),
     check_specs=[split_reads_check_spec("test_report")],
     description="Held-out evaluation of the bundle on val_test only: accuracy, balanced "
-    "accuracy, MCC, FNR/FPR with exact intervals, ECE, AUROC, the policy's defer rate, and "
-    "a KS shift warning against the val_calib scores stored in the policy.",
+    "accuracy, MCC, FNR/FPR with exact intervals, ECE, AUROC, the policy's defer rate, "
+    "a KS shift warning against the val_calib scores stored in the policy, and a simulated "
+    "StreetVision validator (L0-L3 augmentations of the original images, MCC/accuracy per "
+    "level, reward) for each way of serving: the bundle as served and the single-view "
+    "model at 0.5.",
 )
 def test_report(
     context: dg.AssetExecutionContext,
     bundle: Path,
     logits: dict[str, dict[str, np.ndarray]],
+    split_manifest: dict[str, pd.DataFrame],
     artifacts: ArtifactRegistryResource,
+    exit_policy: ExitPolicyResource,
 ):
     reg = artifacts.registry
     loaded = load_bundle(bundle)
     test = logits["val_test"]
+    manifest = split_manifest["val_test"]
     check_same_model(loaded, str(test["checkpoint_sha256"]))
+    sim = _validator(context, loaded, manifest, test, exit_policy)
+    manifest_version = (manifest.attrs.get("provenance", {}).get("data_version")
+                        or frame_fingerprint(manifest))
     report, arrays = evaluate_bundle_policy(
         loaded.policy, test["logits"], test["labels"].astype(np.int64),
         bundle_id=loaded.manifest.bundle_id,
         provenance=make_provenance(combine_versions({
             "bundle": loaded.manifest.provenance.data_version,
-            "logits[val_test]": str(test["data_version"])}),
+            "logits[val_test]": str(test["data_version"]),
+            "split_manifest[val_test]": str(manifest_version),
+            "validator": f"images={exit_policy.validator_images} "
+                         f"flips={exit_policy.validator_flips} seed={exit_policy.validator_seed}"}),
             # the settings of what it evaluates: the bundle's, else its policy's
             settings=(loaded.manifest.provenance.settings
                       or getattr(loaded.policy.provenance, "settings", None))),
+        validator=sim,
     )
     dest = asset_path(reg, "test_report")
     atomic_write_json(staged_path(dest), report)
@@ -113,5 +169,6 @@ def test_report(
             "score_shift": dg.MetadataValue.md(_shift_table(report)),
             "bundle_id": report.bundle_id,
             "n_images": report.n_images,
+            **_validator_metadata(sim),
         },
     )
