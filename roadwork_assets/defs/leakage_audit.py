@@ -153,15 +153,22 @@ def carried_splits(asset_graph, *, content: bool = False) -> dict[str, dict[str 
     return out
 
 
-def _never_carry_problem(asset: str, own: str | None, source: str, split: str,
-                         chain: str) -> str:
-    rule = SPLIT_READ_POLICY[asset]
-    return (
-        f"asset {_label(asset, own)!r} input {source!r} carries split {split!r} "
-        f"(taint: {chain}); {rule.role} may never see {sorted(rule.never_carry)}, not "
-        f"even through a derived asset: remove that input, or re-derive it without "
-        f"{split!r}"
-    )
+def _violations(rule, load: Taint, load_content: Taint) -> list[tuple[str, str, bool]]:
+    """(split, chain, is_content) for every split a load carries that `rule` forbids: any
+    taint in never_carry, and data content in never_content (lineage through a model is
+    allowed there)."""
+    out = [(s, c, False) for s, c in sorted(load.items()) if s in rule.never_carry]
+    out += [(s, c, True) for s, c in sorted(load_content.items())
+            if s in rule.never_content - rule.never_carry]
+    return out
+
+
+def _taint_problem(rule, subject: str, split: str, chain: str, content: bool, tail: str) -> str:
+    if content:
+        return (f"{subject} carries the content of split {split!r} (taint: {chain}); "
+                f"{rule.role} may never use the data of {sorted(rule.never_content)}{tail}")
+    return (f"{subject} carries split {split!r} (taint: {chain}); {rule.role} may never see "
+            f"{sorted(rule.never_carry)}{tail}")
 
 
 def audit_taint(asset_graph, carried: dict[str, dict[str | None, Taint]] | None = None
@@ -177,26 +184,16 @@ def audit_taint(asset_graph, carried: dict[str, dict[str | None, Taint]] | None 
             continue
         for own in _own_keys(asset_graph.get(key)):
             for parent, part in _parent_reads(asset_graph, key, own):
-                for split, chain in sorted(carried_by_load(carried, parent, part).items()):
-                    if split in rule.never_carry:
-                        problems.append(_never_carry_problem(
-                            name, own, _label(parent, part), split, chain))
-                for split, chain in sorted(carried_by_load(content, parent, part).items()):
-                    if split in rule.never_content - rule.never_carry:
-                        problems.append(_never_content_problem(
-                            name, own, _label(parent, part), split, chain))
+                subject = f"asset {_label(name, own)!r} input {_label(parent, part)!r}"
+                for split, chain, is_content in _violations(
+                        rule, carried_by_load(carried, parent, part),
+                        carried_by_load(content, parent, part)):
+                    tail = (" (a model trained on them is fine): remove that input" if is_content
+                            else f": remove that input, or re-derive it without {split!r}")
+                    problems.append(_taint_problem(
+                        rule, subject, split, chain, is_content,
+                        ", not even through a derived asset" + tail))
     return problems
-
-
-def _never_content_problem(asset: str, own: str | None, source: str, split: str,
-                           chain: str) -> str:
-    rule = SPLIT_READ_POLICY[asset]
-    return (
-        f"asset {_label(asset, own)!r} input {source!r} carries the content of split "
-        f"{split!r} (taint: {chain}); {rule.role} may never use the data of "
-        f"{sorted(rule.never_content)}, not even through a derived asset (a model "
-        f"trained on them is fine): remove that input"
-    )
 
 
 def tainted_loads(asset_graph, asset: str, own: str | None,
@@ -210,8 +207,6 @@ def tainted_loads(asset_graph, asset: str, own: str | None,
     content = carried_splits(asset_graph, content=True)
     taint: Taint = dict(carried.get(asset, {}).get(own, {}))
     rule = SPLIT_READ_POLICY.get(asset)
-    never = rule.never_carry if rule is not None else frozenset()
-    never_content = rule.never_content - never if rule is not None else frozenset()
     problems: list[str] = []
     for loaded, part in sorted(set(loads), key=lambda lp: (lp[0], str(lp[1]))):
         if loaded in carried:
@@ -221,20 +216,13 @@ def tainted_loads(asset_graph, asset: str, own: str | None,
             got = {s: f"{_label(loaded, part)} (not in the asset graph: lineage unknown)"
                    for s in SPLITS}
             got_content = got
-        for split, chain in got_content.items():
-            if split in never_content:
-                problems.append(
-                    f"{asset} loaded {_label(loaded, part)!r}, which carries the content of "
-                    f"split {split!r} (taint: {chain}); {rule.role} may never use the data of "
-                    f"{sorted(rule.never_content)}: stop loading it")
         for split, chain in got.items():
             _shortest(taint, split, f"{_label(asset, own)} <- {chain}")
-            if split in never:
-                problems.append(
-                    f"{asset} loaded {_label(loaded, part)!r}, which carries split {split!r} "
-                    f"(taint: {chain}); {SPLIT_READ_POLICY[asset].role} may never see "
-                    f"{sorted(never)}: stop loading it"
-                )
+        if rule is None:
+            continue
+        subject = f"{asset} loaded {_label(loaded, part)!r}, which"
+        problems += [_taint_problem(rule, subject, split, chain, is_content, ": stop loading it")
+                     for split, chain, is_content in _violations(rule, got, got_content)]
     return taint, problems
 
 
