@@ -157,11 +157,7 @@ def build_bundle(
     """Check lineage, assemble, hash and publish a bundle under its content id; returns
     (dir, manifest, extra numbers). ``LATEST`` is switched separately (``set_latest``),
     after the caller's checks pass."""
-    from roadwork_assets.core.export.onnx_export import (
-        judge_served,
-        probe_images_uint8,
-        torch_probe_logits,
-    )
+    from roadwork_assets.core.export.onnx_export import probe_images_uint8, torch_probe_logits
     from roadwork_assets.core.training.pipeline import model_from_checkpoint
 
     payload = load_checkpoint(checkpoint_path)
@@ -188,17 +184,8 @@ def build_bundle(
         atomic_write_npz(staging / PROBE_FILE, images=probe, logits=z_torch.astype(np.float32),
                          probability=prob.astype(np.float64), decision=decision.astype(np.int8))
         if export_onnx_model:
-            from roadwork_assets.core.export.onnx_export import (
-                export_onnx,
-                onnx_probe_logits,
-            )
-
-            export_onnx(model, img_size, staging / ONNX_FILE)
-            # judged on what is served: this policy's probability and decision
-            parity = judge_served(policy, z_torch, onnx_probe_logits(staging / ONNX_FILE, probe,
-                                                                     n_views), tol)
-            extra.update(parity.metadata())
-            extra["onnx_parity"] = parity  # a ParityReport: `.passed`, `.summary()`
+            extra = _export_onnx_and_judge(model, policy, staging, probe, z_torch, tol,
+                                           img_size, n_views)
             files["onnx"] = ONNX_FILE
         described = {role: _describe(staging, name) for role, name in files.items()}
         bundle_id = content_id(described)
@@ -213,22 +200,40 @@ def build_bundle(
             provenance=provenance,
         )
         atomic_write_json(staging / MANIFEST, manifest)
-        dest = bundles_dir / bundle_id
-        if dest.exists():  # identical content already published: keep the old copy
-            try:
-                verify_bundle(dest)
-            except ArtifactIntegrityError as exc:
-                raise ArtifactIntegrityError(
-                    f"{exc}. The published bundle {dest} with the same content id is damaged: "
-                    "delete that folder and materialize `bundle` again"
-                ) from exc
-            remove_tree_quietly(staging)
-        else:
-            publish_directory(staging, dest)
+        dest = _publish_once(staging, bundles_dir / bundle_id)
     except BaseException:
         remove_tree_quietly(staging)
         raise
     return dest, manifest, extra
+
+
+def _export_onnx_and_judge(model, policy, staging: Path, probe, z_torch, tol, img_size: int,
+                           n_views: int) -> dict[str, Any]:
+    """Export model.onnx into the staging folder and judge it on what is served: this
+    policy's probability and decision on the probe batch, ORT against torch."""
+    from roadwork_assets.core.export.onnx_export import export_onnx, judge_served, onnx_probe_logits
+
+    export_onnx(model, img_size, staging / ONNX_FILE)
+    parity = judge_served(policy, z_torch, onnx_probe_logits(staging / ONNX_FILE, probe, n_views),
+                          tol)
+    return {**parity.metadata(), "onnx_parity": parity}  # a ParityReport: .passed, .summary()
+
+
+def _publish_once(staging: Path, dest: Path) -> Path:
+    """Rename the staged bundle to its content id; identical content already published
+    keeps the old copy (verified, so a damaged one is named instead of trusted)."""
+    if not dest.exists():
+        publish_directory(staging, dest)
+        return dest
+    try:
+        verify_bundle(dest)
+    except ArtifactIntegrityError as exc:
+        raise ArtifactIntegrityError(
+            f"{exc}. The published bundle {dest} with the same content id is damaged: "
+            "delete that folder and materialize `bundle` again"
+        ) from exc
+    remove_tree_quietly(staging)
+    return dest
 
 
 def load_bundle(directory: Path, *, check_onnx: bool = True) -> Bundle:
