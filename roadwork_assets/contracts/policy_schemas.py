@@ -32,7 +32,8 @@ from roadwork_assets.contracts.schemas import Provenance, ScoreReference
 
 SCHEMA_VERSION = 2  # 2: calibration_unit, n_calibration_units; unfitted records
 # policy kind -> the asset that fits it: the one place this mapping is written
-POLICY_ASSET_NAMES: dict[str, str] = {"softmax": "thresholds", "gate": "gate_params", "scrc": "conformal_sets"}
+POLICY_ASSET_NAMES: dict[str, str] = {"softmax": "thresholds", "gate": "gate_params",
+                                      "scrc": "conformal_sets", "cascade": "cascade_policy"}
 POLICY_KINDS = tuple(POLICY_ASSET_NAMES)
 CalibratorMethod = Literal["temperature", "classwise_temperature", "platt", "beta", "isotonic"]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -172,7 +173,7 @@ class UnfittedPolicy(_Frozen):
 
     schema_version: Literal[2] = 2
     fitted: Literal[False] = False
-    kind: Literal["softmax", "gate", "scrc"]
+    kind: Literal["softmax", "gate", "scrc", "cascade"]
     reason: str = Field(min_length=1)  # the InsufficientDataError message, verbatim
     error: str = "InsufficientDataError"  # the exception class that stopped the fit
     provenance: Provenance | None = None
@@ -227,8 +228,9 @@ class CascadePolicyParams(_Frozen):
         positive at stage 1  iff p1 >  t_exit_pos  (= max(t_exit_neg, exit_pos_floor))
         else routed: stage 2 says positive iff p2 > t2.
 
-    Not yet a policy asset: "cascade" is not in POLICY_ASSET_NAMES, so `parse_policy`
-    refuses it until the graph fits one; `CascadePolicyParams.model_validate` reads it.
+    p1 is stage 1's main view through `calibrator_stage1`, p2 stage 2's pooled logits
+    (`contracts.multiview_schemas.MultiviewCheckpoint`, sha256 `stage2_sha256`) through
+    `calibrator_stage2`; both calibrators were fitted on the val_calib fit part only.
     """
 
     schema_version: Literal[2] = 2
@@ -236,6 +238,11 @@ class CascadePolicyParams(_Frozen):
     kind: Literal["cascade"] = "cascade"
     provenance: Provenance | None = None
     composition: Literal["crc_one_lambda"] = "crc_one_lambda"
+    main_view: int = Field(0, ge=0)
+    calibrator_stage1: CalibratorSpec | None = None  # None: p1 / p2 given as probabilities
+    calibrator_stage2: CalibratorSpec | None = None
+    stage2_sha256: str | None = None  # the multiview_checkpoint file stage 2 was fitted as
+    latency_source: Literal["measured", "configured"] = "configured"
     guarantee: Literal["crc_expectation"] = "crc_expectation"
     guarantee_statement: str = Field(min_length=1)
     alpha: Level
@@ -288,7 +295,7 @@ _ADAPTER: TypeAdapter[Any] = TypeAdapter(PolicyParams)
 
 def parse_policy_artifact(
     data: Any,
-) -> SoftmaxPolicyParams | GatePolicyParams | ScrcPolicyParams | UnfittedPolicy:
+) -> SoftmaxPolicyParams | GatePolicyParams | ScrcPolicyParams | CascadePolicyParams | UnfittedPolicy:
     """Validate a policy artifact dict, fitted (`parse_policy`) or an `UnfittedPolicy`."""
     if isinstance(data, dict) and data.get("fitted") is False and data.get("schema_version") == SCHEMA_VERSION:
         try:
@@ -298,7 +305,7 @@ def parse_policy_artifact(
     return parse_policy(data)
 
 
-def parse_policy(data: Any) -> SoftmaxPolicyParams | GatePolicyParams | ScrcPolicyParams:
+def parse_policy(data: Any) -> SoftmaxPolicyParams | GatePolicyParams | ScrcPolicyParams | CascadePolicyParams:
     """Validate a fitted policy artifact dict; refuse unknown schema versions and kinds,
     and unfitted records (they cannot be applied)."""
     if not isinstance(data, dict):

@@ -58,14 +58,20 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from roadwork_assets.contracts.errors import BadInputError, InsufficientDataError
 from roadwork_assets.contracts.policy_schemas import (
+    CalibratorSpec,
     CascadeAlphaPoint,
     CascadeFrontierPoint,
     CascadePolicyParams,
     CascadeShapeCandidate,
 )
-from roadwork_assets.core.calibration.calibrators import as_binary_labels
+from roadwork_assets.core.calibration.calibrators import as_binary_labels, calibrator_from_params
 from roadwork_assets.core.calibration.metrics import _mcc_from_counts
-from roadwork_assets.core.calibration.policies import remap_probability, split_calibration_set
+from roadwork_assets.core.calibration.policies import (
+    remap_probability,
+    select_calibrator,
+    split_calibration_set,
+)
+from roadwork_assets.core.calibration.policy_config import PolicyFitConfig
 from roadwork_assets.core.calibration.risk_control import crc_fnr_threshold, unit_weights
 
 NEGATIVE, POSITIVE = 0, 1
@@ -505,3 +511,96 @@ def fit_cascade(p1: Any, p2: Any, y: Any, groups: Sequence[Any] | None = None, *
                 config: CascadeConfig, image_ids: Sequence[Any] | None = None) -> CascadePolicyParams:
     """Functional form: `CascadePolicy(config).fit(...).params_`."""
     return CascadePolicy(config).fit(p1, p2, y, groups, image_ids=image_ids).params_
+
+
+# ------------------------------------------------- from logits: calibrate, fit, serve
+def _stage2_logits(z: Any, n: int) -> np.ndarray:
+    """Stage-2 pooled logits as [N, 2] ([N, 1, 2] accepted: one pooled view)."""
+    a = np.asarray(z, dtype=np.float64)
+    if a.ndim == 3 and a.shape[1] == 1:
+        a = a[:, 0]
+    if a.ndim != 2 or a.shape != (n, 2):
+        raise BadInputError(f"stage-2 logits have shape {a.shape}; expected ({n}, 2) or ({n}, 1, 2), "
+                            "one pooled pair of logits per image (multiview_logits)")
+    if not np.isfinite(a).all():
+        raise BadInputError("stage-2 logits are not all finite; re-materialize multiview_logits")
+    return a
+
+
+def fit_cascade_policy(stage1_view_logits: Any, stage2_logits: Any, labels: Any,
+                       image_ids: Sequence[Any], groups: Sequence[Any] | None, *,
+                       policy: PolicyFitConfig, cascade: CascadeConfig) -> CascadePolicyParams:
+    """The cascade from val_calib logits: one calibrator per stage chosen and fitted on the
+    fit part (`select_calibrator`, as the stage-1 policies do), then `CascadePolicy.fit` on
+    the calibrated probabilities, which splits val_calib the same way (same salt, ids,
+    groups and fit_fraction) and certifies λ on the threshold part only."""
+    from roadwork_assets.core.calibration.gate import check_view_logits
+
+    v = check_view_logits(stage1_view_logits)
+    if policy.main_view >= v.shape[1]:
+        raise BadInputError(f"main_view={policy.main_view} but the logits have {v.shape[1]} view(s)")
+    n = v.shape[0]
+    z2 = _stage2_logits(stage2_logits, n)
+    y = as_binary_labels(labels, n, dtype=np.int64)
+    ids = [str(i) for i in image_ids]
+    if len(ids) != n:
+        raise BadInputError(f"{len(ids)} image ids for {n} logit rows")
+    keys = None if groups is None else [str(g) for g in groups]
+    idx_fit, _ = split_calibration_set(ids, y, cascade.fit_fraction, groups=keys)
+    if np.unique(y[idx_fit]).size < 2:
+        raise InsufficientDataError(
+            f"the {cascade.context} fit part ({idx_fit.size} images) lacks one label, so neither "
+            "stage can be calibrated; add images of both labels from more scenes")
+    cals = []
+    for scores in (v[:, policy.main_view], z2):
+        cal, _ = select_calibrator(scores[idx_fit], y[idx_fit], policy.calibrator_methods,
+                                   policy.holdout_fraction, policy.n_bins)
+        cals.append(cal)
+    p1, p2 = cals[0].predict_proba(v[:, policy.main_view]), cals[1].predict_proba(z2)
+    params = CascadePolicy(cascade).fit(p1, p2, y, keys, image_ids=ids).params_
+    return params.model_copy(update={
+        "main_view": policy.main_view,
+        "calibrator_stage1": CalibratorSpec(**cals[0].to_params()),
+        "calibrator_stage2": CalibratorSpec(**cals[1].to_params())})
+
+
+def _calibrated(spec: CalibratorSpec | None, scores: np.ndarray, what: str) -> np.ndarray:
+    if spec is None:
+        raise BadInputError(f"this cascade policy records no {what} calibrator, so it cannot be "
+                            "applied to logits; re-fit it with fit_cascade_policy")
+    return calibrator_from_params(spec.model_dump()).predict_proba(scores)
+
+
+def cascade_stage1_probability(params: CascadePolicyParams, view_logits: Any) -> np.ndarray:
+    """Calibrated stage-1 P(roadwork) of the main view."""
+    from roadwork_assets.core.calibration.gate import check_view_logits
+
+    v = check_view_logits(view_logits)
+    if params.main_view >= v.shape[1]:
+        raise BadInputError(f"policy reads view {params.main_view} but the logits have {v.shape[1]} view(s)")
+    return _calibrated(params.calibrator_stage1, v[:, params.main_view], "stage-1")
+
+
+def cascade_stage2_probability(params: CascadePolicyParams, stage2_logits: Any) -> np.ndarray:
+    """Calibrated stage-2 P(roadwork) of pooled logits [N, 2]."""
+    z = np.asarray(stage2_logits, dtype=np.float64)
+    return _calibrated(params.calibrator_stage2, _stage2_logits(z, z.shape[0]), "stage-2")
+
+
+def apply_cascade(params: CascadePolicyParams, stage1_view_logits: Any,
+                  stage2: Any | Callable[[np.ndarray], Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(decision int8 {0, 1}, served probability, stage int8 {1, 2}) per image.
+
+    `stage2`: pooled stage-2 logits [N, 2] for every image, or a callable taking the routed
+    indices and returning their stage-2 logits [k, 2], so stage 2 runs on routed images only.
+    The served probability binarises at 0.5 (np.round) to the decision."""
+    p1 = cascade_stage1_probability(params, stage1_view_logits)
+    if callable(stage2):
+        def p2(idx: np.ndarray) -> np.ndarray:
+            return cascade_stage2_probability(params, stage2(idx))
+    else:
+        p2 = np.full(p1.size, np.nan)
+        routed = CascadePolicy.from_params(params).route(p1)
+        z = _stage2_logits(stage2, p1.size)
+        p2[routed] = cascade_stage2_probability(params, z[routed])
+    return CascadePolicy.from_params(params).predict(p1, p2)

@@ -269,7 +269,11 @@ def remap_probability(p: Any, lo: float, hi: float, negative: Any, positive: Any
 
 # --------------------------------------------------------------------- apply
 def policy_probability(params: AnyPolicy, view_logits: Any) -> np.ndarray:
-    """Calibrated P(roadwork) of the main view, as the policy sees it."""
+    """Calibrated P(roadwork) of the main view, as the policy sees it (a cascade: stage 1's)."""
+    if getattr(params, "kind", None) == "cascade":
+        from roadwork_assets.core.calibration.cascade import cascade_stage1_probability
+
+        return cascade_stage1_probability(params, view_logits)
     v = check_view_logits(view_logits)
     if params.main_view >= v.shape[1]:
         raise BadInputError(f"policy reads view {params.main_view} but the logits have {v.shape[1]} view(s)")
@@ -330,6 +334,9 @@ def apply_policy(params: AnyPolicy, view_logits: Any) -> tuple[np.ndarray, np.nd
         neg, pos = _scrc_exits(p, params.q0, params.q1, params.t_lo)
         lo, hi = _scrc_anchors(params.t_lo, params.q0, params.q1)
         return _exits(neg, pos), remap_probability(p, lo, hi, neg, pos)
+    if getattr(params, "kind", None) == "cascade":
+        raise BadInputError("a cascade policy decides with stage 2 as well: apply it with "
+                            "core.calibration.cascade.apply_cascade(params, view_logits, stage2)")
     raise BadInputError(f"unknown policy type {type(params).__name__}")
 
 

@@ -160,3 +160,64 @@ def aggregate(name: str, view_logits: np.ndarray,
         return attention.aggregate(view_logits)
     raise ValueError(f"unknown aggregator {name!r}; expected one of {AGGREGATORS}")
 
+
+
+# ------------------------------------------------------------- stage 2 as one network
+def torch_aggregate(name: str, z: torch.Tensor, attention: dict | None = None) -> torch.Tensor:
+    """[B, V, 2] -> [B, 2] in torch, the same arithmetic as ``aggregate`` (so it exports to
+    ONNX and serves what the graph's ``multiview_logits`` computed)."""
+    if name == "mean":
+        return z.mean(dim=1)
+    m = z[..., 1] - z[..., 0]
+    if name == "max":
+        best = m.argmax(dim=1)
+        return z[torch.arange(z.shape[0]), best]
+    if name == "attention":
+        if attention is None:
+            raise ValueError("the attention aggregator needs its fitted parameters")
+        s = float(attention["margin_scale"])
+        bias = torch.tensor(attention["view_bias"], dtype=z.dtype)
+        w = torch.softmax(float(attention["u"]) * m / s + float(attention["r"]) * m.abs() / s
+                          + bias, dim=1)
+        return (w.unsqueeze(-1) * z).sum(dim=1)
+    raise ValueError(f"unknown aggregator {name!r}; expected one of {AGGREGATORS}")
+
+
+class MultiviewModel(torch.nn.Module):
+    """Stage 2 as one module: float images [B, 3, S, S] in [0, 1] -> pooled logits [B, 2].
+
+    ``view_source='ten_crop'``: the ten crops of ``ten_crop`` resized to ``input_size``;
+    ``'cached_views'``: the first ``n_views`` deterministic views of
+    ``core.data.transforms.make_views`` (frozen mode). Every view goes through the stage-1
+    network ``base`` in one batch, then ``aggregator`` pools them.
+    """
+
+    def __init__(self, base: torch.nn.Module, *, view_source: str, n_views: int,
+                 crop_scale: float | None, input_size: int, aggregator: str,
+                 attention: dict | None = None) -> None:
+        super().__init__()
+        if view_source not in ("ten_crop", "cached_views"):
+            raise ValueError(f"unknown view_source {view_source!r}")
+        if aggregator not in AGGREGATORS:
+            raise ValueError(f"unknown aggregator {aggregator!r}; expected one of {AGGREGATORS}")
+        self.base = base
+        self.view_source, self.n_views = view_source, int(n_views)
+        self.crop_scale = float(crop_scale or DEFAULT_CROP_SCALE)
+        self.input_size, self.aggregator = int(input_size), aggregator
+        self.attention = None if attention is None else dict(attention)
+
+    def views(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.view_source == "ten_crop":
+            return ten_crop(x, self.crop_scale, out_size=self.input_size)
+        from roadwork_assets.core.data.transforms import make_views
+
+        return make_views(x, self.n_views)
+
+    def view_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, V, 2] per-view logits."""
+        views = self.views(x)
+        out = self.base(torch.cat(views))
+        return out.reshape(len(views), x.shape[0], 2).transpose(0, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch_aggregate(self.aggregator, self.view_logits(x), self.attention)

@@ -43,6 +43,7 @@ from roadwork_assets.core.models.multiview import (
     DEFAULT_CROP_SCALE,
     TEN_CROP_VIEWS,
     AttentionAggregator,
+    MultiviewModel,
     aggregate,
     ten_crop,
 )
@@ -183,3 +184,26 @@ def compute_multiview_logits(payload: dict[str, Any], stage2: MultiviewCheckpoin
     return {"n": len(y), "n_positive": int(y.sum()), "n_negative": int(len(y) - y.sum()),
             "n_views_aggregated": len(part["names"]), "aggregator": stage2.aggregator,
             "finite": bool(np.isfinite(pooled).all())}
+
+
+def stage2_model(base: torch.nn.Module, stage2: MultiviewCheckpoint) -> MultiviewModel:
+    """Stage 2 as one eval-mode network over the stage-1 model ``base`` (``MultiviewModel``)."""
+    return MultiviewModel(
+        base, view_source=stage2.view_source, n_views=len(stage2.views),
+        crop_scale=stage2.crop_scale, input_size=stage2.input_size,
+        aggregator=stage2.aggregator,
+        attention=None if stage2.attention is None else stage2.attention.model_dump()).eval()
+
+
+@torch.no_grad()
+def predict_stage2_logits(model: MultiviewModel, images_uint8: np.ndarray, *,
+                          batch_size: int = 32, device: torch.device | str = "cpu") -> np.ndarray:
+    """uint8 [N, 3, S, S] -> stage-2 pooled logits [N, 2] (float32)."""
+    device = torch.device(device)
+    model.eval().to(device)
+    out = np.empty((len(images_uint8), 2), dtype=np.float32)
+    for start in range(0, len(images_uint8), batch_size):
+        batch = to_float(torch.from_numpy(np.ascontiguousarray(
+            images_uint8[start:start + batch_size]))).to(device)
+        out[start:start + len(batch)] = model(batch).float().cpu().numpy()
+    return out

@@ -179,7 +179,10 @@ def test_unknown_schema_version_kind_or_bad_fields_are_refused(fitted):
     data = json.loads(policy_to_json(fitted["softmax[]"]))
     with pytest.raises(ArtifactIntegrityError, match="schema_version=1"):
         parse_policy(data | {"schema_version": 1})
-    with pytest.raises(ArtifactIntegrityError, match="kind='cascade'"):
+    with pytest.raises(ArtifactIntegrityError, match="kind='bagging'"):
+        parse_policy(data | {"kind": "bagging"})
+    # a softmax artifact relabelled as a cascade is refused by the cascade schema
+    with pytest.raises(ArtifactIntegrityError, match="kind 'cascade' is invalid"):
         parse_policy(data | {"kind": "cascade"})
     with pytest.raises(ArtifactIntegrityError, match="must be >= t_lo"):
         parse_policy(data | {"t_hi": data["t_lo"] - 0.1})
