@@ -35,6 +35,9 @@ SCHEMA_VERSION = 2  # 2: calibration_unit, n_calibration_units; unfitted records
 POLICY_ASSET_NAMES: dict[str, str] = {"softmax": "thresholds", "gate": "gate_params",
                                       "scrc": "conformal_sets", "cascade": "cascade_policy"}
 POLICY_KINDS = tuple(POLICY_ASSET_NAMES)
+# kinds fitted on stage-1 logits alone (`core.calibration.policies.fit_policy`); the
+# cascade also needs stage 2 (`core.calibration.cascade.fit_cascade_policy`)
+STAGE1_POLICY_KINDS = ("softmax", "gate", "scrc")
 CalibratorMethod = Literal["temperature", "classwise_temperature", "platt", "beta", "isotonic"]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Level = Annotated[float, Field(gt=0.0, lt=1.0)]

@@ -603,7 +603,9 @@ def fit_policy(
     """
     fitter = POLICY_FITTERS.get(kind)
     if fitter is None:
-        raise BadInputError(f"policy kind must be one of {list(POLICY_FITTERS)}; got {kind!r}")
+        hint = (" (a cascade needs stage 2: core.calibration.cascade.fit_cascade_policy)"
+                if kind == "cascade" else "")
+        raise BadInputError(f"policy kind must be one of {list(POLICY_FITTERS)}; got {kind!r}{hint}")
     if settings:
         base = config.model_dump() if config is not None else {}
         try:

@@ -16,6 +16,7 @@ from roadwork_assets.contracts.errors import (
 )
 from roadwork_assets.contracts.policy_schemas import (
     POLICY_KINDS,
+    STAGE1_POLICY_KINDS,
     GatePolicyParams,
     ScrcPolicyParams,
     SoftmaxPolicyParams,
@@ -336,9 +337,12 @@ def test_check_calibration_capacity_agrees_with_fit_policy(rng):
 # ----------------------------------------------------------- config and registry
 def test_every_policy_kind_has_a_fitter_and_unknown_kinds_are_refused(calib_data):
     logits, y, ids = calib_data
-    assert tuple(POLICY_FITTERS) == POLICY_KINDS
-    with pytest.raises(BadInputError, match="policy kind"):
+    assert tuple(POLICY_FITTERS) == STAGE1_POLICY_KINDS
+    assert set(POLICY_KINDS) == {*STAGE1_POLICY_KINDS, "cascade"}
+    with pytest.raises(BadInputError, match="fit_cascade_policy"):
         fit_policy("cascade", logits, y, ids)
+    with pytest.raises(BadInputError, match="policy kind"):
+        fit_policy("bagging", logits, y, ids)
 
 
 def test_policy_fit_config_is_frozen_strict_and_keeps_the_defaults():
