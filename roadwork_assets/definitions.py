@@ -28,6 +28,10 @@ from roadwork_assets.defs.resources import (
     env_settings,
 )
 from roadwork_assets.defs.training.assets import checkpoint, embeddings, logits
+from roadwork_assets.defs.training.multiview_assets import (
+    multiview_checkpoint,
+    multiview_logits,
+)
 
 ALL_ASSETS = [
     source_images,
@@ -36,6 +40,8 @@ ALL_ASSETS = [
     embeddings,
     checkpoint,
     logits,
+    multiview_checkpoint,
+    multiview_logits,
     *policy_assets,
     bundle,
     test_report,

@@ -123,11 +123,24 @@ SPLIT_READ_POLICY: dict[str, ReadRule] = {
         "val_select",
     ),
     "logits": _rule(ROLE_INFERENCE, "model outputs of its own split only", SAME_PARTITION),
+    "multiview_checkpoint": _rule(
+        ROLE_MODEL_FITTING,
+        "stage 2: attention aggregator fit on train view logits, aggregator chosen on "
+        "val_select",
+        "train",
+        "val_select",
+    ),
+    "multiview_logits": _rule(
+        ROLE_INFERENCE, "stage-2 outputs of its own split only", SAME_PARTITION
+    ),
     POLICY_ASSET_NAMES["softmax"]: _rule(
         ROLE_POLICY_FITTING, "calibrator on val_calib part A, thresholds on part B", "val_calib"
     ),
     POLICY_ASSET_NAMES["gate"]: _rule(ROLE_POLICY_FITTING, "failure gate on val_calib only", "val_calib"),
     POLICY_ASSET_NAMES["scrc"]: _rule(ROLE_POLICY_FITTING, "conformal sets on val_calib only", "val_calib"),
+    POLICY_ASSET_NAMES["cascade"]: _rule(
+        ROLE_POLICY_FITTING,
+        "both stages' calibrators on val_calib part A, the one lambda on part B", "val_calib"),
     "bundle": _rule(ROLE_EXPORT, "packages fitted artifacts; reads no partition"),
     "test_report": _rule(ROLE_FINAL_EVALUATION, "held-out evaluation", "val_test"),
 }

@@ -332,9 +332,16 @@ class ArtifactRegistry:
     def logits(self, split: str) -> Path:
         return self.root / "logits" / f"{_check_split(split)}.npz"
 
+    @property
+    def multiview_checkpoint(self) -> Path:
+        return self.root / "multiview_checkpoint" / "aggregator.json"
+
+    def multiview_logits(self, split: str) -> Path:
+        return self.root / "multiview_logits" / f"{_check_split(split)}.npz"
+
     # policies
     def policy(self, name: str) -> Path:
-        if name not in {"softmax", "gate", "scrc"}:
+        if name not in {"softmax", "gate", "scrc", "cascade"}:
             raise ValueError(f"unknown policy artifact {name!r}")
         return self.root / "policies" / f"{name}.json"
 

@@ -19,12 +19,14 @@ PER_SPLIT: dict[str, Callable[[ArtifactRegistry, str], Path]] = {
     "split_manifest": ArtifactRegistry.split_manifest,
     "embeddings": ArtifactRegistry.embeddings,
     "logits": ArtifactRegistry.logits,
+    "multiview_logits": ArtifactRegistry.multiview_logits,
 }
 # unpartitioned assets: one file each
 FIXED: dict[str, Callable[[ArtifactRegistry], Path]] = {
     "source_images": lambda reg: reg.source_table,
     "split_assignment": lambda reg: reg.split_assignment,
     "checkpoint": lambda reg: reg.checkpoint,
+    "multiview_checkpoint": lambda reg: reg.multiview_checkpoint,
     **{name: (lambda reg, kind=kind: reg.policy(kind)) for kind, name in POLICY_ASSET_NAMES.items()},
     "bundle": lambda reg: reg.latest_bundle_pointer,
     "test_report": lambda reg: reg.test_report,

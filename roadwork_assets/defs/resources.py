@@ -97,7 +97,22 @@ class ExitPolicyResource(dg.ConfigurableResource):
         "defer between; two_way: one threshold, nothing deferred")
     positive_fdr: float = Field(0.05, gt=0, lt=1, description="target share of negatives "
                                 "among positive exits (three_way t_hi)")
-    bundle_policy: Literal["softmax", "gate", "scrc"] = "softmax"
+    bundle_policy: Literal["cascade", "softmax", "gate", "scrc"] = Field(
+        "cascade", description="the ONE policy the bundle ships: cascade (stage 1 exits the "
+        "confident, stage 2 decides the rest, FNR <= alpha over the composed decision) or a "
+        "stage-1-only policy (softmax | gate | scrc; its deferrals are emitted as roadwork)")
+    latency_budget_s: float = Field(
+        1.0, gt=0, description="cascade: per-image latency budget (stage 1 + routing rate x "
+        "stage 2), well under the validator's 9 s; among certified configurations the best "
+        "estimated reward within it is served")
+    latency_stage1_s: float | None = Field(
+        None, ge=0, description="cascade: stage 1's per-image latency; None = measured at fit "
+        "time on this machine (batch 1, median)")
+    latency_stage2_s: float | None = Field(
+        None, ge=0, description="cascade: stage 2's per-image latency; None = measured")
+    cascade_alphas: list[float] = Field(
+        [0.01, 0.02, 0.05, 0.1, 0.15, 0.2], description="the alpha frontier: the cascade "
+        "refitted at each alpha to show what it costs in reward ([] skips it)")
     conformal_alpha: float = Field(0.05, gt=0, lt=1, description="1 - set coverage")
     gate_risk: float = Field(0.02, gt=0, lt=1, description="target error among accepted")
     export_onnx: bool = True

@@ -25,10 +25,11 @@ def test_derived_reads_match_policy_table_exactly(graph):
     assert set(derived) == set(SPLIT_READ_POLICY), "every asset has a policy row and vice versa"
     # the table, spelled out: a change to either side must be deliberate
     assert derived["checkpoint"] == {None: {"train", "val_select"}}
+    assert derived["multiview_checkpoint"] == {None: {"train", "val_select"}}
     for fitted in ("thresholds", "gate_params", "conformal_sets"):
         assert derived[fitted] == {None: {"val_calib"}}
     assert derived["test_report"] == {None: {"val_test"}}
-    for per_split in ("embeddings", "logits"):
+    for per_split in ("embeddings", "logits", "multiview_logits"):
         assert derived[per_split] == {s: {s} for s in SPLITS}
     for reads_none in ("source_images", "bundle"):
         assert derived[reads_none] == {None: set()}

@@ -55,7 +55,9 @@ def test_real_graph_taint_is_transitive_and_accepted(graph):
         assert _splits(carried, "split_manifest", s) == {s}
         assert _splits(carried, "embeddings", s) == {s}
         assert _splits(carried, "logits", s) == {"train", "val_select", s}
+        assert _splits(carried, "multiview_logits", s) == {"train", "val_select", s}
     assert _splits(carried, "checkpoint") == {"train", "val_select"}
+    assert _splits(carried, "multiview_checkpoint") == {"train", "val_select"}
     for policy in ("thresholds", "gate_params", "conformal_sets"):
         assert _splits(carried, policy) == {"train", "val_select", "val_calib"}
     assert _splits(carried, "bundle") == {"train", "val_select", "val_calib"}
@@ -67,7 +69,8 @@ def test_real_graph_taint_is_transitive_and_accepted(graph):
 
 
 def test_never_carry_is_derived_from_the_role():
-    assert SPLIT_READ_POLICY["checkpoint"].never_carry == {"val_calib", "val_test"}
+    for model in ("checkpoint", "multiview_checkpoint"):
+        assert SPLIT_READ_POLICY[model].never_carry == {"val_calib", "val_test"}
     for policy in ("thresholds", "gate_params", "conformal_sets"):
         assert SPLIT_READ_POLICY[policy].never_carry == {"val_test"}
     assert SPLIT_READ_POLICY["bundle"].never_carry == {"val_test"}
@@ -82,11 +85,14 @@ def test_only_the_splitter_may_narrow_its_taint():
                  carries=CARRIES_OWN_SPLIT)
 
 
-def _with(monkeypatch, name: str, rule: ReadRule, asset) -> None:
+def _with(monkeypatch, name: str, rule: ReadRule, asset, replace: bool = False) -> None:
+    """Add ``asset`` to the graph, or with ``replace`` put it in place of the real one."""
     import roadwork_assets.definitions as d
 
     monkeypatch.setitem(SPLIT_READ_POLICY, name, rule)
-    monkeypatch.setattr(d, "ALL_ASSETS", [*ALL_ASSETS, asset])
+    kept = [a for a in ALL_ASSETS
+            if not (replace and name in {k.to_user_string() for k in a.keys})]
+    monkeypatch.setattr(d, "ALL_ASSETS", [*kept, asset])
 
 
 def test_policy_fitter_taking_test_report_as_input_is_refused_at_definition_time(
@@ -119,7 +125,7 @@ def test_checkpoint_like_asset_reading_thresholds_is_refused(tmp_path, monkeypat
 
     _with(monkeypatch, "multiview_checkpoint",
           _rule(ROLE_MODEL_FITTING, "views + aggregator", "train", "val_select"),
-          multiview_checkpoint)
+          multiview_checkpoint, replace=True)
     import roadwork_assets.definitions as d
 
     with pytest.raises(LeakageError) as err:

@@ -89,6 +89,9 @@ class Bundle:
     checkpoint: dict[str, Any]
     model: Any = None  # the RoadworkClassifier rebuilt from the checkpoint (eval mode)
     onnx_checked: bool = False  # ONNX Runtime was compared with torch on the probe
+    # cascade bundles only: stage 2's artifact (stage2.json) and network over `model`
+    stage2: Any = None  # contracts.multiview_schemas.MultiviewCheckpoint
+    stage2_model: Any = None  # core.models.multiview.MultiviewModel (eval mode)
 
 
 def _describe(directory: Path, name: str) -> BundleFile:

@@ -1,0 +1,120 @@
+"""Stage 2 assets: checkpoint + embeddings[train, val_select] -> multiview_checkpoint
+(views + aggregator chosen on val_select) -> multiview_logits[split]."""
+
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+
+from roadwork_assets.contracts.errors import ArtifactIntegrityError
+from roadwork_assets.contracts.multiview_schemas import load_multiview_checkpoint
+from roadwork_assets.core.artifacts import code_version, file_sha256, read_npz, staged_path
+from roadwork_assets.core.training.multiview import compute_multiview_logits, fit_multiview
+from roadwork_assets.defs.asset_paths import asset_path
+from roadwork_assets.defs.partitions import MODEL_FITTING_SPLITS, split_partitions
+from roadwork_assets.defs.promotion import StagedFiles, materialize_result
+from roadwork_assets.defs.resources import ArtifactRegistryResource
+from roadwork_assets.defs.split_reads import split_reads_check_spec
+from roadwork_assets.defs.training.assets import LOGITS_CHECK, _logits_check
+
+MULTIVIEW_CHECK = "multiview_checkpoint_loadable"
+
+
+@dg.asset(
+    group_name="model",
+    ins={"embeddings": dg.AssetIn(partition_mapping=MODEL_FITTING_SPLITS)},
+    code_version=code_version(),
+    check_specs=[
+        split_reads_check_spec("multiview_checkpoint"),
+        dg.AssetCheckSpec(MULTIVIEW_CHECK, asset="multiview_checkpoint", blocking=True,
+                          description="loads and matches its schema "
+                          "(contracts.multiview_schemas.MultiviewCheckpoint)"),
+    ],
+    description="Stage 2: the stage-1 checkpoint on ten-crop views, pooled by the "
+    "aggregator (mean, max, attention) chosen on val_select; attention fit on train.",
+)
+def multiview_checkpoint(
+    context: dg.AssetExecutionContext,
+    checkpoint: dict,
+    embeddings: dict[str, dict[str, np.ndarray]],
+    artifacts: ArtifactRegistryResource,
+):
+    reg = artifacts.registry
+    dest = asset_path(reg, "multiview_checkpoint")
+    staged = staged_path(dest)
+    stage2 = fit_multiview(checkpoint, embeddings,
+                           checkpoint_sha256=file_sha256(asset_path(reg, "checkpoint")),
+                           dest=staged)
+    loaded = _multiview_check(staged)
+    table = pd.DataFrame([row.model_dump() for row in stage2.comparison])
+    per_row = {f"val_select_{row.aggregator}_{k}": dg.MetadataValue.float(float(v))
+               for row in stage2.comparison
+               for k, v in (("auroc", row.auroc), ("balanced_accuracy", row.balanced_accuracy),
+                            ("fnr", row.fnr), ("nll", row.nll)) if v is not None}
+    context.log.info("stage 2 on val_select:\n" + table.round(4).to_string(index=False))
+    return materialize_result(
+        context, StagedFiles.at(dest), checks=[loaded], data_version=stage2.data_version,
+        metadata={
+            "aggregator": stage2.aggregator,
+            "selection_metric": stage2.selection_metric,
+            "view_source": stage2.view_source,
+            "views": dg.MetadataValue.json(stage2.views),
+            "crop_scale": dg.MetadataValue.float(stage2.crop_scale or 0.0),
+            "input_size": stage2.input_size,
+            "ten_crop_skipped_reason": stage2.ten_crop_skipped_reason or "not skipped",
+            "comparison": dg.MetadataValue.md(table.round(4).to_markdown(index=False)),
+            **per_row,
+            "checkpoint_sha256": stage2.checkpoint_sha256,
+            "data_version": stage2.data_version,
+        },
+    )
+
+
+def _multiview_check(path: Path) -> dg.AssetCheckResult:
+    try:
+        stage2 = load_multiview_checkpoint(path)
+    except ArtifactIntegrityError as exc:
+        return dg.AssetCheckResult(check_name=MULTIVIEW_CHECK, passed=False,
+                                   description=str(exc))
+    return dg.AssetCheckResult(check_name=MULTIVIEW_CHECK, passed=True,
+                               metadata={"aggregator": stage2.aggregator,
+                                         "n_views": len(stage2.views)})
+
+
+@dg.asset(
+    group_name="model",
+    partitions_def=split_partitions,
+    code_version=code_version(),
+    check_specs=[
+        split_reads_check_spec("multiview_logits"),
+        dg.AssetCheckSpec(LOGITS_CHECK, asset="multiview_logits", blocking=True,
+                          description="finite; one row per split_manifest item, same order "
+                          "and labels"),
+    ],
+    description="[N, 1, 2] stage-2 logits of one split: views pooled by the aggregator.",
+)
+def multiview_logits(
+    context: dg.AssetExecutionContext,
+    checkpoint: dict,
+    multiview_checkpoint: Path,
+    embeddings: dict[str, np.ndarray],
+    split_manifest: pd.DataFrame,
+    artifacts: ArtifactRegistryResource,
+):
+    split = context.partition_key
+    reg = artifacts.registry
+    dest = asset_path(reg, "multiview_logits", split)
+    staged = staged_path(dest)
+    summary = compute_multiview_logits(
+        checkpoint, load_multiview_checkpoint(multiview_checkpoint), embeddings, split, staged,
+        checkpoint_sha256=file_sha256(asset_path(reg, "checkpoint")),
+        multiview_sha256=file_sha256(multiview_checkpoint))
+    written = read_npz(staged)
+    aligned = _logits_check(written, split_manifest)
+    data_version = str(written["data_version"])
+    return materialize_result(
+        context, StagedFiles.at(dest), data_version=data_version, checks=[aligned],
+        metadata={"split": split, **summary, "data_version": data_version,
+                  "checkpoint_sha256": str(written["checkpoint_sha256"]),
+                  "multiview_checkpoint_sha256": str(written["multiview_checkpoint_sha256"])})
