@@ -87,8 +87,11 @@ BUNDLE_LAYOUT: dict[str, str] = {
     "policy": "policy.json",
     "onnx": "model.onnx",
     "probe": "probe.npz",
+    "stage2": "stage2.json",  # cascade bundles only: the MultiviewCheckpoint (stage 2)
+    "stage2_onnx": "stage2.onnx",  # cascade bundles only, with ONNX export: stage 2's network
 }
 BUNDLE_REQUIRED_ROLES = ("checkpoint", "policy", "probe")
+STAGE2_ROLES = ("stage2", "stage2_onnx")
 BUNDLE_IMG_SIZE = (16, 1024)  # what TrainerConfig accepts
 BUNDLE_N_VIEWS = (1, 4)  # make_views: identity, h-flip, zoom, zoomed h-flip
 
@@ -126,6 +129,17 @@ class BundleFile(BaseModel):
         return value
 
 
+class BundleStage2(BaseModel):
+    """What a cascade bundle's stage 2 is (a summary of its ``stage2.json``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    aggregator: Literal["mean", "max", "attention"]
+    view_source: Literal["ten_crop", "cached_views"]
+    views: list[str] = Field(min_length=1)
+    crop_scale: float | None = None
+    input_size: int
+
+
 class BundleManifest(BaseModel):
     """schema_version 2 (closed bundles): fixed flat layout, a stored probe batch, the
     checkpoint's sha256 in the provenance, bounded img_size / n_views. Version-1
@@ -134,10 +148,15 @@ class BundleManifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     schema_version: Literal[2] = 2
     bundle_id: str
-    policy_kind: Literal["softmax", "gate", "scrc"]
+    policy_kind: Literal["softmax", "gate", "scrc", "cascade"]
     files: dict[str, BundleFile] = Field(
-        description="role -> file; roles: checkpoint, policy, probe, onnx (optional)"
+        description="role -> file; roles: checkpoint, policy, probe, onnx (optional); "
+        "cascade bundles also stage2 and stage2_onnx (with onnx)"
     )
+    stages: Literal[1, 2] = Field(
+        1, description="2 for a cascade (stage 1 exits, stage 2 decides the routed images)")
+    stage2: BundleStage2 | None = Field(None, description="the cascade's stage 2; None "
+                                        "for a one-stage bundle")
     backbone_name: str
     mode: Literal["end_to_end", "frozen"]
     img_size: int
@@ -180,6 +199,20 @@ class BundleManifest(BaseModel):
             raise ValueError(f"files names no {', '.join(missing)} file{extra}")
         if self.provenance.checkpoint_sha256 is None:
             raise ValueError("provenance.checkpoint_sha256 is missing")
+        return self._stages_agree()
+
+    def _stages_agree(self) -> BundleManifest:
+        cascade = self.policy_kind == "cascade"
+        carried = [r for r in STAGE2_ROLES if r in self.files]
+        if not cascade and (carried or self.stages != 1 or self.stage2 is not None):
+            raise ValueError(f"a {self.policy_kind!r} bundle has one stage and carries no "
+                             f"stage-2 files (it names {carried}, stages {self.stages})")
+        if cascade and ("stage2" not in self.files or self.stages != 2 or self.stage2 is None):
+            raise ValueError("a cascade bundle has stages 2, a stage2 summary and a "
+                             "stage2 file (stage2.json)")
+        if ("onnx" in self.files) != ("stage2_onnx" in self.files) and cascade:
+            raise ValueError("a cascade bundle exports both stages to ONNX or neither "
+                             "(onnx and stage2_onnx)")
         return self
 
 
@@ -239,6 +272,61 @@ class ScoreShift(BaseModel):
     note: str | None = None
 
 
+class ServedRowMetrics(BaseModel):
+    """One way of serving, scored from the val_test logits (clean images, no augmentation):
+    its decisions as the validator binarises them (np.round at 0.5), every image answered."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str  # cascade_served, stage1_served, single_view_0.5, stage2_0.5
+    description: str
+    n: int
+    accuracy: float
+    balanced_accuracy: float
+    mcc: float = Field(description="sklearn MCC, not clamped")
+    fnr: RateWithInterval
+    fpr: RateWithInterval
+    reward: float = Field(description="closed-form StreetVision reward at this row's TPR/TNR "
+                          "(labels 50/50, (0.5 max(0, MCC@100) + 0.5 acc@10)^3), clean images")
+    routing_rate: float | None = Field(None, description="cascade only: share of images "
+                                       "decided by stage 2")
+
+
+class CascadeServing(BaseModel):
+    """How the cascade bundle served val_test: routing and latency per image."""
+
+    model_config = ConfigDict(extra="forbid")
+    n_routed: int
+    routing_rate: float = Field(description="share of val_test images decided by stage 2")
+    expected_latency_s: float = Field(
+        description="latency_stage1_s + routing_rate * latency_stage2_s (val_test routing)")
+    latency_stage1_s: float
+    latency_stage2_s: float
+    latency_budget_s: float
+    latency_budget_met: bool = Field(description="expected_latency_s <= latency_budget_s")
+    latency_source: str = Field(description="the policy's: measured or configured")
+    policy_routing_rate: float = Field(description="the policy's routing rate on val_calib")
+    alpha: float
+    lam: float
+    crc_bound: float = Field(description="the policy's CRC bound on val_calib at the served λ")
+    stage2_sha256: str | None
+
+
+class PriceOfGuarantee(BaseModel):
+    """What the FNR guarantee costs: the reference miner (the calibrated single-view model
+    at 0.5) minus the bundle as served. Positive = the guarantee costs that much."""
+
+    model_config = ConfigDict(extra="forbid")
+    reference: str = "single_view_0.5"
+    served: str  # cascade_served (or stage1_served for a stage-1 bundle)
+    mcc_gap: float = Field(description="val_test MCC of reference minus served (logits)")
+    reward_gap: float = Field(description="closed-form reward of reference minus served (logits)")
+    validator_reward_gap: float | None = Field(
+        None, description="simulated validator reward of reference minus served; None when "
+        "the simulator is off or lacks a row")
+    fnr_reference: float | None
+    fnr_served: float | None
+
+
 class TestReport(BaseModel):
     """Final evaluation on val_test only.
 
@@ -252,7 +340,9 @@ class TestReport(BaseModel):
 
     __test__ = False  # not a pytest class
     model_config = ConfigDict(extra="forbid")
-    schema_version: Literal[2] = 2  # 2: the validator simulation
+    # 2: the validator simulation; 3: the four-row comparison, cascade serving, the price
+    # of the guarantee (a v2 report is refused with 're-materialize test_report')
+    schema_version: Literal[3] = 3
     split: Literal["val_test"] = "val_test"
     n_images: int
     n_positive: int
@@ -283,7 +373,20 @@ class TestReport(BaseModel):
         None, description="the StreetVision validator simulator on val_test, one row per "
         "way of serving (stage1_served, single_view_0.5, ...); None: switched off "
         "(exit_policy.validator_images = 0)")
+    comparison: list[ServedRowMetrics] = Field(
+        default_factory=list, description="the ways of serving side by side on the val_test "
+        "logits: cascade_served, stage1_served, single_view_0.5, stage2_0.5 (those that apply)")
+    skipped_rows: dict[str, str] = Field(
+        default_factory=dict, description="comparison rows left out, and why")
+    cascade: CascadeServing | None = Field(None, description="cascade bundles only")
+    price_of_guarantee: PriceOfGuarantee | None = None
     provenance: Provenance
+
+    def row(self, name: str) -> ServedRowMetrics:
+        for r in self.comparison:
+            if r.name == name:
+                return r
+        raise KeyError(f"no comparison row {name!r}; rows: {[r.name for r in self.comparison]}")
 
 
 M = TypeVar("M", bound=BaseModel)

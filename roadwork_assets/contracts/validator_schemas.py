@@ -65,7 +65,7 @@ class ValidatorReport(_Frozen):
 class ValidatorRow(_Frozen):
     """One served configuration, scored by the simulated validator."""
 
-    name: str  # e.g. "stage1_served", "single_view_0.5"
+    name: str  # cascade_served, stage1_served, single_view_0.5, stage2_0.5
     description: str
     per_level: list[LevelMetrics]
     reward: RewardEstimate
@@ -89,6 +89,9 @@ class ValidatorSimulation(_Frozen):
     seconds_per_answer: float = Field(
         description="seconds per (image, level) answer, all rows together")
     rows: list[ValidatorRow]
+    skipped: dict[str, str] = Field(
+        default_factory=dict, description="rows left out for this bundle, and why (e.g. no "
+        "stage 2 in a stage-1 bundle)")
     method: str = ValidatorReport.model_fields["method"].default
 
     def row(self, name: str) -> ValidatorRow:
