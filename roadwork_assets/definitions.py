@@ -19,6 +19,7 @@ from roadwork_assets.defs.export.assets import bundle
 from roadwork_assets.defs.io_manager import RegistryIOManager
 from roadwork_assets.defs.leakage_audit import assert_graph_obeys_policy
 from roadwork_assets.defs.policy.assets import policy_assets
+from roadwork_assets.defs.policy.cascade_asset import cascade_policy
 from roadwork_assets.defs.resources import (
     ArtifactRegistryResource,
     DatasetSource,
@@ -43,6 +44,7 @@ ALL_ASSETS = [
     multiview_checkpoint,
     multiview_logits,
     *policy_assets,
+    cascade_policy,
     bundle,
     test_report,
 ]

@@ -39,3 +39,11 @@ def floats(metrics: dict[str, Any]) -> dict[str, dg.MetadataValue]:
         for k, v in metrics.items()
         if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
     }
+
+
+def png_markdown(path: Path, title: str) -> dg.MetadataValue:
+    """A PNG inlined as markdown, so the Dagster UI shows the image itself."""
+    import base64
+
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return dg.MetadataValue.md(f"![{title}](data:image/png;base64,{data})")

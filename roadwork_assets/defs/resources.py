@@ -16,6 +16,7 @@ import dagster as dg
 from pydantic import Field
 
 from roadwork_assets.core.artifacts import ArtifactRegistry
+from roadwork_assets.core.calibration.cascade import CascadeConfig
 from roadwork_assets.core.calibration.policy_config import PolicyFitConfig
 from roadwork_assets.core.data.similarity import NearDuplicateRule
 from roadwork_assets.core.data.splits import DEFAULT_FRACTIONS
@@ -137,6 +138,14 @@ class ExitPolicyResource(dg.ConfigurableResource):
             positive_fdr=self.positive_fdr, conformal_alpha=self.conformal_alpha,
             gate_risk=self.gate_risk,
         )
+
+    def cascade_config(self, latency_stage1_s: float, latency_stage2_s: float) -> CascadeConfig:
+        """The cascade's settings as core reads them, with each stage's latency (measured
+        or configured: the caller decides, `latency_stage*_s` set here win)."""
+        return CascadeConfig(
+            alpha=self.alpha, fit_fraction=self.calib_fit_fraction,
+            latency_stage1_s=latency_stage1_s, latency_stage2_s=latency_stage2_s,
+            latency_budget_s=self.latency_budget_s, alphas=tuple(self.cascade_alphas))
 
 
 def env_settings(environ: dict[str, str] | None = None) -> dict[str, dict[str, tuple]]:

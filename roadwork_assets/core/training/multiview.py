@@ -38,6 +38,7 @@ from roadwork_assets.core.artifacts import (
     combine_versions,
 )
 from roadwork_assets.core.data.transforms import to_float
+from roadwork_assets.core.hashing import unit_hash
 from roadwork_assets.core.models.multiview import (
     AGGREGATORS,
     DEFAULT_CROP_SCALE,
@@ -117,13 +118,37 @@ def compare(name: str, logits: np.ndarray, labels: np.ndarray) -> ViewComparison
         n=len(labels))
 
 
+def subsample_cache(cache: dict[str, np.ndarray], max_images: int,
+                    salt: str = "stage2") -> dict[str, np.ndarray]:
+    """The rows of whole groups (scenes) with the smallest sha256(salt:group) while they fit
+    in ``max_images`` (every row when they all fit, or ``max_images`` = 0): a seeded,
+    history-free sample that never splits a scene. Per-image arrays are cut, the rest kept."""
+    n = len(cache["labels"])
+    if max_images <= 0 or n <= max_images:
+        return cache
+    groups = np.asarray(cache["group_keys"]).astype(str)
+    names, inverse = np.unique(groups, return_inverse=True)
+    sizes = np.bincount(inverse)
+    chosen, total = np.zeros(names.size, bool), 0
+    for g in np.argsort(unit_hash(f"{salt}:{k}" for k in names), kind="stable"):
+        if total + sizes[g] <= max_images:
+            chosen[g], total = True, total + sizes[g]
+    keep = np.flatnonzero(chosen[inverse]) if total else np.arange(max_images)
+    return {k: (v[keep] if isinstance(v, np.ndarray) and v.ndim and len(v) == n else v)
+            for k, v in cache.items()}
+
+
 def fit_multiview(payload: dict[str, Any], caches: dict[str, dict[str, np.ndarray]],
                   checkpoint_sha256: str, dest: Path,
-                  crop_scale: float = DEFAULT_CROP_SCALE) -> MultiviewCheckpoint:
-    """Attention fitted on train, l2 and aggregator chosen on val_select NLL; written."""
+                  crop_scale: float = DEFAULT_CROP_SCALE,
+                  max_train_images: int = 0) -> MultiviewCheckpoint:
+    """Attention fitted on train (at most ``max_train_images`` of it, whole scenes, 0 = all:
+    ten views per image make this the costly part), l2 and aggregator chosen on val_select
+    NLL; written."""
     if set(caches) != {"train", "val_select"}:
         raise BadInputError(f"stage 2 reads train and val_select only, got {sorted(caches)}")
-    train = view_logits(payload, caches["train"], "train", crop_scale)
+    train = view_logits(payload, subsample_cache(caches["train"], max_train_images), "train",
+                        crop_scale)
     select = view_logits(payload, caches["val_select"], "val_select", crop_scale)
     for split, part in (("train", train), ("val_select", select)):
         if len(np.unique(part["labels"])) < 2:

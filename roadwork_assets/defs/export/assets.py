@@ -19,7 +19,7 @@ POLICY_ASSET = POLICY_ASSET_NAMES
 
 @dg.asset(
     group_name="export",
-    deps=["checkpoint", *POLICY_ASSET_NAMES.values()],
+    deps=["checkpoint", "multiview_checkpoint", *POLICY_ASSET_NAMES.values()],
     code_version=code_version(),
     check_specs=[
         split_reads_check_spec("bundle"),
@@ -32,8 +32,9 @@ POLICY_ASSET = POLICY_ASSET_NAMES
                           description="ONNX Runtime serves the same probability and decision "
                           "as torch under the bundle's policy, within the model's fp32 tolerance"),
     ],
-    description="Deployable bundle: checkpoint + the ONE configured exit policy + ONNX "
-    "export + sha256 manifest; `roadwork predict` and `roadwork verify` read it.",
+    description="Deployable bundle: checkpoint + the ONE configured exit policy (the "
+    "cascade by default, with stage 2's artifact and ONNX) + ONNX export + sha256 "
+    "manifest; `roadwork predict` and `roadwork verify` read it.",
 )
 def bundle(
     context: dg.AssetExecutionContext,
@@ -48,6 +49,9 @@ def bundle(
         policy_path=asset_path(reg, policy_asset),
         policy_asset=policy_asset,
         export_onnx_model=exit_policy.export_onnx,
+        # a cascade ships stage 2 as well: its artifact, and its network as ONNX
+        stage2_path=(asset_path(reg, "multiview_checkpoint")
+                     if exit_policy.bundle_policy == "cascade" else None),
     )
     report = extra.pop("onnx_parity", None)  # core.export.onnx_export.ParityReport
     try:

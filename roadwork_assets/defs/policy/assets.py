@@ -50,8 +50,9 @@ _POLICY_WHAT = {
 POLICY_ASSETS = {POLICY_ASSET_NAMES[kind]: (kind, what) for kind, what in _POLICY_WHAT.items()}
 
 
-def _policy_metadata(params: PolicyParams | UnfittedPolicy) -> dict[str, dg.MetadataValue]:
+def policy_metadata(params: PolicyParams | UnfittedPolicy) -> dict[str, dg.MetadataValue]:
     raw = params.model_dump(mode="json")
+    tables = _cascade_tables(raw)
     if raw.get("score_reference"):  # hundreds of scores: show their size, not the list
         ref = raw["score_reference"]
         raw["score_reference"] = {k: ref[k] for k in ("source", "n_positive", "n_negative", "stride")}
@@ -70,7 +71,30 @@ def _policy_metadata(params: PolicyParams | UnfittedPolicy) -> dict[str, dg.Meta
         rows += [f"| {c['method']} | {c['nll']:.4f} | {c['ece']:.4f} | {c['brier']:.4f} |"
                  for c in raw["calibrator_candidates"]]
         meta["calibrator_candidates"] = dg.MetadataValue.md("\n".join(rows))
-    return meta
+    return {**meta, **tables}
+
+
+def _cascade_tables(raw: dict) -> dict[str, dg.MetadataValue]:
+    """A cascade's frontiers as markdown tables (popped from `raw`: hundreds of numbers)."""
+    out = {}
+    for key, cols in (("alpha_frontier", ("alpha", "feasible", "reward", "routing_rate",
+                                          "latency_s", "lam", "rho", "exit_pos_floor")),
+                      ("shape_candidates", ("rho", "exit_pos_floor", "lam", "reward",
+                                            "routing_rate", "latency_s", "within_budget")),
+                      ("frontier", ("lam", "certified", "crc_bound", "fnr", "reward",
+                                    "routing_rate", "latency_s"))):
+        rows = raw.pop(key, None)
+        if not rows:
+            continue
+        step = max(1, len(rows) // 25)  # the lambda grid: every step-th point
+        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(_cell(r.get(c)) for c in cols) + " |" for r in rows[::step]]
+        out[key] = dg.MetadataValue.md("\n".join(lines))
+    return out
+
+
+def _cell(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def _make_policy_asset(name: str, kind: str, what: str):
@@ -111,15 +135,15 @@ def _make_policy_asset(name: str, kind: str, what: str):
             str(calib["data_version"]), checkpoint_sha256=str(calib["checkpoint_sha256"]),
             settings=used_settings(exit_policy=exit_policy))})
         dest = asset_path(artifacts.registry, name)
-        schema = _schema_check(atomic_write_json(staged_path(dest), params))
+        schema = schema_check(atomic_write_json(staged_path(dest), params))
         return materialize_result(context, StagedFiles.at(dest), checks=[schema],
                                   data_version=params.provenance.data_version,
-                                  metadata=_policy_metadata(params))
+                                  metadata=policy_metadata(params))
 
     return _policy_asset
 
 
-def _schema_check(path) -> dg.AssetCheckResult:
+def schema_check(path) -> dg.AssetCheckResult:
     """Re-read what was written and validate it as a reader (the bundle) will."""
     try:
         parsed = parse_policy_artifact(json.loads(path.read_text()))

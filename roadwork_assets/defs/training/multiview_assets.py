@@ -14,7 +14,7 @@ from roadwork_assets.core.training.multiview import compute_multiview_logits, fi
 from roadwork_assets.defs.asset_paths import asset_path
 from roadwork_assets.defs.partitions import MODEL_FITTING_SPLITS, split_partitions
 from roadwork_assets.defs.promotion import StagedFiles, materialize_result
-from roadwork_assets.defs.resources import ArtifactRegistryResource
+from roadwork_assets.defs.resources import ArtifactRegistryResource, TrainerResource
 from roadwork_assets.defs.split_reads import split_reads_check_spec
 from roadwork_assets.defs.training.assets import LOGITS_CHECK, _logits_check
 
@@ -39,13 +39,14 @@ def multiview_checkpoint(
     checkpoint: dict,
     embeddings: dict[str, dict[str, np.ndarray]],
     artifacts: ArtifactRegistryResource,
+    trainer: TrainerResource,
 ):
     reg = artifacts.registry
     dest = asset_path(reg, "multiview_checkpoint")
     staged = staged_path(dest)
     stage2 = fit_multiview(checkpoint, embeddings,
                            checkpoint_sha256=file_sha256(asset_path(reg, "checkpoint")),
-                           dest=staged)
+                           dest=staged, max_train_images=trainer.stage2_train_images)
     loaded = _multiview_check(staged)
     table = pd.DataFrame([row.model_dump() for row in stage2.comparison])
     per_row = {f"val_select_{row.aggregator}_{k}": dg.MetadataValue.float(float(v))
@@ -62,6 +63,7 @@ def multiview_checkpoint(
             "views": dg.MetadataValue.json(stage2.views),
             "crop_scale": dg.MetadataValue.float(stage2.crop_scale or 0.0),
             "input_size": stage2.input_size,
+            "attention_fit_train_images": trainer.stage2_train_images or "all",
             "ten_crop_skipped_reason": stage2.ten_crop_skipped_reason or "not skipped",
             "comparison": dg.MetadataValue.md(table.round(4).to_markdown(index=False)),
             **per_row,
