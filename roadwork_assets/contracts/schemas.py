@@ -285,8 +285,9 @@ class ServedRowMetrics(BaseModel):
     mcc: float = Field(description="sklearn MCC, not clamped")
     fnr: RateWithInterval
     fpr: RateWithInterval
-    reward: float = Field(description="closed-form StreetVision reward at this row's TPR/TNR "
-                          "(labels 50/50, (0.5 max(0, MCC@100) + 0.5 acc@10)^3), clean images")
+    reward: float | None = Field(
+        description="closed-form StreetVision reward at this row's TPR/TNR (labels 50/50, "
+        "(0.5 max(0, MCC@100) + 0.5 acc@10)^3), clean images; None: one class only")
     routing_rate: float | None = Field(None, description="cascade only: share of images "
                                        "decided by stage 2")
 
@@ -319,7 +320,8 @@ class PriceOfGuarantee(BaseModel):
     reference: str = "single_view_0.5"
     served: str  # cascade_served (or stage1_served for a stage-1 bundle)
     mcc_gap: float = Field(description="val_test MCC of reference minus served (logits)")
-    reward_gap: float = Field(description="closed-form reward of reference minus served (logits)")
+    reward_gap: float | None = Field(
+        description="closed-form reward of reference minus served (logits)")
     validator_reward_gap: float | None = Field(
         None, description="simulated validator reward of reference minus served; None when "
         "the simulator is off or lacks a row")

@@ -4,9 +4,14 @@ Layout of ``bundles/<bundle_id>/`` (flat and fixed: ``contracts.schemas.BUNDLE_L
 
     manifest.json   BundleManifest: every file's sha256 and size, provenance
     model.pt        the checkpoint (weights_only loadable)
-    policy.json     the ONE exit policy (softmax | gate | scrc)
+    policy.json     the ONE exit policy (softmax | gate | scrc | cascade)
     probe.npz       a fixed uint8 probe batch and the served outputs torch gave on it
+                    (a cascade: also stage 2's pooled logits of every probe image, and
+                    the stage that served each)
     model.onnx      optional: the network, fixed spatial size, dynamic batch
+    stage2.json     cascade only: stage 2, a copy of the `multiview_checkpoint` artifact
+    stage2.onnx     cascade only, with model.onnx: stage 2 as one network (views +
+                    stage-1 network + aggregator), images [B, 3, S, S] -> logits [B, 2]
 
 A bundle is written in a staging directory and renamed into place, and ``LATEST``
 is then switched atomically, so a crash never leaves a half bundle behind the pointer.
@@ -59,7 +64,6 @@ from roadwork_assets.core.artifacts import (
     publish_directory,
     remove_tree_quietly,
 )
-from roadwork_assets.core.calibration.policies import apply_policy
 from roadwork_assets.core.export.bundle_checks import (
     CHECKPOINT_FILE,
     MANIFEST,
@@ -75,6 +79,23 @@ from roadwork_assets.core.export.bundle_checks import (
     read_policy,
     rebuild_model,
     refuse,
+)
+from roadwork_assets.core.export.cascade_serving import (
+    CascadeParity,
+    is_cascade,
+    onnx_stage2_logits,
+    served_outputs,
+    stage1_served,
+    stage2_served,
+    torch_stage2_logits,
+)
+from roadwork_assets.core.export.stage2_checks import (
+    STAGE2_FILE,
+    STAGE2_ONNX_FILE,
+    check_stage2_lineage,
+    check_stage2_probe,
+    stage2_for_bundle,
+    stage2_summary,
 )
 from roadwork_assets.core.training.checkpoint import load_checkpoint
 
@@ -156,17 +177,24 @@ def build_bundle(
     policy_path: Path,
     policy_asset: str = "the policy asset",
     export_onnx_model: bool = True,
+    stage2_path: Path | None = None,
 ) -> tuple[Path, BundleManifest, dict[str, Any]]:
     """Check lineage, assemble, hash and publish a bundle under its content id; returns
     (dir, manifest, extra numbers). ``LATEST`` is switched separately (``set_latest``),
-    after the caller's checks pass."""
-    from roadwork_assets.core.export.onnx_export import probe_images_uint8, torch_probe_logits
+    after the caller's checks pass. ``stage2_path``: the `multiview_checkpoint` artifact
+    (``aggregator.json``), required when the policy is a cascade (ignored otherwise: a
+    one-stage bundle carries no stage-2 file)."""
+    from roadwork_assets.core.training.multiview import stage2_model
     from roadwork_assets.core.training.pipeline import model_from_checkpoint
 
     payload = load_checkpoint(checkpoint_path)
     lineage = bundle_lineage(checkpoint_path, policy_path, policy_asset, payload=payload)
     provenance = make_provenance(lineage["data_version"], lineage["checkpoint_sha256"])
     policy = parse_policy(json.loads(Path(policy_path).read_text()))
+    img_size = int(payload.get("img_size", payload["config"]["img_size"]))
+    n_views = int(payload["config"]["n_views"])
+    stage2 = (stage2_for_bundle(stage2_path, policy, lineage["checkpoint_sha256"], img_size)
+              if is_cascade(policy) else None)
     bundles_dir.mkdir(parents=True, exist_ok=True)
     # the pid in the name lets the next run collect this folder if this process dies
     staging = Path(tempfile.mkdtemp(prefix=f".staging-{os.getpid()}-", dir=bundles_dir))
@@ -176,20 +204,16 @@ def build_bundle(
         shutil.copyfile(checkpoint_path, staging / CHECKPOINT_FILE)
         atomic_write_json(staging / POLICY_FILE, policy)
         files = {"checkpoint": CHECKPOINT_FILE, "policy": POLICY_FILE, "probe": PROBE_FILE}
-        img_size = int(payload.get("img_size", payload["config"]["img_size"]))
-        n_views = int(payload["config"]["n_views"])
         model, _ = model_from_checkpoint(payload)
-        # the probe batch and what torch serves on it travel with the bundle, so every
-        # load can check that model.pt (and model.onnx) still serve exactly that
-        probe = probe_images_uint8(PROBE_IMAGES, img_size)
-        z_torch, tol = torch_probe_logits(model, probe, n_views)
-        decision, prob = apply_policy(policy, z_torch)
-        atomic_write_npz(staging / PROBE_FILE, images=probe, logits=z_torch.astype(np.float32),
-                         probability=prob.astype(np.float64), decision=decision.astype(np.int8))
+        stages = _Stages(policy, model, n_views, img_size)
+        if stage2 is not None:
+            shutil.copyfile(stage2_path, staging / STAGE2_FILE)  # bytes: policy.stage2_sha256
+            files["stage2"] = STAGE2_FILE
+            stages.stage2_model = stage2_model(model, stage2)
+        stages.write_probe(staging / PROBE_FILE)
         if export_onnx_model:
-            extra = _export_onnx_and_judge(model, policy, staging, probe, z_torch, tol,
-                                           img_size, n_views)
-            files["onnx"] = ONNX_FILE
+            extra = stages.export_onnx_and_judge(staging)
+            files.update(onnx=ONNX_FILE, **({"stage2_onnx": STAGE2_ONNX_FILE} if stage2 else {}))
         described = {role: _describe(staging, name) for role, name in files.items()}
         bundle_id = content_id(described)
         manifest = BundleManifest(
@@ -200,6 +224,8 @@ def build_bundle(
             mode=payload["mode"],
             img_size=img_size,
             n_views=n_views,
+            stages=2 if stage2 is not None else 1,
+            stage2=stage2_summary(stage2) if stage2 is not None else None,
             provenance=provenance,
         )
         atomic_write_json(staging / MANIFEST, manifest)
@@ -210,16 +236,59 @@ def build_bundle(
     return dest, manifest, extra
 
 
-def _export_onnx_and_judge(model, policy, staging: Path, probe, z_torch, tol, img_size: int,
-                           n_views: int) -> dict[str, Any]:
-    """Export model.onnx into the staging folder and judge it on what is served: this
-    policy's probability and decision on the probe batch, ORT against torch."""
-    from roadwork_assets.core.export.onnx_export import export_onnx, judge_served, onnx_probe_logits
+@dataclass
+class _Stages:
+    """The served network(s) of a bundle being built, and what they serve on the probe."""
 
-    export_onnx(model, img_size, staging / ONNX_FILE)
-    parity = judge_served(policy, z_torch, onnx_probe_logits(staging / ONNX_FILE, probe, n_views),
-                          tol)
-    return {**parity.metadata(), "onnx_parity": parity}  # a ParityReport: .passed, .summary()
+    policy: PolicyParams
+    model: Any
+    n_views: int
+    img_size: int
+    stage2_model: Any = None
+    probe: Any = None
+
+    def write_probe(self, path: Path) -> None:
+        """The probe batch and what torch serves on it travel with the bundle, so every
+        load can check that model.pt (and stage 2, and the ONNX files) still serve that.
+        A cascade's stage-2 logits are stored for EVERY probe image, routed or not."""
+        from roadwork_assets.core.export.onnx_export import probe_images_uint8, torch_probe_logits
+
+        self.probe = probe_images_uint8(PROBE_IMAGES, self.img_size)
+        self.z1, self.tol1 = torch_probe_logits(self.model, self.probe, self.n_views)
+        arrays: dict[str, np.ndarray] = {}
+        z2 = None
+        if self.stage2_model is not None:
+            z2, self.tol2 = torch_stage2_logits(self.stage2_model, self.probe)
+            self.z2 = z2.astype(np.float32)
+            z2 = self.z2.astype(np.float64)  # what load re-derives the served outputs from
+        z1 = self.z1.astype(np.float32).astype(np.float64)  # as stored, as load re-derives
+        decision, prob, stage = served_outputs(self.policy, z1, z2)
+        if z2 is not None:
+            arrays.update(stage2_logits=self.z2, stage=stage)
+        atomic_write_npz(path, images=self.probe, logits=self.z1.astype(np.float32),
+                         probability=prob.astype(np.float64), decision=decision.astype(np.int8),
+                         **arrays)
+
+    def export_onnx_and_judge(self, staging: Path) -> dict[str, Any]:
+        """Export model.onnx (and stage2.onnx) into the staging folder and judge them on
+        what is served, ORT against torch on the probe batch: the policy's probability
+        and decision (a cascade: each stage's, ``cascade_serving``)."""
+        from roadwork_assets.core.export.onnx_export import (
+            export_onnx,
+            judge_served,
+            onnx_probe_logits,
+        )
+
+        export_onnx(self.model, self.img_size, staging / ONNX_FILE)
+        z_onnx = onnx_probe_logits(staging / ONNX_FILE, self.probe, self.n_views)
+        parity: Any = judge_served(self.policy, self.z1, z_onnx, self.tol1, serve=stage1_served)
+        if self.stage2_model is not None:
+            export_onnx(self.stage2_model, self.img_size, staging / STAGE2_ONNX_FILE)
+            z2_onnx = onnx_stage2_logits(staging / STAGE2_ONNX_FILE, self.probe)
+            parity = CascadeParity(parity, judge_served(
+                self.policy, self.z2[:, None], z2_onnx[:, None], self.tol2[:, None],
+                serve=stage2_served))
+        return {**parity.metadata(), "onnx_parity": parity}  # .passed, .summary()
 
 
 def _publish_once(staging: Path, dest: Path) -> Path:
@@ -255,10 +324,18 @@ def load_bundle(directory: Path, *, check_onnx: bool = True) -> Bundle:
     except ArtifactIntegrityError as exc:
         raise refuse(directory, str(exc).splitlines()[0]) from exc
     check_lineage(directory, manifest, policy, checkpoint)
+    stage2 = check_stage2_lineage(directory, manifest, policy)
     model = rebuild_model(directory, manifest, checkpoint)
     checked = check_probe(directory, manifest, policy, model, check_onnx)
+    mv = None
+    if stage2 is not None:
+        from roadwork_assets.core.training.multiview import stage2_model
+
+        mv = stage2_model(model, stage2)
+        checked = check_stage2_probe(directory, manifest, policy, mv, check_onnx) and checked
     return Bundle(directory=directory, manifest=manifest, policy=policy,
-                  checkpoint=checkpoint, model=model, onnx_checked=checked)
+                  checkpoint=checkpoint, model=model, onnx_checked=checked,
+                  stage2=stage2, stage2_model=mv)
 
 
 def verify_bundle(directory: Path, *, check_onnx: bool = True) -> BundleManifest:

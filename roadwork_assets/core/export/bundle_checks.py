@@ -20,7 +20,7 @@ from roadwork_assets.contracts.errors import ArtifactIntegrityError
 from roadwork_assets.contracts.policy_schemas import PolicyParams, parse_policy
 from roadwork_assets.contracts.schemas import BUNDLE_LAYOUT, BundleFile, BundleManifest
 from roadwork_assets.core.artifacts import file_sha256, read_npz
-from roadwork_assets.core.calibration.policies import apply_policy
+from roadwork_assets.core.export.cascade_serving import is_cascade, served_outputs, stage1_served
 from roadwork_assets.core.export.onnx_export import (
     judge_served,
     onnx_probe_logits,
@@ -99,6 +99,10 @@ def check_closed(directory: Path, manifest: BundleManifest) -> None:
     if odd:
         raise refuse(directory, "; ".join(odd) + ": a bundle holds regular files only; "
                       + REBUILD)
+    stage2 = [n for n in unlisted if n in (BUNDLE_LAYOUT["stage2"], BUNDLE_LAYOUT["stage2_onnx"])]
+    if stage2:
+        raise refuse(directory, f"{stage2} not listed in {MANIFEST}: only a cascade bundle "
+                      "carries stage-2 files, and lists them; remove them, or " + REBUILD)
     extra_json = [n for n in unlisted if n.endswith(".json")]
     if extra_json:
         raise refuse(directory, f"must hold exactly one exit policy; the manifest names "
@@ -187,10 +191,9 @@ def rebuild_model(directory: Path, manifest: BundleManifest, checkpoint: dict[st
     return model
 
 
-def check_probe(directory: Path, manifest: BundleManifest, policy: PolicyParams, model: Any,
-                 check_onnx: bool) -> bool:
-    """torch reproduces the served outputs stored in probe.npz, and ONNX Runtime serves
-    what torch does, within ``onnx_parity``'s fp32 tolerance. True if ONNX was checked."""
+def _probe_arrays(directory: Path, manifest: BundleManifest,
+                  policy: PolicyParams) -> dict[str, np.ndarray]:
+    """probe.npz, its arrays present and shaped for this manifest (a cascade's too)."""
     try:
         probe = read_npz(directory / PROBE_FILE)
     except (ValueError, OSError, ArtifactIntegrityError) as exc:
@@ -198,23 +201,41 @@ def check_probe(directory: Path, manifest: BundleManifest, policy: PolicyParams,
     s, v = manifest.img_size, manifest.n_views
     shapes = {"images": (np.uint8, 4), "logits": (np.floating, 3),
               "probability": (np.floating, 1), "decision": (np.integer, 1)}
+    if is_cascade(policy):
+        shapes.update(stage2_logits=(np.floating, 2), stage=(np.integer, 1))
     for key, (kind, ndim) in shapes.items():
         arr = probe.get(key)
         if arr is None or not np.issubdtype(arr.dtype, kind) or arr.ndim != ndim:
             raise refuse(directory, f"{PROBE_FILE} lacks a valid {key!r} array; {REBUILD}")
-    images, stored = probe["images"], probe["logits"].astype(np.float64)
+    images, stored = probe["images"], probe["logits"]
     n = len(images)
+    wanted = {"probability": (n,), "decision": (n,), "stage2_logits": (n, 2), "stage": (n,)}
     if (images.shape[1:] != (3, s, s) or stored.shape != (n, v, 2) or n < 1
-            or probe["probability"].shape != (n,) or probe["decision"].shape != (n,)):
+            or any(probe[k].shape != shape for k, shape in wanted.items() if k in shapes)):
         raise refuse(directory, f"{PROBE_FILE} holds images {images.shape} and logits "
-                      f"{stored.shape}, not [N, 3, {s}, {s}] and [N, {v}, 2]; {REBUILD}")
-    decision, prob = apply_policy(policy, stored)
+                      f"{stored.shape}, not [N, 3, {s}, {s}] and [N, {v}, 2] (and one served "
+                      f"output per image); {REBUILD}")
+    return probe
+
+
+def check_probe(directory: Path, manifest: BundleManifest, policy: PolicyParams, model: Any,
+                 check_onnx: bool) -> bool:
+    """torch reproduces the served outputs stored in probe.npz, and ONNX Runtime serves
+    what torch does, within ``onnx_parity``'s fp32 tolerance. True if ONNX was checked.
+    A cascade's stage 1 is judged on what it serves (p1 and its exit); its stage 2 in
+    ``stage2_checks.check_stage2_probe``."""
+    probe = _probe_arrays(directory, manifest, policy)
+    images, stored = probe["images"], probe["logits"].astype(np.float64)
+    v = manifest.n_views
+    stage2 = probe["stage2_logits"].astype(np.float64) if is_cascade(policy) else None
+    decision, prob, stage = served_outputs(policy, stored, stage2)
     if not (np.array_equal(decision, probe["decision"])
-            and np.allclose(prob, probe["probability"], rtol=0, atol=1e-9)):
+            and np.allclose(prob, probe["probability"], rtol=0, atol=1e-9)
+            and (stage2 is None or np.array_equal(stage, probe["stage"]))):
         raise refuse(directory, f"the served outputs stored in {PROBE_FILE} do not follow from "
                       f"{POLICY_FILE} applied to its logits; {REBUILD}")
     z_torch, tol = torch_probe_logits(model, images, v)
-    again = judge_served(policy, z_torch, stored, tol)
+    again = judge_served(policy, z_torch, stored, tol, serve=stage1_served)
     if not again.passed:
         raise refuse(directory, f"{CHECKPOINT_FILE} no longer serves the outputs stored in "
                       f"{PROBE_FILE}: {again.summary()}; the checkpoint or the probe was "
@@ -226,8 +247,9 @@ def check_probe(directory: Path, manifest: BundleManifest, policy: PolicyParams,
     except Exception as exc:  # onnxruntime raises its own, unexported exception types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise refuse(directory, f"{ONNX_FILE} does not run on the probe batch "
-                      f"[N, 3, {s}, {s}] ({first}); {REBUILD}") from exc
-    report = judge_served(policy, z_torch, z_onnx, tol)
+                      f"[N, 3, {manifest.img_size}, {manifest.img_size}] ({first}); "
+                      f"{REBUILD}") from exc
+    report = judge_served(policy, z_torch, z_onnx, tol, serve=stage1_served)
     if not report.passed:
         raise refuse(directory, f"{ONNX_FILE} does not serve what {CHECKPOINT_FILE} serves on "
                       f"the probe batch in {PROBE_FILE}: {report.summary()}; {REBUILD}")

@@ -9,6 +9,7 @@ not a fixed number on raw logits.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from roadwork_assets.core.artifacts import atomic_path
-from roadwork_assets.core.calibration.policies import apply_policy
+from roadwork_assets.core.calibration.policies import apply_policy as _apply_policy
 from roadwork_assets.core.data.transforms import make_views, to_float
 from roadwork_assets.core.models.classifier import RoadworkClassifier
 
@@ -203,9 +204,14 @@ def onnx_parity(model: RoadworkClassifier, onnx_path: Path, img_size: int, polic
 
 
 def judge_served(policy: Any, z_torch: np.ndarray, z_onnx: np.ndarray, tol: np.ndarray,
-                 opt_level: str = PARITY_OPT_LEVEL) -> ParityReport:
+                 opt_level: str = PARITY_OPT_LEVEL,
+                 serve: Callable[[Any, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
+                 ) -> ParityReport:
     """Compare the policy's output on two [N, V, 2] view-logit arrays, given the
-    per-logit fp32 tolerance ``tol`` [N, V, 2] around ``z_torch``."""
+    per-logit fp32 tolerance ``tol`` [N, V, 2] around ``z_torch``. ``serve(policy, z)``
+    -> (decision, probability) is what is compared, ``apply_policy`` unless given (a
+    cascade's stages: ``core.export.cascade_bundle``); it must be monotone in each logit."""
+    apply_policy = serve or _apply_policy
     zt, zo, tz = (np.asarray(a, dtype=np.float64) for a in (z_torch, z_onnx, tol))
     n, n_views = zt.shape[:2]
     if not np.isfinite(zo).all():
