@@ -10,7 +10,7 @@ os.environ.setdefault("DAGSTER_TELEMETRY_DISABLED", "1")
 
 
 def tiny_resources(root, *, n_images: int = 800, alpha: float = 0.05, epochs: int = 16,
-                   bundle_policy: str = "softmax", export_onnx: bool = True) -> dict:
+                   bundle_policy: str = "cascade", export_onnx: bool = True) -> dict:
     """Real resources over a tmp root: small generated dataset, short training."""
     from dagster_mlflow import mlflow_tracking
 
@@ -29,9 +29,10 @@ def tiny_resources(root, *, n_images: int = 800, alpha: float = 0.05, epochs: in
         "io_manager": RegistryIOManager(artifacts=artifacts),
         "artifacts": artifacts,
         "dataset": DatasetSource(default_n_images=n_images, default_image_size=64),
-        "trainer": TrainerResource(img_size=64, epochs=epochs, batch_size=64, threads=2),
+        "trainer": TrainerResource(img_size=64, epochs=epochs, batch_size=64, threads=2,
+                                   stage2_train_images=300),
         "exit_policy": ExitPolicyResource(alpha=alpha, bundle_policy=bundle_policy,
-                                          export_onnx=export_onnx),
+                                          export_onnx=export_onnx, cascade_alphas=[0.05, 0.2]),
         "mlflow": mlflow_tracking.configured({
             "experiment_name": "roadwork_tests",
             "mlflow_tracking_uri": ArtifactRegistry(root).mlflow_tracking_uri,

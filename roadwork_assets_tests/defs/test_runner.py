@@ -74,7 +74,7 @@ def test_stages_follow_the_asset_graph(tmp_path):
         runner.Stage(("split_manifest", "embeddings"), partitioned=True),
         runner.Stage(("checkpoint", "multiview_checkpoint"), partitioned=False),
         runner.Stage(("logits", "multiview_logits"), partitioned=True),
-        runner.Stage(("thresholds", "gate_params", "conformal_sets", "bundle", "test_report"),
-                     partitioned=False),
+        runner.Stage(("thresholds", "gate_params", "conformal_sets", "cascade_policy", "bundle",
+                      "test_report"), partitioned=False),
     )
     assert runner.stages(TOY_DEFS) == (runner.Stage(("toy", "downstream"), partitioned=False),)

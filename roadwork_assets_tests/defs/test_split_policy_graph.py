@@ -26,7 +26,7 @@ def test_derived_reads_match_policy_table_exactly(graph):
     # the table, spelled out: a change to either side must be deliberate
     assert derived["checkpoint"] == {None: {"train", "val_select"}}
     assert derived["multiview_checkpoint"] == {None: {"train", "val_select"}}
-    for fitted in ("thresholds", "gate_params", "conformal_sets"):
+    for fitted in ("thresholds", "gate_params", "conformal_sets", "cascade_policy"):
         assert derived[fitted] == {None: {"val_calib"}}
     assert derived["test_report"] == {None: {"val_test"}}
     for per_split in ("embeddings", "logits", "multiview_logits"):

@@ -58,7 +58,7 @@ def test_real_graph_taint_is_transitive_and_accepted(graph):
         assert _splits(carried, "multiview_logits", s) == {"train", "val_select", s}
     assert _splits(carried, "checkpoint") == {"train", "val_select"}
     assert _splits(carried, "multiview_checkpoint") == {"train", "val_select"}
-    for policy in ("thresholds", "gate_params", "conformal_sets"):
+    for policy in ("thresholds", "gate_params", "conformal_sets", "cascade_policy"):
         assert _splits(carried, policy) == {"train", "val_select", "val_calib"}
     assert _splits(carried, "bundle") == {"train", "val_select", "val_calib"}
     assert _splits(carried, "test_report") == set(SPLITS)
@@ -71,7 +71,7 @@ def test_real_graph_taint_is_transitive_and_accepted(graph):
 def test_never_carry_is_derived_from_the_role():
     for model in ("checkpoint", "multiview_checkpoint"):
         assert SPLIT_READ_POLICY[model].never_carry == {"val_calib", "val_test"}
-    for policy in ("thresholds", "gate_params", "conformal_sets"):
+    for policy in ("thresholds", "gate_params", "conformal_sets", "cascade_policy"):
         assert SPLIT_READ_POLICY[policy].never_carry == {"val_test"}
     assert SPLIT_READ_POLICY["bundle"].never_carry == {"val_test"}
     # a future asset only names its role

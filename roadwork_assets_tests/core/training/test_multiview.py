@@ -114,3 +114,78 @@ def test_loading_a_broken_multiview_checkpoint_is_refused(tmp_path):
     path.write_text('{"schema_version": 9}')
     with pytest.raises(ArtifactIntegrityError, match="schema_version 9"):
         load_multiview_checkpoint(path)
+
+
+class _TinyBackbone(torch.nn.Module):
+    """Position-sensitive features, so every crop and flip gives other logits."""
+
+    num_features = 6
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 6, 5, stride=2)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        return h[..., : h.shape[-2] // 2, :].mean(dim=(2, 3)) + h.amax(dim=(2, 3))
+
+
+def _stage1():
+    from roadwork_assets.core.models.classifier import RoadworkClassifier
+
+    model = RoadworkClassifier(_TinyBackbone()).eval()
+    torch.nn.init.normal_(model.head.weight, std=2.0)
+    return model
+
+
+@pytest.mark.parametrize("aggregator", ["mean", "max", "attention"])
+def test_stage2_network_serves_what_the_graph_pooled(aggregator):
+    """MultiviewModel (bundle, ONNX, predict) against the graph's path: per-view logits
+    of the ten crops through the stage-1 network, then the numpy aggregator."""
+    from roadwork_assets.core.models.multiview import MultiviewModel
+    from roadwork_assets.core.training.multiview import _ten_crop_logits, predict_stage2_logits
+
+    model = _stage1()
+    images = np.random.default_rng(0).integers(0, 256, (9, 3, 40, 40), dtype=np.uint8)
+    views, _ = _ten_crop_logits(model, images, 0.875, 40, 4, torch.device("cpu"))
+    attention = AttentionAggregator(l2=0.1).fit(views, np.arange(9) % 2)
+    net = MultiviewModel(model, view_source="ten_crop", n_views=10, crop_scale=0.875,
+                         input_size=40, aggregator=aggregator, attention=attention.to_params())
+    served = predict_stage2_logits(net, images, batch_size=4)
+    np.testing.assert_allclose(served, aggregate(aggregator, views, attention), atol=1e-5)
+    assert np.ptp(views, axis=1).max() > 0.1  # the views differ: the test can tell them apart
+
+
+def test_stage2_network_on_cached_views_matches_the_frozen_cache():
+    """Frozen mode: stage 2 pools the make_views views the feature cache holds."""
+    from roadwork_assets.core.models.multiview import MultiviewModel
+    from roadwork_assets.core.training.multiview import predict_stage2_logits
+    from roadwork_assets.core.training.trainer import predict_view_logits
+
+    model = _stage1()
+    images = np.random.default_rng(1).integers(0, 256, (5, 3, 32, 32), dtype=np.uint8)
+    views = predict_view_logits(model, images, n_views=4, batch_size=5, device=torch.device("cpu"))
+    net = MultiviewModel(model, view_source="cached_views", n_views=4, crop_scale=None,
+                         input_size=32, aggregator="max")
+    np.testing.assert_allclose(predict_stage2_logits(net, images), max_aggregate(views),
+                               atol=1e-5)
+
+
+def test_attention_fit_sample_keeps_whole_scenes_and_is_stable():
+    from roadwork_assets.core.training.multiview import subsample_cache
+
+    groups = np.repeat([f"scene{i}" for i in range(40)], 5)
+    cache = {"labels": np.arange(200) % 2, "group_keys": groups,
+             "item_ids": np.array([f"i{k}" for k in range(200)]),
+             "features": np.zeros((200, 3, 4, 4), np.uint8), "img_size": np.array("4")}
+    part = subsample_cache(cache, 52)
+    assert len(part["labels"]) == 50 and part["features"].shape[0] == 50
+    assert str(part["img_size"]) == "4"
+    kept = set(part["group_keys"])
+    assert all((groups == g).sum() == (part["group_keys"] == g).sum() for g in kept)
+    # a scene's membership depends on its key alone: adding scenes never moves it
+    more = {k: (np.concatenate([v, v[:5]]) if k != "img_size" else v) for k, v in cache.items()}
+    more["group_keys"] = np.concatenate([groups, ["extra"] * 5])
+    assert set(subsample_cache(more, 52)["group_keys"]) - {"extra"} <= kept | set()
+    assert subsample_cache(cache, 0) is cache and subsample_cache(cache, 500) is cache
