@@ -32,6 +32,7 @@ from roadwork_assets.defs.training.assets import checkpoint, embeddings, logits
 from roadwork_assets.defs.training.multiview_assets import (
     multiview_checkpoint,
     multiview_logits,
+    multiview_views,
 )
 
 ALL_ASSETS = [
@@ -41,6 +42,7 @@ ALL_ASSETS = [
     embeddings,
     checkpoint,
     logits,
+    multiview_views,
     multiview_checkpoint,
     multiview_logits,
     *policy_assets,

@@ -29,8 +29,7 @@ def tiny_resources(root, *, n_images: int = 800, alpha: float = 0.05, epochs: in
         "io_manager": RegistryIOManager(artifacts=artifacts),
         "artifacts": artifacts,
         "dataset": DatasetSource(default_n_images=n_images, default_image_size=64),
-        "trainer": TrainerResource(img_size=64, epochs=epochs, batch_size=64, threads=2,
-                                   stage2_train_images=300),
+        "trainer": TrainerResource(img_size=64, epochs=epochs, batch_size=64, threads=2),
         "exit_policy": ExitPolicyResource(alpha=alpha, bundle_policy=bundle_policy,
                                           export_onnx=export_onnx, cascade_alphas=[0.05, 0.2]),
         "mlflow": mlflow_tracking.configured({

@@ -123,6 +123,9 @@ SPLIT_READ_POLICY: dict[str, ReadRule] = {
         "val_select",
     ),
     "logits": _rule(ROLE_INFERENCE, "model outputs of its own split only", SAME_PARTITION),
+    "multiview_views": _rule(
+        ROLE_INFERENCE, "stage-1 outputs on the views of its own split only", SAME_PARTITION
+    ),
     "multiview_checkpoint": _rule(
         ROLE_MODEL_FITTING,
         "stage 2: attention aggregator fit on train view logits, aggregator chosen on "

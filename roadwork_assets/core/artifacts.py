@@ -336,6 +336,9 @@ class ArtifactRegistry:
     def multiview_checkpoint(self) -> Path:
         return self.root / "multiview_checkpoint" / "aggregator.json"
 
+    def multiview_views(self, split: str) -> Path:
+        return self.root / "multiview_views" / f"{_check_split(split)}.npz"
+
     def multiview_logits(self, split: str) -> Path:
         return self.root / "multiview_logits" / f"{_check_split(split)}.npz"
 

@@ -19,6 +19,7 @@ PER_SPLIT: dict[str, Callable[[ArtifactRegistry, str], Path]] = {
     "split_manifest": ArtifactRegistry.split_manifest,
     "embeddings": ArtifactRegistry.embeddings,
     "logits": ArtifactRegistry.logits,
+    "multiview_views": ArtifactRegistry.multiview_views,
     "multiview_logits": ArtifactRegistry.multiview_logits,
 }
 # unpartitioned assets: one file each

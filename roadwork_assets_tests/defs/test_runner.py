@@ -72,9 +72,11 @@ def test_stages_follow_the_asset_graph(tmp_path):
     assert runner.stages(build_definitions(tiny_resources(tmp_path))) == (
         runner.Stage(("source_images", "split_assignment"), partitioned=False),
         runner.Stage(("split_manifest", "embeddings"), partitioned=True),
-        runner.Stage(("checkpoint", "multiview_checkpoint"), partitioned=False),
-        runner.Stage(("logits", "multiview_logits"), partitioned=True),
-        runner.Stage(("thresholds", "gate_params", "conformal_sets", "cascade_policy", "bundle",
-                      "test_report"), partitioned=False),
+        runner.Stage(("checkpoint",), partitioned=False),
+        runner.Stage(("logits", "multiview_views"), partitioned=True),
+        runner.Stage(("multiview_checkpoint", "thresholds", "gate_params", "conformal_sets"),
+                     partitioned=False),
+        runner.Stage(("multiview_logits",), partitioned=True),
+        runner.Stage(("cascade_policy", "bundle", "test_report"), partitioned=False),
     )
     assert runner.stages(TOY_DEFS) == (runner.Stage(("toy", "downstream"), partitioned=False),)

@@ -55,6 +55,7 @@ def test_real_graph_taint_is_transitive_and_accepted(graph):
         assert _splits(carried, "split_manifest", s) == {s}
         assert _splits(carried, "embeddings", s) == {s}
         assert _splits(carried, "logits", s) == {"train", "val_select", s}
+        assert _splits(carried, "multiview_views", s) == {"train", "val_select", s}
         assert _splits(carried, "multiview_logits", s) == {"train", "val_select", s}
     assert _splits(carried, "checkpoint") == {"train", "val_select"}
     assert _splits(carried, "multiview_checkpoint") == {"train", "val_select"}

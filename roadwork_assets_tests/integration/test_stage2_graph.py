@@ -21,7 +21,10 @@ def test_stage2_multiview_is_fitted_compared_and_aligned(materialized_root):
     assert stage2.aggregator == min(("mean", "max", "attention"), key=lambda a: rows[a].nll)
     print("\nval_select", *(r.model_dump() for r in stage2.comparison), sep="\n")
     for split in SPLITS:
+        n = len(read_npz(reg.logits(split))["logits"])
+        views = read_npz(reg.multiview_views(split))
+        assert views["logits"].shape == (n, 10, 2) and str(views["view_source"]) == "ten_crop"
         z = read_npz(reg.multiview_logits(split))
-        assert z["logits"].shape == (len(read_npz(reg.logits(split))["logits"]), 1, 2)
+        assert z["logits"].shape == (n, 1, 2)
         assert str(z["checkpoint_sha256"]) == file_sha256(reg.checkpoint)
         assert str(z["multiview_checkpoint_sha256"]) == file_sha256(reg.multiview_checkpoint)

@@ -42,10 +42,6 @@ class TrainerConfig(BaseModel):
         [0.01, 0.1, 1.0, 10.0],
         description="frozen mode: inverse L2 strengths swept on val_select",
     )
-    stage2_train_images: int = Field(
-        1500, ge=0, description="stage 2: at most this many train images (whole scenes, "
-        "seeded) give the ten-crop view logits the attention aggregator is fitted on; "
-        "0 = all of train")
     seed: int = 0
 
     @model_validator(mode="after")

@@ -38,7 +38,6 @@ from roadwork_assets.core.artifacts import (
     combine_versions,
 )
 from roadwork_assets.core.data.transforms import to_float
-from roadwork_assets.core.hashing import unit_hash
 from roadwork_assets.core.models.multiview import (
     AGGREGATORS,
     DEFAULT_CROP_SCALE,
@@ -118,38 +117,76 @@ def compare(name: str, logits: np.ndarray, labels: np.ndarray) -> ViewComparison
         n=len(labels))
 
 
-def subsample_cache(cache: dict[str, np.ndarray], max_images: int,
-                    salt: str = "stage2") -> dict[str, np.ndarray]:
-    """The rows of whole groups (scenes) with the smallest sha256(salt:group) while they fit
-    in ``max_images`` (every row when they all fit, or ``max_images`` = 0): a seeded,
-    history-free sample that never splits a scene. Per-image arrays are cut, the rest kept."""
-    n = len(cache["labels"])
-    if max_images <= 0 or n <= max_images:
-        return cache
-    groups = np.asarray(cache["group_keys"]).astype(str)
-    names, inverse = np.unique(groups, return_inverse=True)
-    sizes = np.bincount(inverse)
-    chosen, total = np.zeros(names.size, bool), 0
-    for g in np.argsort(unit_hash(f"{salt}:{k}" for k in names), kind="stable"):
-        if total + sizes[g] <= max_images:
-            chosen[g], total = True, total + sizes[g]
-    keep = np.flatnonzero(chosen[inverse]) if total else np.arange(max_images)
-    return {k: (v[keep] if isinstance(v, np.ndarray) and v.ndim and len(v) == n else v)
-            for k, v in cache.items()}
+def compute_view_logits(payload: dict[str, Any], cache: dict[str, np.ndarray], split: str,
+                        dest: Path, checkpoint_sha256: str,
+                        crop_scale: float = DEFAULT_CROP_SCALE) -> dict[str, Any]:
+    """Per-view logits [N, V, 2] of one split (``view_logits``), written once so that the
+    aggregator fit (train, val_select) and every split's pooled logits reuse them: the
+    views are stage 2's whole cost (ten forward passes per image)."""
+    part = view_logits(payload, cache, split, crop_scale)
+    y = part["labels"]
+    data_version = combine_versions({"checkpoint": payload["data_version"],
+                                     f"embeddings[{split}]": str(cache["data_version"])})
+    atomic_write_npz(
+        dest, logits=part["views"].astype(np.float32), single=part["single"].astype(np.float32),
+        labels=y.astype(np.int8), item_ids=cache["item_ids"], group_keys=cache["group_keys"],
+        split=np.array(split), view_names=np.array(part["names"]),
+        view_source=np.array(part["source"]),
+        crop_scale=np.array(np.nan if part["crop_scale"] is None else part["crop_scale"]),
+        input_size=np.array(part["input_size"]), skipped=np.array(part["skipped"]),
+        data_version=np.array(data_version), checkpoint_sha256=np.array(checkpoint_sha256),
+        assignment_version=np.array(payload["assignment_version"]),
+        code_version=np.array(code_version()))
+    return {"n": len(y), "n_views": len(part["names"]), "view_source": part["source"],
+            "finite": bool(np.isfinite(part["views"]).all())}
+
+
+def _from_npz(views: dict[str, np.ndarray]) -> dict[str, Any]:
+    """A written view-logits artifact as ``view_logits`` returns it."""
+    scale = float(views["crop_scale"])
+    return {"views": views["logits"], "single": views["single"],
+            "labels": views["labels"].astype(np.int64),
+            "names": [str(n) for n in views["view_names"]], "source": str(views["view_source"]),
+            "crop_scale": None if np.isnan(scale) else scale,
+            "input_size": int(views["input_size"]), "skipped": str(views["skipped"])}
 
 
 def fit_multiview(payload: dict[str, Any], caches: dict[str, dict[str, np.ndarray]],
                   checkpoint_sha256: str, dest: Path,
-                  crop_scale: float = DEFAULT_CROP_SCALE,
-                  max_train_images: int = 0) -> MultiviewCheckpoint:
-    """Attention fitted on train (at most ``max_train_images`` of it, whole scenes, 0 = all:
-    ten views per image make this the costly part), l2 and aggregator chosen on val_select
-    NLL; written."""
+                  crop_scale: float = DEFAULT_CROP_SCALE) -> MultiviewCheckpoint:
+    """Stage 2 from the feature caches (computes the views in memory; the graph writes them
+    once as ``multiview_views`` and calls ``fit_aggregator``)."""
     if set(caches) != {"train", "val_select"}:
         raise BadInputError(f"stage 2 reads train and val_select only, got {sorted(caches)}")
-    train = view_logits(payload, subsample_cache(caches["train"], max_train_images), "train",
-                        crop_scale)
-    select = view_logits(payload, caches["val_select"], "val_select", crop_scale)
+    parts = {s: view_logits(payload, c, s, crop_scale) for s, c in caches.items()}
+    data_version = combine_versions({
+        "checkpoint": payload["data_version"],
+        **{f"embeddings[{s}]": str(c["data_version"]) for s, c in caches.items()}})
+    return _fit(parts, checkpoint_sha256, payload["assignment_version"], data_version, dest)
+
+
+def fit_aggregator(views: dict[str, dict[str, np.ndarray]], dest: Path) -> MultiviewCheckpoint:
+    """Stage 2 from the written view logits of train and val_select (``compute_view_logits``),
+    which must come from one checkpoint and one split assignment."""
+    if set(views) != {"train", "val_select"}:
+        raise BadInputError(f"stage 2 reads train and val_select only, got {sorted(views)}")
+    found = {k: {str(v[k]) for v in views.values()}
+             for k in ("checkpoint_sha256", "assignment_version")}
+    for key, values in found.items():
+        if len(values) != 1:
+            raise ArtifactIntegrityError(
+                f"multiview_views[train] and multiview_views[val_select] disagree on {key} "
+                f"({sorted(v[:12] for v in values)}): re-materialize multiview_views for both")
+    data_version = combine_versions({f"multiview_views[{s}]": str(v["data_version"])
+                                     for s, v in views.items()})
+    return _fit({s: _from_npz(v) for s, v in views.items()}, found["checkpoint_sha256"].pop(),
+                found["assignment_version"].pop(), data_version, dest)
+
+
+def _fit(parts: dict[str, dict[str, Any]], checkpoint_sha256: str, assignment_version: str,
+         data_version: str, dest: Path) -> MultiviewCheckpoint:
+    """Attention fitted on train, its l2 and the aggregator chosen on val_select NLL."""
+    train, select = parts["train"], parts["val_select"]
     for split, part in (("train", train), ("val_select", select)):
         if len(np.unique(part["labels"])) < 2:
             raise BadInputError(f"{split} has only one class: cannot fit stage 2")
@@ -163,47 +200,42 @@ def fit_multiview(payload: dict[str, Any], caches: dict[str, dict[str, np.ndarra
     rows += [compare(name, aggregate(name, select["views"], attention), select["labels"])
              for name in AGGREGATORS]
     chosen = min(rows[1:], key=lambda r: r.nll).aggregator
-    data_version = combine_versions({
-        "checkpoint": payload["data_version"],
-        **{f"embeddings[{s}]": str(c["data_version"]) for s, c in caches.items()}})
     artifact = MultiviewCheckpoint(
         aggregator=chosen, view_source=train["source"], views=train["names"],
         crop_scale=train["crop_scale"], input_size=train["input_size"],
         ten_crop_skipped_reason=train["skipped"],
         attention=AttentionParams(**attention.to_params()), comparison=rows,
-        checkpoint_sha256=checkpoint_sha256, assignment_version=payload["assignment_version"],
+        checkpoint_sha256=checkpoint_sha256, assignment_version=assignment_version,
         data_version=data_version, code_version=code_version())
     atomic_write_json(dest, artifact)
     return artifact
 
 
-def compute_multiview_logits(payload: dict[str, Any], stage2: MultiviewCheckpoint,
-                             cache: dict[str, np.ndarray], split: str, dest: Path,
-                             checkpoint_sha256: str,
-                             multiview_sha256: str) -> dict[str, Any]:
-    """[N, 1, 2] aggregated logits of one split, written with both checkpoints' sha256."""
-    if stage2.checkpoint_sha256 != checkpoint_sha256:
+def compute_multiview_logits(stage2: MultiviewCheckpoint, views: dict[str, np.ndarray],
+                             split: str, dest: Path, multiview_sha256: str) -> dict[str, Any]:
+    """[N, 1, 2] pooled logits of one split from its written view logits, stamped with both
+    checkpoints' sha256."""
+    found = str(views["checkpoint_sha256"])
+    if stage2.checkpoint_sha256 != found:
         raise ArtifactIntegrityError(
-            "multiview_checkpoint was fitted on the logits of another stage-1 checkpoint "
-            f"(sha256 {stage2.checkpoint_sha256[:12]}…, current {checkpoint_sha256[:12]}…): "
-            "re-materialize multiview_checkpoint")
-    part = view_logits(payload, cache, split, stage2.crop_scale or DEFAULT_CROP_SCALE)
+            f"multiview_checkpoint was fitted on the views of another stage-1 checkpoint "
+            f"(sha256 {stage2.checkpoint_sha256[:12]}…, multiview_views[{split}] "
+            f"{found[:12]}…): re-materialize multiview_views and multiview_checkpoint")
+    part = _from_npz(views)
     if part["names"] != stage2.views:
         raise ArtifactIntegrityError(
-            f"multiview_checkpoint expects views {stage2.views}, the cache gives "
-            f"{part['names']}: re-materialize multiview_checkpoint")
+            f"multiview_checkpoint expects views {stage2.views}, multiview_views[{split}] "
+            f"holds {part['names']}: re-materialize multiview_checkpoint")
     attention = (AttentionAggregator.from_params(stage2.attention.model_dump())
                  if stage2.attention is not None else None)
     pooled = aggregate(stage2.aggregator, part["views"], attention)[:, None, :]
     y = part["labels"]
-    data_version = combine_versions({"checkpoint": payload["data_version"],
-                                     "multiview_checkpoint": stage2.data_version,
-                                     f"embeddings[{split}]": str(cache["data_version"])})
+    data_version = combine_versions({"multiview_checkpoint": stage2.data_version,
+                                     f"multiview_views[{split}]": str(views["data_version"])})
     atomic_write_npz(dest, logits=pooled.astype(np.float32), labels=y.astype(np.int8),
-                     item_ids=cache["item_ids"], group_keys=cache["group_keys"],
+                     item_ids=views["item_ids"], group_keys=views["group_keys"],
                      split=np.array(split), aggregator=np.array(stage2.aggregator),
-                     data_version=np.array(data_version),
-                     checkpoint_sha256=np.array(checkpoint_sha256),
+                     data_version=np.array(data_version), checkpoint_sha256=np.array(found),
                      multiview_checkpoint_sha256=np.array(multiview_sha256),
                      code_version=np.array(code_version()))
     return {"n": len(y), "n_positive": int(y.sum()), "n_negative": int(len(y) - y.sum()),

@@ -171,21 +171,3 @@ def test_stage2_network_on_cached_views_matches_the_frozen_cache():
     np.testing.assert_allclose(predict_stage2_logits(net, images), max_aggregate(views),
                                atol=1e-5)
 
-
-def test_attention_fit_sample_keeps_whole_scenes_and_is_stable():
-    from roadwork_assets.core.training.multiview import subsample_cache
-
-    groups = np.repeat([f"scene{i}" for i in range(40)], 5)
-    cache = {"labels": np.arange(200) % 2, "group_keys": groups,
-             "item_ids": np.array([f"i{k}" for k in range(200)]),
-             "features": np.zeros((200, 3, 4, 4), np.uint8), "img_size": np.array("4")}
-    part = subsample_cache(cache, 52)
-    assert len(part["labels"]) == 50 and part["features"].shape[0] == 50
-    assert str(part["img_size"]) == "4"
-    kept = set(part["group_keys"])
-    assert all((groups == g).sum() == (part["group_keys"] == g).sum() for g in kept)
-    # a scene's membership depends on its key alone: adding scenes never moves it
-    more = {k: (np.concatenate([v, v[:5]]) if k != "img_size" else v) for k, v in cache.items()}
-    more["group_keys"] = np.concatenate([groups, ["extra"] * 5])
-    assert set(subsample_cache(more, 52)["group_keys"]) - {"extra"} <= kept | set()
-    assert subsample_cache(cache, 0) is cache and subsample_cache(cache, 500) is cache
