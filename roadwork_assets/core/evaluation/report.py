@@ -1,4 +1,6 @@
-"""Final evaluation of a bundle's policy on held-out logits (val_test only)."""
+"""Final evaluation of a bundle's policy on held-out logits (val_test only): a stage-1
+policy from logits[val_test], a cascade from logits[val_test] and multiview_logits[val_test]
+(``apply_cascade``), and the comparison rows (``comparison``) beside it."""
 
 from __future__ import annotations
 
@@ -7,13 +9,33 @@ from typing import Any
 
 import numpy as np
 
-from roadwork_assets.contracts.errors import ArtifactIntegrityError, BadInputError
-from roadwork_assets.contracts.policy_schemas import PolicyParams
-from roadwork_assets.contracts.schemas import Provenance, RateWithInterval, TestReport
+from roadwork_assets.contracts.errors import (
+    ArtifactIntegrityError,
+    BadInputError,
+    InsufficientDataError,
+)
+from roadwork_assets.contracts.policy_schemas import (
+    CascadePolicyParams,
+    PolicyParams,
+    UnfittedPolicy,
+    parse_policy_artifact,
+)
+from roadwork_assets.contracts.schemas import (
+    CascadeServing,
+    Provenance,
+    RateWithInterval,
+    TestReport,
+)
 from roadwork_assets.contracts.validator_schemas import ValidatorSimulation
 from roadwork_assets.core.calibration.metrics import classification_report, reliability_bins
-from roadwork_assets.core.calibration.policies import apply_policy, policy_probability
+from roadwork_assets.core.calibration.policies import apply_policy
+from roadwork_assets.core.evaluation.comparison import (
+    Comparison,
+    compare_served,
+    price_of_guarantee,
+)
 from roadwork_assets.core.evaluation.shift import compare_to_reference
+from roadwork_assets.core.evaluation.validator import binarise
 from roadwork_assets.core.export.bundle import Bundle
 
 ECE_BINS = 15
@@ -30,9 +52,89 @@ def check_same_model(bundle: Bundle, logits_checkpoint_sha256: str) -> None:
         )
 
 
+def check_same_stage2(bundle: Bundle, stage2_logits: dict[str, Any],
+                      stage1_item_ids: np.ndarray) -> None:
+    """Refuse stage-2 logits that another stage-1 checkpoint or another stage 2 produced,
+    or that hold other images (or another order) than the stage-1 logits."""
+    check_same_model(bundle, str(stage2_logits["checkpoint_sha256"]))
+    expected = getattr(bundle.policy, "stage2_sha256", None)
+    if expected is None and "stage2" in bundle.manifest.files:
+        expected = bundle.manifest.files["stage2"].sha256
+    found = str(stage2_logits["multiview_checkpoint_sha256"])
+    if expected is not None and found != expected:
+        raise ArtifactIntegrityError(
+            f"multiview_logits[val_test] were computed by stage 2 {found[:12]}, but bundle "
+            f"{bundle.manifest.bundle_id} ships stage 2 {expected[:12]}: re-materialize "
+            "multiview_logits[val_test] (and cascade_policy and bundle) for one stage 2")
+    if not np.array_equal(np.asarray(stage2_logits["item_ids"]).astype(str),
+                          np.asarray(stage1_item_ids).astype(str)):
+        raise ArtifactIntegrityError(
+            "multiview_logits[val_test] and logits[val_test] hold other images (or another "
+            "order): re-materialize both from one embeddings[val_test]")
+
+
+def stage1_policy_for(bundle: Bundle, raw_policy: Any) -> PolicyParams:
+    """The stage-1 policy (the ``thresholds`` artifact's dict) that the stage1_served row
+    applies to a cascade bundle's stage-1 model: fitted, a stage-1 kind, and fitted on the
+    bundle's checkpoint. Raises with the reason otherwise (the row is then left out)."""
+    policy = parse_policy_artifact(raw_policy)
+    if isinstance(policy, UnfittedPolicy):
+        raise InsufficientDataError(f"the {policy.kind!r} policy could not be fitted: "
+                                    f"{' '.join(policy.reason.split())}")
+    if policy.kind == "cascade":
+        raise BadInputError("the stage-1 row needs a stage-1 policy, got a cascade")
+    expected = bundle.manifest.files["checkpoint"].sha256
+    fitted_on = getattr(policy.provenance, "checkpoint_sha256", None)
+    if fitted_on != expected:
+        raise ArtifactIntegrityError(
+            f"the {policy.kind!r} policy was fitted on checkpoint "
+            f"{(fitted_on or 'unrecorded')[:12]}, the bundle ships {expected[:12]}: "
+            "re-materialize it for the bundle's checkpoint")
+    return policy
+
+
 def _rate(entry: dict[str, Any]) -> RateWithInterval:
     return RateWithInterval(value=entry["value"], errors=entry["k"], n=entry["n"],
                             ci_low=entry["ci_low"], ci_high=entry["ci_high"])
+
+
+def _check_finite(name: str, logits: np.ndarray) -> None:
+    if not np.isfinite(logits).all():
+        bad = np.flatnonzero(~np.isfinite(logits).all(axis=tuple(range(1, logits.ndim))))
+        raise BadInputError(f"{name} hold NaN/inf at rows {bad[:10].tolist()}: "
+                            f"re-materialize {name}")
+
+
+def _served_arrays(policy: PolicyParams, view_logits: np.ndarray, comp: Comparison,
+                   ) -> dict[str, np.ndarray]:
+    """decision (-1 defer / 0 / 1), emitted (served) probability, calibrated probability
+    of the deciding stage, and the single-view model's calibrated probability."""
+    single = comp.served["single_view_0.5"]
+    if policy.kind != "cascade":
+        decision, emitted = apply_policy(policy, view_logits)
+        return {"decision": decision, "emitted": emitted, "calibrated": single,
+                "model": single}
+    if "cascade_served" not in comp.served:
+        raise BadInputError("a cascade bundle is scored with its stage-2 logits: "
+                            f"{comp.skipped.get('cascade_served')}")
+    emitted = comp.served["cascade_served"]
+    calibrated = np.where(comp.stage == 2, comp.served["stage2_0.5"], single)
+    return {"decision": binarise(emitted).astype(np.int8), "emitted": emitted,
+            "calibrated": calibrated, "model": single, "stage": comp.stage}
+
+
+def cascade_serving(policy: CascadePolicyParams, stage: np.ndarray) -> CascadeServing:
+    """Routing on val_test and the expected per-image latency at the policy's latencies."""
+    routing = float(np.mean(np.asarray(stage) == 2)) if np.size(stage) else 0.0
+    latency = policy.latency_stage1_s + routing * policy.latency_stage2_s
+    return CascadeServing(
+        n_routed=int(np.sum(np.asarray(stage) == 2)), routing_rate=routing,
+        expected_latency_s=latency, latency_stage1_s=policy.latency_stage1_s,
+        latency_stage2_s=policy.latency_stage2_s, latency_budget_s=policy.latency_budget_s,
+        latency_budget_met=latency <= policy.latency_budget_s,
+        latency_source=policy.latency_source, policy_routing_rate=policy.routing_rate,
+        alpha=policy.alpha, lam=policy.lam, crc_bound=policy.crc_bound,
+        stage2_sha256=policy.stage2_sha256)
 
 
 def evaluate_bundle_policy(
@@ -44,55 +146,55 @@ def evaluate_bundle_policy(
     provenance: Provenance,
     n_bootstrap: int = 1000,
     validator: ValidatorSimulation | None = None,
+    stage2_logits: np.ndarray | None = None,
+    stage1_policy: PolicyParams | None = None,
 ) -> tuple[TestReport, dict[str, np.ndarray]]:
     """Return the report and the arrays the plots need. ``validator``: the validator
-    simulation of the same bundle (``core.evaluation.validator_rows``), carried as is."""
-    if not np.isfinite(view_logits).all():
-        bad = np.flatnonzero(~np.isfinite(view_logits).all(axis=tuple(range(1, view_logits.ndim))))
-        raise BadInputError(f"val_test logits hold NaN/inf at rows {bad[:10].tolist()}: "
-                            "re-materialize logits[val_test]")
-    decision, emitted = apply_policy(policy, view_logits)
-    calibrated = policy_probability(policy, view_logits)
-    served = classification_report(emitted, labels, threshold=0.5, n_bins=ECE_BINS,
-                                   n_bootstrap=n_bootstrap)
+    simulation of the same bundle (``core.evaluation.validator_rows``), carried as is.
+    A cascade ``policy`` needs ``stage2_logits`` (pooled, [N, 2] or [N, 1, 2]);
+    ``stage1_policy`` (the ``thresholds`` softmax policy) adds its stage1_served row."""
+    _check_finite("val_test logits", view_logits)
+    if stage2_logits is not None:
+        _check_finite("multiview_logits[val_test]", np.asarray(stage2_logits))
+    comp = compare_served(policy, view_logits, labels, stage2_logits=stage2_logits,
+                          stage1_policy=stage1_policy)
+    arrays = _served_arrays(policy, view_logits, comp)
+    rep = {k: classification_report(arrays[k], labels, threshold=0.5, n_bins=ECE_BINS,
+                                    n_bootstrap=n_bootstrap)
+           for k in ("emitted", "calibrated", "model")
+           if k != "model" or arrays["model"] is not arrays["calibrated"]}
+    rep.setdefault("model", rep["calibrated"])  # a stage-1 policy: the same probability
+    served = rep["emitted"]
     # ECE / AUROC of the calibrated probability (the emitted one is remapped on purpose)
-    calib = classification_report(calibrated, labels, threshold=0.5, n_bins=ECE_BINS,
-                                  n_bootstrap=n_bootstrap)
-    served["ece"] = calib["ece"]
-    served["auroc"] = calib["auroc"]
-    policy_rep = classification_report(calibrated, labels, decisions=decision,
-                                       n_bins=ECE_BINS, n_bootstrap=n_bootstrap)
+    served["ece"], served["auroc"] = rep["calibrated"]["ece"], rep["calibrated"]["auroc"]
+    policy_rep = classification_report(arrays["calibrated"], labels,
+                                       decisions=arrays["decision"], n_bins=ECE_BINS,
+                                       n_bootstrap=n_bootstrap)
     # exchangeability check against the policy's own val_calib scores (stored in the policy:
     # this function never reads val_calib)
-    ref = policy.score_reference
-    shift = compare_to_reference(ref, calibrated, labels) if ref is not None else None
+    ref = getattr(policy, "score_reference", None)
+    shift = compare_to_reference(ref, arrays["model"], labels) if ref is not None else None
     cm = served["confusion_matrix"]
+    cascade = policy.kind == "cascade"
     report = TestReport(
-        n_images=int(len(labels)),
-        n_positive=int(labels.sum()),
-        policy_kind=policy.kind,
-        bundle_id=bundle_id,
-        accuracy=served["accuracy"],
-        balanced_accuracy=served["balanced_accuracy"]["value"],
-        mcc=served["mcc"]["value"],
-        auroc=served["auroc"]["value"],
-        ece=served["ece"]["value"],
-        ece_bins=ECE_BINS,
-        fnr=_rate(served["fnr"]),
-        fpr=_rate(served["fpr"]),
+        n_images=int(len(labels)), n_positive=int(labels.sum()), policy_kind=policy.kind,
+        bundle_id=bundle_id, accuracy=served["accuracy"],
+        balanced_accuracy=served["balanced_accuracy"]["value"], mcc=served["mcc"]["value"],
+        auroc=served["auroc"]["value"], ece=served["ece"]["value"], ece_bins=ECE_BINS,
+        fnr=_rate(served["fnr"]), fpr=_rate(served["fpr"]),
         confusion_matrix=[[cm["tn"], cm["fp"]], [cm["fn"], cm["tp"]]],
         policy_fnr=_rate(policy_rep["fnr"]),
         policy_defer_rate=float(policy_rep["defer_rate"]),
-        model_balanced_accuracy=calib["balanced_accuracy"]["value"],
-        served=served,
-        policy=policy_rep,
-        model=calib,
-        score_shift=shift,
-        shift_warning=shift.warning if shift else None,
-        validator=validator,
+        model_balanced_accuracy=rep["model"]["balanced_accuracy"]["value"],
+        served=served, policy=policy_rep, model=rep["model"],
+        score_shift=shift, shift_warning=shift.warning if shift else None,
+        validator=validator, comparison=comp.rows, skipped_rows=comp.skipped,
+        cascade=cascade_serving(policy, comp.stage) if cascade else None,
+        price_of_guarantee=price_of_guarantee(
+            comp.rows, "cascade_served" if cascade else "stage1_served", validator),
         provenance=provenance,
     )
-    return report, {"calibrated": calibrated, "emitted": emitted, "decision": decision}
+    return report, arrays
 
 
 def plot_reliability(calibrated: np.ndarray, labels: np.ndarray, dest: Path) -> Path:

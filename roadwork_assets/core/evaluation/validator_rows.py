@@ -30,13 +30,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from roadwork_assets.contracts.errors import InsufficientDataError
+from roadwork_assets.contracts.errors import BadInputError, InsufficientDataError
+from roadwork_assets.contracts.policy_schemas import PolicyParams
 from roadwork_assets.contracts.validator_schemas import ValidatorRow, ValidatorSimulation
+from roadwork_assets.core.calibration.cascade import apply_cascade, cascade_stage2_probability
 from roadwork_assets.core.calibration.policies import apply_policy, policy_probability
 from roadwork_assets.core.data.images import decode_image
 from roadwork_assets.core.data.transforms import to_model_array
 from roadwork_assets.core.evaluation.validator import LEVELS, simulate_many
 from roadwork_assets.core.export.bundle import Bundle
+from roadwork_assets.core.models.multiview import MultiviewModel
+from roadwork_assets.core.training.multiview import predict_stage2_logits, stage2_model
 from roadwork_assets.core.training.pipeline import model_from_checkpoint
 from roadwork_assets.core.training.trainer import predict_view_logits
 
@@ -44,74 +48,165 @@ PredictFn = Callable[[list[Image.Image]], np.ndarray]
 BATCH_SIZE = 64
 
 
-def _views_read(bundle: Bundle) -> int:
-    """Views the policy reads: a gate reads every view's disagreement, the others the main
+def _views_read(bundle: Bundle, *policies: PolicyParams | None) -> int:
+    """Views the policies read: a gate reads every view's disagreement, the others the main
     view only. View k's logits do not depend on the other views (eval mode), so computing
     fewer serves the same answers as ``BundlePredictor`` at a fraction of the cost."""
-    if bundle.policy.kind == "gate":
-        return bundle.manifest.n_views
-    return min(bundle.policy.main_view + 1, bundle.manifest.n_views)
+    n = bundle.manifest.n_views
+    reads = [n if p.kind == "gate" else min(p.main_view + 1, n)
+             for p in (bundle.policy, *policies) if p is not None]
+    return max(reads)
 
 
 class Stage1Views:
-    """Stage 1's view logits [N, V, 2] of one validator batch (V: the views its policy
-    reads), computed once and shared
-    by every row that reads them (the same batch list object is passed to each row)."""
+    """Stage 1's view logits [N, V, 2] of one validator batch (V: the views its policies
+    read), computed once and shared by every row that reads them (the same batch list
+    object is passed to each row). Keeps the batch's model arrays for stage 2."""
 
-    def __init__(self, bundle: Bundle, *, device: str = "cpu",
-                 batch_size: int = BATCH_SIZE) -> None:
+    def __init__(self, bundle: Bundle, *, device: str = "cpu", batch_size: int = BATCH_SIZE,
+                 policies: Sequence[PolicyParams | None] = ()) -> None:
         self.model = bundle.model if bundle.model is not None else \
             model_from_checkpoint(bundle.checkpoint)[0]
         self.img_size = bundle.manifest.img_size
-        self.n_views = _views_read(bundle)
+        self.n_views = _views_read(bundle, *policies)
         self.device = torch.device(device)
         self.batch_size = batch_size
         self._batch: list[Image.Image] | None = None  # held, so its id cannot be reused
+        self._arrays = np.empty((0, 3, self.img_size, self.img_size), np.uint8)
         self._logits = np.empty((0, self.n_views, 2), np.float32)
 
-    def __call__(self, images: list[Image.Image]) -> np.ndarray:
+    def arrays(self, images: list[Image.Image]) -> np.ndarray:
+        """uint8 [N, 3, S, S]: what both stages read (stage 2 ten-crops these)."""
         if images is not self._batch:
-            arrays = np.stack([to_model_array(im, self.img_size) for im in images])
-            self._logits = predict_view_logits(self.model, arrays, n_views=self.n_views,
+            self._arrays = np.stack([to_model_array(im, self.img_size) for im in images])
+            self._logits = predict_view_logits(self.model, self._arrays, n_views=self.n_views,
                                                batch_size=self.batch_size, device=self.device)
             self._batch = images
+        return self._arrays
+
+    def __call__(self, images: list[Image.Image]) -> np.ndarray:
+        self.arrays(images)
         return self._logits
+
+
+class Stage2Logits:
+    """Stage 2's pooled logits [k, 2] for the images of one batch a row asks for, each image
+    computed at most once per batch: the cascade asks for its routed images only, the
+    stage2_0.5 row for the rest. Stage 2 is deterministic (eval mode), so an image's logits
+    do not depend on which row asked first (up to float rounding across batch shapes)."""
+
+    def __init__(self, model: MultiviewModel, stage1: Stage1Views, *,
+                 batch_size: int = BATCH_SIZE) -> None:
+        self.model, self.stage1, self.batch_size = model, stage1, batch_size
+        self._batch: list[Image.Image] | None = None
+        self._logits = np.empty((0, 2), np.float32)
+        self._done = np.empty(0, bool)
+        self.n_computed = 0  # images stage 2 ran on, over the whole simulation
+
+    def __call__(self, images: list[Image.Image], idx: np.ndarray | None = None) -> np.ndarray:
+        arrays = self.stage1.arrays(images)
+        if images is not self._batch:
+            self._batch = images
+            self._logits = np.full((len(images), 2), np.nan, np.float32)
+            self._done = np.zeros(len(images), bool)
+        idx = np.arange(len(images)) if idx is None else np.asarray(idx, np.int64).ravel()
+        todo = np.unique(idx[~self._done[idx]])
+        if todo.size:
+            self._logits[todo] = predict_stage2_logits(
+                self.model, arrays[todo], batch_size=self.batch_size, device=self.stage1.device)
+            self._done[todo] = True
+            self.n_computed += int(todo.size)
+        return self._logits[idx]
 
 
 @dataclass
 class ServedModels:
-    """What rows read: the bundle's policy and stage 1 (later: stage 2, the cascade)."""
+    """What rows read: the bundle, stage 1's shared views, the policy of the stage1_served
+    row (a cascade bundle: the ``thresholds`` policy; else the bundle's own) and stage 2
+    (cascade bundles with a stage-2 network only)."""
 
     bundle: Bundle
     stage1: Stage1Views
+    stage1_policy: PolicyParams | None = None
+    stage2: Stage2Logits | None = None
 
     @classmethod
-    def of(cls, bundle: Bundle, *, device: str = "cpu") -> ServedModels:
-        return cls(bundle=bundle, stage1=Stage1Views(bundle, device=device))
+    def of(cls, bundle: Bundle, *, stage1_policy: PolicyParams | None = None,
+           device: str = "cpu") -> ServedModels:
+        cascade = bundle.policy.kind == "cascade"
+        row_policy = stage1_policy if cascade else bundle.policy
+        if row_policy is not None and row_policy.kind == "cascade":
+            raise BadInputError("stage1_policy must be a stage-1 policy (softmax / gate / "
+                                "scrc), not a cascade")
+        stage1 = Stage1Views(bundle, device=device, policies=(row_policy,))
+        net = bundle.stage2_model
+        if net is None and cascade and bundle.stage2 is not None:
+            net = stage2_model(stage1.model, bundle.stage2)
+        stage2 = Stage2Logits(net, stage1) if cascade and net is not None else None
+        return cls(bundle=bundle, stage1=stage1, stage1_policy=row_policy, stage2=stage2)
+
+    def no_stage2(self) -> str | None:
+        """Why rows that read stage 2 do not apply; None when they do."""
+        if self.bundle.policy.kind != "cascade":
+            return (f"the bundle serves a {self.bundle.policy.kind!r} policy: a stage-1 "
+                    "bundle has no stage 2")
+        if self.stage2 is None:
+            return ("the cascade bundle carries no stage-2 network (Bundle.stage2 and "
+                    "stage2_model unset): load it with load_bundle")
+        return None
+
+    def no_stage1_policy(self) -> str | None:
+        if self.stage1_policy is None:
+            return ("stage 1 alone needs the stage-1 policy (the fitted `thresholds` "
+                    "softmax policy of the bundle's checkpoint); none was given")
+        return None
 
 
 @dataclass(frozen=True)
 class Row:
     description: str
     build: Callable[[ServedModels], PredictFn]
+    unavailable: Callable[[ServedModels], str | None] = lambda m: None  # why not, or None
+
+
+def _cascade_served(m: ServedModels) -> PredictFn:
+    def predict(images: list[Image.Image]) -> np.ndarray:
+        # served as the bundle serves it: stage 2 is asked for the routed images only (the
+        # callable); Stage2Logits computes each image once per batch and shares it with
+        # stage2_0.5 — outputs are deterministic, so sharing changes no answer
+        return apply_cascade(m.bundle.policy, m.stage1(images),
+                             lambda idx: m.stage2(images, idx))[1]
+    return predict
 
 
 def _stage1_served(m: ServedModels) -> PredictFn:
-    return lambda images: apply_policy(m.bundle.policy, m.stage1(images))[1]
+    return lambda images: apply_policy(m.stage1_policy, m.stage1(images))[1]
 
 
 def _single_view(m: ServedModels) -> PredictFn:
     return lambda images: policy_probability(m.bundle.policy, m.stage1(images))
 
 
+def _stage2_alone(m: ServedModels) -> PredictFn:
+    return lambda images: cascade_stage2_probability(m.bundle.policy, m.stage2(images))
+
+
 # name -> row; the report keeps this order
 ROWS: dict[str, Row] = {
+    "cascade_served": Row(
+        "the cascade as served: stage 1 on every image, stage 2 on the routed images only, "
+        "the served probability binarised at 0.5", _cascade_served, ServedModels.no_stage2),
     "stage1_served": Row(
-        "the bundle's policy as served: its remapped probability (a deferral is emitted "
-        "as roadwork), binarised at 0.5 by the validator", _stage1_served),
+        "stage 1 alone as served today: the stage-1 exit policy's remapped probability (a "
+        "cascade bundle: the `thresholds` softmax policy on its stage-1 model; else the "
+        "bundle's policy; a deferral is emitted as roadwork), binarised at 0.5",
+        _stage1_served, ServedModels.no_stage1_policy),
     "single_view_0.5": Row(
         "the calibrated single-view (main view) model probability at 0.5, no exit policy: "
         "what the reference miner does", _single_view),
+    "stage2_0.5": Row(
+        "stage 2 alone: the calibrated stage-2 (ten-crop pooled) probability at 0.5 on "
+        "every image", _stage2_alone, ServedModels.no_stage2),
 }
 
 
@@ -189,15 +284,25 @@ def simulate_rows(
         seconds=seconds, seconds_per_answer=seconds / (keep.size * len(LEVELS)), rows=rows)
 
 
-def simulate_bundle(bundle: Bundle, uris, items, labels, groups, *, max_images: int,
-                    seed: int = 0, flips: bool = True, device: str = "cpu",
-                    rows: Sequence[str] | None = None) -> ValidatorSimulation:
-    """Every row of ``ROWS`` (or the named ones) for ``bundle``, on the same images."""
-    served = ServedModels.of(bundle, device=device)
+def simulate_bundle(bundle: Bundle | ServedModels, uris, items, labels, groups, *,
+                    max_images: int, seed: int = 0, flips: bool = True,
+                    rows: Sequence[str] | None = None,
+                    stage1_policy: PolicyParams | None = None) -> ValidatorSimulation:
+    """Every row of ``ROWS`` (or the named ones) that applies to ``bundle``, on the same
+    images; the others are listed in ``skipped`` with the reason. ``stage1_policy``: the
+    stage1_served row's policy for a cascade bundle (the ``thresholds`` softmax policy).
+    Pass ``ServedModels.of(bundle, stage1_policy=..., device=...)`` to choose the device."""
+    served = bundle if isinstance(bundle, ServedModels) else \
+        ServedModels.of(bundle, stage1_policy=stage1_policy)
     names = list(ROWS) if rows is None else list(rows)
-    fns = {name: (ROWS[name].description, ROWS[name].build(served)) for name in names}
-    return simulate_rows(uris, items, labels, groups, fns, max_images=max_images, seed=seed,
-                         flips=flips)
+    skipped = {name: why for name in names if (why := ROWS[name].unavailable(served))}
+    fns = {name: (ROWS[name].description, ROWS[name].build(served))
+           for name in names if name not in skipped}
+    if not fns:
+        raise BadInputError(f"no validator row applies to this bundle: {skipped}")
+    sim = simulate_rows(uris, items, labels, groups, fns, max_images=max_images, seed=seed,
+                        flips=flips)
+    return sim.model_copy(update={"skipped": skipped})
 
 
 def rows_table(sim: ValidatorSimulation) -> str:
@@ -226,3 +331,78 @@ def closing_line(sim: ValidatorSimulation) -> str:
     levels = f"L{min(sim.levels)}-L{max(sim.levels)}"
     return (f"validator reward (simulated, {levels}): " + "; ".join(parts)
             + f" ({sim.n_images} val_test images, flips={sim.flips})")
+
+
+def _fnr_text(fnr: dict) -> str:
+    if not fnr["n"]:
+        return "FNR — (no roadwork images)"
+    return (f"FNR {fnr['value']:.4f} ({fnr['errors']}/{fnr['n']}, 95% CI "
+            f"[{fnr['ci_low']:.4f}, {fnr['ci_high']:.4f}])")
+
+
+def _served_line(report: dict) -> str:
+    head = (f"MCC {report['mcc']:.4f}, accuracy {report['accuracy']:.4f}, balanced accuracy "
+            f"{report['balanced_accuracy']:.4f}, {_fnr_text(report['fnr'])}")
+    cascade = report.get("cascade")
+    if cascade is None:
+        auroc = "—" if report["auroc"] is None else f"{report['auroc']:.4f}"
+        return (f"val_test, as served at 0.5: {head}, AUROC {auroc}, policy FNR "
+                f"{report['policy_fnr']['value'] or 0.0:.4f} with "
+                f"{report['policy_defer_rate']:.1%} deferred")
+    fpr = report["fpr"]["value"]
+    return (f"val_test, the cascade as served at 0.5: {head}, FPR "
+            f"{'—' if fpr is None else f'{fpr:.4f}'}; routed to stage 2: "
+            f"{cascade['routing_rate']:.1%} ({cascade['n_routed']}/{report['n_images']}); "
+            f"latency {1000 * cascade['expected_latency_s']:.1f} ms per image expected = "
+            f"stage 1 {1000 * cascade['latency_stage1_s']:.1f} ms + "
+            f"{cascade['routing_rate']:.1%} x stage 2 {1000 * cascade['latency_stage2_s']:.1f} ms "
+            f"({cascade['latency_source']}; budget {1000 * cascade['latency_budget_s']:.0f} ms)")
+
+
+def _rows_line(report: dict) -> str | None:
+    rows = report.get("comparison") or []
+    if not rows:
+        return None
+    parts = [f"{r['name']} MCC {r['mcc']:.4f}, FNR "
+             + ("—" if r["fnr"]["value"] is None else f"{r['fnr']['value']:.4f}")
+             + ("" if r["reward"] is None else f", reward {r['reward']:.3f}")
+             for r in rows]
+    return "val_test at 0.5 (logits, closed-form reward): " + "; ".join(parts)
+
+
+def _price_line(report: dict) -> str | None:
+    price = report.get("price_of_guarantee")
+    if price is None:
+        return None
+    text = (f"price of the guarantee ({price['reference']} minus {price['served']}): "
+            f"MCC {price['mcc_gap']:+.4f}")
+    if price["reward_gap"] is not None:
+        text += f", reward {price['reward_gap']:+.3f} (closed form)"
+    if price["validator_reward_gap"] is not None:
+        text += f", {price['validator_reward_gap']:+.3f} (validator simulated)"
+    return text
+
+
+def closing_lines(report: dict) -> list[str]:
+    """What ``roadwork run`` prints after the graph (without its '[roadwork] ' prefix), from
+    the test report's JSON: the bundle as served (a cascade: routing and latency per
+    stage), the comparison rows from the logits, the price of the guarantee, and the
+    validator reward line with every row it simulated."""
+    from roadwork_assets.contracts.schemas import TestReport, validate_artifact
+
+    # a report of another schema_version is refused with 're-materialize test_report'
+    parsed = validate_artifact(report, TestReport, "test_report")
+    report = parsed.model_dump(mode="json")
+    lines = [_served_line(report)]
+    if report.get("cascade") is None:
+        lines.append("the calibrated model alone at 0.5 (no exit policy): balanced accuracy "
+                     f"{report['model_balanced_accuracy']:.4f}")
+    lines += [line for line in (_rows_line(report), _price_line(report)) if line]
+    if parsed.validator is None:
+        lines.append("validator simulator off (exit_policy.validator_images = 0)")
+    else:
+        lines.append(closing_line(parsed.validator))
+    if report.get("cascade") is not None and parsed.skipped_rows:
+        lines.append("rows left out: " + "; ".join(
+            f"{name} ({why})" for name, why in parsed.skipped_rows.items()))
+    return lines
