@@ -105,7 +105,8 @@ def test_two_policies_or_none_are_refused(bundle_dir, tmp_path):
 def test_predictor_emits_probabilities_that_binarise_to_the_policy(bundle_dir):
     predictor = BundlePredictor.from_dir(bundle_dir)
     images = np.random.default_rng(1).integers(0, 255, (16, 3, 32, 32), dtype=np.uint8)
-    prob, decision = predictor.predict_arrays(images)
+    prob, decision, stage = predictor.predict_arrays(images)
+    assert (stage == 1).all()
     assert ((prob >= 0) & (prob <= 1)).all()
     assert ((prob < 0.5) == (decision == 0)).all()
     assert not (prob == 0.5).any()

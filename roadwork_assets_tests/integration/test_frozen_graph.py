@@ -118,6 +118,6 @@ def test_frozen_vit_graph_ends_in_a_verified_bundle(tmp_path, backbone):
     assert cli.main(["verify", str(bundle_dir)]) == 0
     images = np.stack([np.asarray(Image.open(p).convert("RGB").resize((img_size, img_size))).transpose(2, 0, 1)
                        for p in sorted((data / "roadwork").glob("*.png"))[:4]])
-    prob, decision = BundlePredictor(bundle).predict_arrays(images)
+    prob, decision, _stage = BundlePredictor(bundle).predict_arrays(images)
     assert ((prob < 0.5) == (decision == 0)).all()
     assert seconds < 90

@@ -1,4 +1,9 @@
-"""Serve a verified bundle: images -> probability remapped to 0.5 + three-way decision."""
+"""Serve a verified bundle: images -> probability remapped to 0.5, decision, stage.
+
+One-stage bundles: stage 1 on every image, a three-way decision (positive / negative /
+defer), stage always 1. Cascade bundles: stage 1 on every image, stage 2 on the images
+stage 1 routes ONLY (``apply_cascade``'s callable form), a two-way decision, stage 1 or 2.
+The served probability binarises at 0.5 (np.round: 0.5 -> 0) to the decision."""
 
 from __future__ import annotations
 
@@ -8,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from roadwork_assets.core.calibration.policies import apply_policy
 from roadwork_assets.core.data.images import decode_image
 from roadwork_assets.core.data.transforms import to_model_array
 from roadwork_assets.core.export.bundle import Bundle, load_bundle
+from roadwork_assets.core.export.cascade_serving import is_cascade, served_outputs
 from roadwork_assets.core.training.pipeline import model_from_checkpoint
 from roadwork_assets.core.training.trainer import predict_view_logits
 
@@ -23,9 +28,11 @@ class Prediction:
     path: str
     probability: float
     decision: str
+    stage: int = 1  # which stage served it (2: a cascade routed it to stage 2)
 
     def as_dict(self) -> dict[str, object]:
-        return {"path": self.path, "probability": self.probability, "decision": self.decision}
+        return {"path": self.path, "probability": self.probability, "decision": self.decision,
+                "stage": self.stage}
 
 
 class BundlePredictor:
@@ -40,6 +47,12 @@ class BundlePredictor:
             self.model, _ = model_from_checkpoint(bundle.checkpoint)
         self.device = torch.device(device)
         self.batch_size = batch_size
+        self.stage2_rows = 0  # images stage 2 has run on (routed ones only)
+        self.stage2_model = bundle.stage2_model
+        if self.stage2_model is None and bundle.stage2 is not None:
+            from roadwork_assets.core.training.multiview import stage2_model
+
+            self.stage2_model = stage2_model(self.model, bundle.stage2)
 
     @classmethod
     def from_dir(cls, directory: Path, *, check_onnx: bool = True, **kwargs) -> BundlePredictor:
@@ -47,18 +60,36 @@ class BundlePredictor:
         torch, so ONNX only matters to whoever deploys model.onnx)."""
         return cls(load_bundle(Path(directory), check_onnx=check_onnx), **kwargs)
 
-    def predict_arrays(self, images_uint8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 [N, 3, S, S] -> (remapped probability [N], decision int8 [N])."""
+    def predict_arrays(self, images_uint8: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """uint8 [N, 3, S, S] -> (remapped probability [N], decision int8 [N], stage int8
+        [N]); a cascade runs stage 2 on the routed images only (``stage2_rows`` counts them)."""
         view_logits = predict_view_logits(
             self.model, images_uint8, n_views=self.bundle.manifest.n_views,
             batch_size=self.batch_size, device=self.device,
         )
-        decision, prob = apply_policy(self.bundle.policy, view_logits)
-        return prob, decision
+        stage2 = None
+        if is_cascade(self.bundle.policy):
+            def stage2(idx: np.ndarray) -> np.ndarray:
+                return self.stage2_logits(images_uint8[idx])
+        decision, prob, stage = served_outputs(self.bundle.policy, view_logits, stage2)
+        return prob, decision, stage
+
+    def stage2_logits(self, images_uint8: np.ndarray) -> np.ndarray:
+        """Stage 2's pooled logits [k, 2] of the given images (a cascade bundle only)."""
+        from roadwork_assets.core.training.multiview import predict_stage2_logits
+
+        if self.stage2_model is None:
+            raise ValueError("this bundle has no stage 2 (its policy is not a cascade)")
+        self.stage2_rows += len(images_uint8)
+        return predict_stage2_logits(self.stage2_model, images_uint8,
+                                     batch_size=self.batch_size, device=self.device)
 
     def predict_paths(self, paths: list[str | Path]) -> list[Prediction]:
+        """Any size, JPEG / PNG (RGBA, palette, 16-bit, ...) / WebP: ``decode_image``
+        makes RGB, ``to_model_array`` centre-crops and resizes to the bundle's img_size."""
         size = self.bundle.manifest.img_size
         arrays = np.stack([to_model_array(decode_image(Path(p), str(p)), size) for p in paths])
-        prob, decision = self.predict_arrays(arrays)
-        return [Prediction(str(p), float(pr), DECISION_NAMES[int(d)])
-                for p, pr, d in zip(paths, prob, decision, strict=True)]
+        prob, decision, stage = self.predict_arrays(arrays)
+        return [Prediction(str(p), float(pr), DECISION_NAMES[int(d)], int(st))
+                for p, pr, d, st in zip(paths, prob, decision, stage, strict=True)]
