@@ -1,8 +1,10 @@
 """`roadwork`: the terminal entry point.
 
   roadwork run                     materialize the whole graph through Dagster
-  roadwork predict --bundle DIR IMAGE...   one JSON line per image
+  roadwork predict --bundle DIR IMAGE...   one JSON line per image: path, probability,
+                                   decision, stage (JPEG, PNG, WebP; any size)
   roadwork verify DIR              check a bundle: closed, hashes, lineage, ONNX probe
+                                   (a cascade's stage 2 too)
 """
 
 from __future__ import annotations
@@ -150,6 +152,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     bundle = load_bundle(Path(args.bundle_dir))
     m = bundle.manifest
     print(json.dumps({"ok": True, "bundle_id": m.bundle_id, "policy_kind": m.policy_kind,
+                      "stages": m.stages,
                       "checkpoint_sha256": m.provenance.checkpoint_sha256,
                       "onnx_checked": bundle.onnx_checked,
                       "files": {r: f.sha256 for r, f in m.files.items()}}))

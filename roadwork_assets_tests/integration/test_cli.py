@@ -80,6 +80,7 @@ def test_roadwork_verify_and_predict_cli(materialized_root, tmp_path):
     for line in lines:
         assert 0.0 <= line["probability"] <= 1.0
         assert line["decision"] in {"positive", "negative", "defer"}
+        assert line["stage"] in {1, 2}  # 2: a cascade bundle routed it to stage 2
         # StreetVision binarises at 0.5: the emitted probability agrees with a stage-1 "negative"
         assert (line["probability"] < 0.5) == (line["decision"] == "negative")
 
