@@ -22,7 +22,10 @@ listed files (no symlinks, nothing unlisted), every hash and size matches, the
 bundle id is the content's, the policy and the provenance name this checkpoint, the
 manifest's img_size / n_views / backbone are the checkpoint's, torch reproduces the
 stored probe outputs and ONNX Runtime matches torch on the probe (``onnx_parity``'s
-tolerance). The manifest is unsigned: it proves internal consistency and lineage,
+tolerance). A cascade bundle's stage 2 is checked the same way (``stage2_checks``): the
+policy was fitted with this stage2.json, stage2.json with this model.pt, and torch and
+stage2.onnx reproduce the stored stage-2 logits of every probe image, routed or not.
+The manifest is unsigned: it proves internal consistency and lineage,
 not who made the bundle (see the README).
 """
 
