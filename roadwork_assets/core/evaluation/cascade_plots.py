@@ -125,6 +125,8 @@ def plot_alpha_frontier(params: CascadePolicyParams, path: Path) -> Path:
     axes[0].legend(fontsize=7, loc="best")
     axes[2].legend(fontsize=7, loc="best")
     axes[2].set_xscale("log")
+    alphas = [p.alpha for p in pts] + [params.alpha]
+    axes[2].set_xlim(min(alphas) / 1.3, max(alphas) * 1.3)  # infeasible ones too
     axes[2].set_xlabel("α (FNR target)")
     fig.suptitle(f"Cascade α frontier: {len(ok)} feasible of {len(pts)} (val_calib)",
                  fontsize=9)
