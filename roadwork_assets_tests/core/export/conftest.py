@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from roadwork_assets.contracts.multiview_schemas import MultiviewCheckpoint
+from roadwork_assets.contracts.multiview_schemas import AttentionParams, MultiviewCheckpoint
 from roadwork_assets.core.artifacts import (
     ArtifactRegistry,
     atomic_write_json,
@@ -44,8 +44,11 @@ def save_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
 
 def write_stage2(path: Path, checkpoint_sha256: str, aggregator: str = "mean") -> Path:
     """A MultiviewCheckpoint as `multiview_checkpoint` writes it (aggregator.json)."""
+    attention = AttentionParams(u=0.8, r=-0.3, view_bias=[0.1 * i for i in range(10)],
+                                margin_scale=0.05, l2=0.01)
     artifact = MultiviewCheckpoint(
         aggregator=aggregator, view_source="ten_crop", views=list(TEN_CROP_VIEWS),
+        attention=attention if aggregator == "attention" else None,
         crop_scale=0.875, input_size=IMG, comparison=[], checkpoint_sha256=checkpoint_sha256,
         assignment_version="a", data_version="d" * 64, code_version="c")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -63,11 +66,12 @@ class CascadeFixture:
     extra: dict[str, Any]
 
 
-def fit_cascade_artifacts(reg: ArtifactRegistry, n: int = 400) -> tuple[Path, Path]:
+def fit_cascade_artifacts(reg: ArtifactRegistry, n: int = 400,
+                          aggregator: str = "mean") -> tuple[Path, Path]:
     """Fit the cascade on this checkpoint's own logits of probe-like images, with labels
     both stages see (stage 2 better), so stage 1 routes its uncertain middle."""
     stage2_path = write_stage2(reg.root / "multiview_checkpoint" / "aggregator.json",
-                               file_sha256(reg.checkpoint))
+                               file_sha256(reg.checkpoint), aggregator)
     payload = load_checkpoint(reg.checkpoint)
     model, _ = model_from_checkpoint(payload)
     images = np.concatenate([probe_images_uint8(8, IMG, seed=s) for s in range(1, n // 8 + 1)])

@@ -257,3 +257,16 @@ def test_fit_cascade_artifacts_route_between_the_exits(tmp_path):
     policy_path, _ = fit_cascade_artifacts(reg, n=200)
     policy = json.loads(policy_path.read_text())
     assert 0.05 < policy["routing_rate"] < 0.95
+
+
+@pytest.mark.parametrize("aggregator", ["max", "attention"])
+def test_every_aggregator_exports_and_passes_its_parity(aggregator, tmp_path):
+    reg = ArtifactRegistry(tmp_path)
+    save_tiny_checkpoint(reg.checkpoint)
+    policy_path, stage2_path = fit_cascade_artifacts(reg, n=200, aggregator=aggregator)
+    directory, manifest, extra = build_bundle(
+        reg.bundles_dir, checkpoint_path=reg.checkpoint, policy_path=policy_path,
+        stage2_path=stage2_path)
+    assert extra["onnx_parity"].passed, extra["onnx_parity"].summary()
+    assert manifest.stage2.aggregator == aggregator
+    assert load_bundle(directory).onnx_checked is True
