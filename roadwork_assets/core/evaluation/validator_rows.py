@@ -1,10 +1,16 @@
 """The validator simulator in the test report: named rows, each one way of answering the
 validator with a bundle, scored side by side on the same augmented val_test images.
 
-A row is a name, a description and a builder: ``ServedModels -> predict_fn`` (a list of
+A row is a name, a description, a builder ``ServedModels -> predict_fn`` (a list of
 decoded 224x224 validator images -> one P(roadwork) each, binarised at 0.5 by the
-validator). Adding a row (the cascade as served, stage 2 alone at 0.5) is one entry in
-``ROWS``. Rows that read stage 1 share one forward pass per batch (``Stage1Views``).
+validator) and the reason it does not apply to a bundle, if any (a stage-1 bundle has no
+stage 2: ``cascade_served`` and ``stage2_0.5`` are left out, listed in
+``ValidatorSimulation.skipped``). Rows: ``cascade_served`` (stage 1 on every image, stage 2
+on the routed ones), ``stage1_served`` (the ``thresholds`` policy on the stage-1 model for a
+cascade bundle; the bundle's policy otherwise), ``single_view_0.5``, ``stage2_0.5``. Rows
+that read stage 1 share one forward pass per batch (``Stage1Views``); stage 2 runs at most
+once per image and batch, shared by the cascade and stage2_0.5 (``Stage2Logits``): ten
+crops through the stage-1 network, so about ten stage-1 passes per image.
 
 Cost, bounded by ``max_images`` (a seeded subsample of whole groups): every image is
 decoded once per level (4x; memory holds one original at a time, not 600 decoded
