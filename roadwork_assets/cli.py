@@ -116,21 +116,11 @@ def _run_locked(args: argparse.Namespace, root: Path, settings) -> int:
         materialize_all(defs, instance, run_config=run_config)
     report_path = ArtifactRegistry(root).test_report
     report = json.loads(report_path.read_text())
-    fnr = report["fnr"]
     print(f"[roadwork] whole graph materialized in {time.perf_counter() - t0:.0f}s")
-    print(f"[roadwork] val_test, as served at 0.5: balanced accuracy "
-          f"{report['balanced_accuracy']:.4f}, accuracy {report['accuracy']:.4f}, "
-          f"MCC {report['mcc']:.4f}, AUROC {report['auroc']:.4f}, "
-          f"FNR {fnr['value']:.4f} ({fnr['errors']}/{fnr['n']}, 95% CI "
-          f"[{fnr['ci_low']:.4f}, {fnr['ci_high']:.4f}]), policy FNR "
-          f"{report['policy_fnr']['value']:.4f} with {report['policy_defer_rate']:.1%} deferred")
-    print(f"[roadwork] the calibrated model alone at 0.5 (no exit policy): balanced accuracy "
-          f"{report['model_balanced_accuracy']:.4f}")
-    if report.get("validator"):
-        from roadwork_assets.contracts.validator_schemas import ValidatorSimulation
-        from roadwork_assets.core.evaluation.validator_rows import closing_line
+    from roadwork_assets.core.evaluation.validator_rows import closing_lines
 
-        print(f"[roadwork] {closing_line(ValidatorSimulation.model_validate(report['validator']))}")
+    for line in closing_lines(report):
+        print(f"[roadwork] {line}")
     print(f"[roadwork] bundle: {report['bundle_id']}")
     print(f"[roadwork] report: {report_path}")
     return 0

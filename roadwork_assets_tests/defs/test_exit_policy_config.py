@@ -8,6 +8,7 @@ from roadwork_assets.defs.resources import ExitPolicyResource
 RENAMED = {"calib_fit_fraction": "fit_fraction", "softmax_mode": "mode"}
 BUNDLE_ONLY = {"bundle_policy", "export_onnx"}
 REPORT_ONLY = {"validator_images", "validator_flips", "validator_seed"}  # test_report's
+CASCADE_ONLY = {"latency_budget_s", "latency_stage1_s", "latency_stage2_s", "cascade_alphas"}
 
 
 def test_to_config_maps_every_fit_setting():
@@ -17,7 +18,7 @@ def test_to_config_maps_every_fit_setting():
     cfg = res.to_config()
     assert isinstance(cfg, PolicyFitConfig)
     for field in ExitPolicyResource.model_fields:
-        if field not in BUNDLE_ONLY | REPORT_ONLY:
+        if field not in BUNDLE_ONLY | REPORT_ONLY | CASCADE_ONLY:
             assert getattr(cfg, RENAMED.get(field, field)) == getattr(res, field), field
     # what the resource does not set keeps core's default
     assert cfg.conformal_method == PolicyFitConfig().conformal_method
@@ -27,3 +28,14 @@ def test_default_resource_gives_the_settings_the_assets_always_used():
     cfg = ExitPolicyResource().to_config()
     assert (cfg.alpha, cfg.delta, cfg.guarantee, cfg.fit_fraction, cfg.mode, cfg.positive_fdr,
             cfg.conformal_alpha, cfg.gate_risk) == (0.02, 0.1, "crc", 0.5, "three_way", 0.05, 0.05, 0.02)
+
+
+def test_cascade_config_maps_the_cascade_settings_and_the_shared_ones():
+    res = ExitPolicyResource(alpha=0.05, calib_fit_fraction=0.4, latency_budget_s=0.3,
+                             cascade_alphas=[0.05, 0.1])
+    cfg = res.cascade_config(0.01, 0.2)
+    assert (cfg.alpha, cfg.fit_fraction, cfg.latency_budget_s, cfg.alphas) == (
+        0.05, 0.4, 0.3, (0.05, 0.1))
+    assert (cfg.latency_stage1_s, cfg.latency_stage2_s) == (0.01, 0.2)
+    # the default budget is well under the validator's 9 s
+    assert ExitPolicyResource().cascade_config(0.01, 0.1).latency_budget_s <= 1.0
