@@ -95,7 +95,7 @@ def test_served_probability_binarises_to_the_decision_and_stage2_runs_on_routed_
     np.testing.assert_array_equal(np.round(served).astype(int), decision)  # validator's rule
     assert not np.any(served == 0.5)
     # the array form serves the same
-    d2, s2, st2 = apply_cascade(params, z1, z2)
+    d2, s2, _ = apply_cascade(params, z1, z2)
     np.testing.assert_array_equal(d2, decision)
     np.testing.assert_allclose(s2, served)
 
