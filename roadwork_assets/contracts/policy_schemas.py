@@ -246,6 +246,9 @@ class CascadePolicyParams(_Frozen):
     calibrator_stage2: CalibratorSpec | None = None
     stage2_sha256: str | None = None  # the multiview_checkpoint file stage 2 was fitted as
     latency_source: Literal["measured", "configured"] = "configured"
+    # stage 1's calibrated p1 on the threshold part, per class: test_report's KS check that
+    # val_test's scores are exchangeable with the ones the guarantee was certified on
+    score_reference: ScoreReference | None = None
     guarantee: Literal["crc_expectation"] = "crc_expectation"
     guarantee_statement: str = Field(min_length=1)
     alpha: Level

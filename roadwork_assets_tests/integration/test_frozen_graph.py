@@ -113,7 +113,10 @@ def test_frozen_vit_graph_ends_in_a_verified_bundle(tmp_path, backbone):
 
     bundle_dir = reg.latest_bundle()
     bundle = load_bundle(bundle_dir)
-    assert set(bundle.manifest.files) == {"checkpoint", "policy", "onnx", "probe"}
+    # the default cascade: stage 2 pools the frozen cache's views (ten-crop skipped)
+    assert set(bundle.manifest.files) == {"checkpoint", "policy", "onnx", "probe", "stage2",
+                                          "stage2_onnx"}
+    assert bundle.stage2.view_source == "cached_views" and bundle.stage2.ten_crop_skipped_reason
     assert bundle.manifest.mode == "frozen" and bundle.manifest.img_size == img_size
     assert cli.main(["verify", str(bundle_dir)]) == 0
     images = np.stack([np.asarray(Image.open(p).convert("RGB").resize((img_size, img_size))).transpose(2, 0, 1)

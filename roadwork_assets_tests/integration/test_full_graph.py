@@ -45,8 +45,9 @@ def test_artifacts_exist_and_metrics_are_sane(materialized_root):
     assert report["served"]["confusion_matrix"]["fn"] == report["policy"]["confusion_matrix"]["fn"]
     assert 0.0 <= report["fnr"]["ci_low"] <= report["fnr"]["ci_high"] <= 1.0
     bundle = load_bundle(reg.latest_bundle())
-    assert bundle.manifest.policy_kind == "softmax"
-    assert {"checkpoint", "policy", "onnx", "probe"} == set(bundle.manifest.files)
+    assert bundle.manifest.policy_kind == "cascade"  # the default: both stages ship
+    assert {"checkpoint", "policy", "onnx", "probe", "stage2", "stage2_onnx"} == set(
+        bundle.manifest.files)
 
 
 def test_served_fnr_on_val_test_is_consistent_with_alpha(materialized_root):
@@ -54,10 +55,14 @@ def test_served_fnr_on_val_test_is_consistent_with_alpha(materialized_root):
     admit alpha (the in-sample threshold-part FNR is <= alpha by construction)."""
     root, _, _ = materialized_root
     reg = ArtifactRegistry(root)
-    policy = parse_policy(json.loads(reg.policy("softmax").read_text()))
-    assert policy.alpha == 0.05 and policy.calibration_unit == "group"
+    for kind in ("cascade", "softmax"):  # what the bundle serves, and stage 1 alone
+        policy = parse_policy(json.loads(reg.policy(kind).read_text()))
+        assert policy.alpha == 0.05 and policy.calibration_unit == "group"
     report = json.loads(reg.test_report.read_text())
-    assert report["fnr"]["ci_low"] <= policy.alpha
+    assert report["policy_kind"] == "cascade"
+    for row in report["comparison"]:
+        if row["name"] in ("cascade_served", "stage1_served"):  # both certified at alpha
+            assert row["fnr"]["ci_low"] <= policy.alpha, row["name"]
 
 
 def test_training_is_tracked_in_mlflow_sqlite(materialized_root):
@@ -132,7 +137,8 @@ def test_report_carries_the_validator_simulator_rows(materialized_root):
     report = load_json_artifact(reg.test_report, TestReport)
     sim = report.validator
     assert sim is not None and sim.split == "val_test" and sim.flips
-    assert [r.name for r in sim.rows][:2] == ["stage1_served", "single_view_0.5"]
+    assert [r.name for r in sim.rows] == ["cascade_served", "stage1_served", "single_view_0.5",
+                                          "stage2_0.5"]
     n_test = len(pd.read_parquet(reg.split_manifest("val_test")))
     assert sim.n_images == sim.n_available == n_test == report.n_images  # under the cap
     for row in sim.rows:
@@ -145,11 +151,15 @@ def test_report_carries_the_validator_simulator_rows(materialized_root):
     # L0 is the validator's centre crop + JPEG: close to what the logits say, image for image
     l0 = sim.row("single_view_0.5").per_level[0]
     assert abs(l0.balanced_accuracy - report.model_balanced_accuracy) < 0.1
-    served_l0 = sim.row("stage1_served").per_level[0]
+    served_l0 = sim.row("cascade_served").per_level[0]
     assert abs(served_l0.balanced_accuracy - report.balanced_accuracy) < 0.1
+    stage1 = next(r for r in report.comparison if r.name == "stage1_served")
+    l0 = sim.row("stage1_served").per_level[0]
+    assert abs(l0.balanced_accuracy - stage1.balanced_accuracy) < 0.1
     meta = next(ev.materialization.metadata for r in results
                 for ev in r.get_asset_materialization_events()
                 if ev.asset_key.to_user_string() == "test_report")
+    assert "| cascade_served |" in meta["validator"].value
     assert "| stage1_served |" in meta["validator"].value
     assert "| single_view_0.5 |" in meta["validator"].value
 

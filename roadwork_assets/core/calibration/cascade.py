@@ -73,6 +73,7 @@ from roadwork_assets.core.calibration.policies import (
 )
 from roadwork_assets.core.calibration.policy_config import PolicyFitConfig
 from roadwork_assets.core.calibration.risk_control import crc_fnr_threshold, unit_weights
+from roadwork_assets.core.evaluation.shift import score_reference
 
 NEGATIVE, POSITIVE = 0, 1
 STAGE1, STAGE2 = 1, 2
@@ -546,7 +547,7 @@ def fit_cascade_policy(stage1_view_logits: Any, stage2_logits: Any, labels: Any,
     if len(ids) != n:
         raise BadInputError(f"{len(ids)} image ids for {n} logit rows")
     keys = None if groups is None else [str(g) for g in groups]
-    idx_fit, _ = split_calibration_set(ids, y, cascade.fit_fraction, groups=keys)
+    idx_fit, idx_thr = split_calibration_set(ids, y, cascade.fit_fraction, groups=keys)
     if np.unique(y[idx_fit]).size < 2:
         raise InsufficientDataError(
             f"the {cascade.context} fit part ({idx_fit.size} images) lacks one label, so neither "
@@ -561,7 +562,8 @@ def fit_cascade_policy(stage1_view_logits: Any, stage2_logits: Any, labels: Any,
     return params.model_copy(update={
         "main_view": policy.main_view,
         "calibrator_stage1": CalibratorSpec(**cals[0].to_params()),
-        "calibrator_stage2": CalibratorSpec(**cals[1].to_params())})
+        "calibrator_stage2": CalibratorSpec(**cals[1].to_params()),
+        "score_reference": score_reference(p1[idx_thr], y[idx_thr])})
 
 
 def _calibrated(spec: CalibratorSpec | None, scores: np.ndarray, what: str) -> np.ndarray:

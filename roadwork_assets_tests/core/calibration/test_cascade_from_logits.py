@@ -104,6 +104,8 @@ def test_cascade_artifact_round_trips_and_refuses_the_stage1_path(fitted):
     params, z1, _, _ = fitted
     again = parse_policy(params.model_dump(mode="json"))
     assert again == params and again.calibrator_stage1 is not None
+    ref = again.score_reference  # stage 1's threshold-part scores, for test_report's KS check
+    assert ref.n_positive + ref.n_negative == again.n_calib_threshold
     np.testing.assert_allclose(policy_probability(again, z1), cascade_stage1_probability(params, z1))
     with pytest.raises(BadInputError, match="apply_cascade"):
         apply_policy(again, z1)
