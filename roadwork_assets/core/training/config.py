@@ -43,6 +43,41 @@ class TrainerConfig(BaseModel):
         description="frozen mode: inverse L2 strengths swept on val_select",
     )
     seed: int = 0
+    # --- training recipe (issue 11.4): every switch off / today's behaviour by default;
+    # benchmarks/bench_recipe.py measures each one on val_select
+    head: Literal["linear", "evidential"] = Field(
+        "linear", description="linear: two softmax logits; evidential: Dirichlet head "
+        "(Sensoy et al. 2018) whose outputs are log alpha, so softmax gives alpha / S")
+    evidential_loss: Literal["mse", "log"] = Field(
+        "mse", description="evidential head: expected-MSE or log loss, plus annealed KL")
+    evidential_anneal_epochs: int = Field(
+        10, ge=1, description="evidential KL weight min(1, epoch / this)")
+    focal_gamma: float = Field(0.0, ge=0, description="focal loss exponent; 0 = cross-entropy")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="target = (1-eps) onehot + eps/2")
+    mixup_alpha: float = Field(0.0, ge=0, description="mixup Beta(a, a); 0 = off")
+    cutmix_alpha: float = Field(0.0, ge=0, description="cutmix Beta(a, a); 0 = off "
+                                "(both on: one of the two per batch, 50/50)")
+    sampler: Literal["shuffle", "class_balanced"] = Field(
+        "shuffle", description="class_balanced draws each class half the time (with "
+        "replacement) and drops the class-weighted loss")
+    hard_negative_factor: float = Field(
+        1.0, ge=1, description="> 1: after each epoch, train negatives the model calls "
+        "positive are drawn this many times as often in the next epoch")
+    grad_accum_steps: int = Field(1, ge=1, description="micro-batches of batch_size per "
+                                  "optimizer step (same gradient as one batch k x larger)")
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of weights; 0 = off. When on, "
+                             "the EMA weights are selected on val_select and saved")
+    amp: Literal["off", "auto", "bf16", "fp16"] = Field(
+        "off", description="autocast: CUDA bf16 (fp16 where unsupported); CPU bf16 only if "
+        "a matmul timing shows bf16 units (measured once per process, recorded in the "
+        "checkpoint)")
+    augment: Literal["light", "validator"] = Field(
+        "light", description="light: flip/shift/brightness; validator: StreetVision L0-L3 "
+        "(rotation, crop to 0.2, h+v flips, colour, down-up, noise, blur, JPEG q75), in "
+        "training and in val_select scoring")
+    mc_dropout_passes: int = Field(
+        0, ge=0, le=64, description="logits: T passes with head dropout on; their variance "
+        "of P(roadwork) is stored as an uncertainty signal (0 = off)")
 
     @model_validator(mode="after")
     def _frozen_needs_weights(self) -> TrainerConfig:
