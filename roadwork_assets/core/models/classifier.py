@@ -76,11 +76,25 @@ def set_attention_impl(model: nn.Module, attn_impl: str) -> int:
     return n
 
 
-class RoadworkClassifier(nn.Module):
-    """backbone -> dropout -> Linear(dim, 2). Logit 1 is roadwork."""
+HEAD_TYPES = ("linear", "evidential")
 
-    def __init__(self, backbone: nn.Module, head_dropout: float = 0.0) -> None:
+
+class RoadworkClassifier(nn.Module):
+    """backbone -> dropout -> Linear(dim, 2). Logit 1 is roadwork.
+
+    ``head_type='evidential'`` (Sensoy et al. 2018) reads the linear outputs h as
+    Dirichlet evidence e = softplus(h) and returns log alpha = log(e + 1): softmax of
+    the output is then the Dirichlet mean alpha / S, so calibration, policies and ONNX
+    export consume it like any two logits, and u = K / S = 2 / sum(exp(output)) is
+    recoverable from the stored logits.
+    """
+
+    def __init__(self, backbone: nn.Module, head_dropout: float = 0.0,
+                 head_type: str = "linear") -> None:
         super().__init__()
+        if head_type not in HEAD_TYPES:
+            raise BadInputError(f"head must be one of {HEAD_TYPES}, got {head_type!r}")
+        self.head_type = head_type
         self.backbone = backbone
         cfg = getattr(backbone, "pretrained_cfg", {}) or {}
         mean = cfg.get("mean", (0.485, 0.456, 0.406))
@@ -104,7 +118,10 @@ class RoadworkClassifier(nn.Module):
         return self.backbone((images - self.mean) / self.std)
 
     def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout((feats - self.feat_mean) / self.feat_std))
+        out = self.head(self.dropout((feats - self.feat_mean) / self.feat_std))
+        if self.head_type == "evidential":
+            out = torch.log1p(nn.functional.softplus(out))
+        return out
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.features(images))
@@ -118,12 +135,13 @@ def build_classifier(
     drop_rate: float = 0.0,
     head_dropout: float = 0.0,
     attn_impl: str = "sdpa",
+    head: str = "linear",
 ) -> RoadworkClassifier:
     backbone = create_backbone(
         name, img_size=img_size, weights_path=weights_path, drop_rate=drop_rate,
         attn_impl=attn_impl,
     )
-    return RoadworkClassifier(backbone, head_dropout=head_dropout)
+    return RoadworkClassifier(backbone, head_dropout=head_dropout, head_type=head)
 
 
 def freeze_backbone(model: RoadworkClassifier) -> None:
