@@ -14,6 +14,7 @@ exported ONNX graph and the predictor need no preprocessing beyond resize + /255
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import timm
@@ -62,12 +63,20 @@ def _is_vit(name: str) -> bool:
 
 
 def set_attention_impl(model: nn.Module, attn_impl: str) -> int:
-    """Switch timm attention blocks between fused SDPA and the eager reference.
+    """Switch timm attention blocks between fused SDPA, the eager reference and the
+    Triton kernel (``core.models.triton_attention``; refused for a CNN).
 
     Returns how many attention modules were switched (0 for a CNN).
     """
-    if attn_impl not in {"sdpa", "eager"}:
-        raise BadInputError(f"attn_impl must be 'sdpa' or 'eager', got {attn_impl!r}")
+    if attn_impl not in {"sdpa", "eager", "triton"}:
+        raise BadInputError(f"attn_impl must be 'sdpa', 'eager' or 'triton', got {attn_impl!r}")
+    if attn_impl == "triton":
+        # imported here: triton reads TRITON_INTERPRET when the kernel module is imported
+        from roadwork_assets.core.models.triton_attention import use_triton_attention
+
+        return use_triton_attention(model)
+    if "roadwork_assets.core.models.triton_attention" in sys.modules:
+        sys.modules["roadwork_assets.core.models.triton_attention"].restore_timm_attention(model)
     n = 0
     for module in model.modules():
         if hasattr(module, "fused_attn"):

@@ -5,25 +5,31 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
+
+from roadwork_assets.core.training.adapter_config import PRETRAINED_MODES, AdapterSettings
 
 DEFAULT_BACKBONE = "test_resnet.r160_in1k"  # timm's 0.4M-parameter ResNet: trains on CPU
 DEFAULT_FROZEN_BACKBONE = "vit_small_patch14_dinov2.lvd142m"
 
 
-class TrainerConfig(BaseModel):
+class TrainerConfig(AdapterSettings):
     """Every training setting, defined once: ``defs.resources.TrainerResource`` inherits
-    these fields (defaults, bounds, descriptions, validators) for the Dagster launchpad."""
+    these fields (defaults, bounds, descriptions, validators) for the Dagster launchpad.
+    The adapter settings (lora_*, explora_*) come from ``AdapterSettings``."""
 
     model_config = ConfigDict(extra="forbid")
 
-    mode: Literal["end_to_end", "frozen"] = Field(
+    mode: Literal["end_to_end", "frozen", "lora", "dora", "explora"] = Field(
         "end_to_end",
         description="end_to_end: small backbone trained from scratch (CPU default); "
-        "frozen: pretrained ViT from weights_path, cached embeddings, trained head",
+        "frozen: pretrained ViT from weights_path, cached embeddings, trained head; "
+        "lora / dora: peft adapters on the pretrained ViT + head, merged before saving; "
+        "explora: lora from the adapted_backbone asset (continued self-supervision)",
     )
     backbone: str = DEFAULT_BACKBONE
-    weights_path: str | None = Field(None, description="local timm weights file (frozen mode)")
+    weights_path: str | None = Field(
+        None, description="local timm weights file (frozen, lora, dora, explora modes)")
     img_size: int = Field(128, ge=16, le=1024)
     epochs: int = Field(14, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -34,8 +40,17 @@ class TrainerConfig(BaseModel):
     n_views: int = Field(2, ge=1, le=4, description="test-time views stored per image")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None = torch default")
-    compile: bool = Field(False, description="torch.compile the model for training")
-    attn_impl: Literal["sdpa", "eager"] = "sdpa"
+    compile: bool = Field(False, description="torch.compile the model for training, embedding "
+                          "and logits (core.training.compile)")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune",
+                          "max-autotune-no-cudagraphs"] = "default"
+    compile_fullgraph: bool = Field(False, description="fail on any graph break instead of "
+                                    "running the break in Python")
+    compile_dynamic: bool | None = Field(None, description="None: torch decides (dynamic after "
+                                         "a shape change); True/False force it")
+    attn_impl: Literal["sdpa", "eager", "triton"] = Field(
+        "sdpa", description="triton: core.models.triton_attention in timm ViT/EVA attention "
+        "(CUDA; on CPU it needs TRITON_INTERPRET=1, else SDPA with a warning)")
     # a plain default, not a default_factory: Dagster's config schema (TrainerResource)
     # shows only plain defaults in the launchpad; pydantic copies it per instance
     probe_cs: list[float] = Field(
@@ -81,9 +96,9 @@ class TrainerConfig(BaseModel):
 
     @model_validator(mode="after")
     def _frozen_needs_weights(self) -> TrainerConfig:
-        if self.mode == "frozen" and not self.weights_path:
+        if self.mode in PRETRAINED_MODES and not self.weights_path:
             raise ValueError(
-                "mode='frozen' needs weights_path: a local DINOv2/DINOv3 weights file "
+                f"mode={self.mode!r} needs weights_path: a local DINOv2/DINOv3 weights file "
                 "(a randomly initialised frozen ViT gives chance-level features)"
             )
         return self
