@@ -40,8 +40,17 @@ class TrainerConfig(AdapterSettings):
     n_views: int = Field(2, ge=1, le=4, description="test-time views stored per image")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None = torch default")
-    compile: bool = Field(False, description="torch.compile the model for training")
-    attn_impl: Literal["sdpa", "eager"] = "sdpa"
+    compile: bool = Field(False, description="torch.compile the model for training, embedding "
+                          "and logits (core.training.compile)")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune",
+                          "max-autotune-no-cudagraphs"] = "default"
+    compile_fullgraph: bool = Field(False, description="fail on any graph break instead of "
+                                    "running the break in Python")
+    compile_dynamic: bool | None = Field(None, description="None: torch decides (dynamic after "
+                                         "a shape change); True/False force it")
+    attn_impl: Literal["sdpa", "eager", "triton"] = Field(
+        "sdpa", description="triton: core.models.triton_attention in timm ViT/EVA attention "
+        "(CUDA; on CPU it needs TRITON_INTERPRET=1, else SDPA with a warning)")
     # a plain default, not a default_factory: Dagster's config schema (TrainerResource)
     # shows only plain defaults in the launchpad; pydantic copies it per instance
     probe_cs: list[float] = Field(
