@@ -29,6 +29,7 @@ from sklearn.metrics import balanced_accuracy_score, log_loss, roc_auc_score
 from roadwork_assets.contracts.errors import BadInputError
 from roadwork_assets.core.data.transforms import make_views, to_float
 from roadwork_assets.core.models.classifier import RoadworkClassifier, freeze_backbone
+from roadwork_assets.core.training.compile import CompileSettings, compiled
 from roadwork_assets.core.training.config import TrainerConfig
 
 
@@ -81,26 +82,31 @@ def _map_views(fn, images_uint8: np.ndarray, n_views: int, batch_size: int, dim:
 
 
 def predict_view_logits(model: RoadworkClassifier, images_uint8: np.ndarray, *, n_views: int,
-                        batch_size: int, device: torch.device) -> np.ndarray:
+                        batch_size: int, device: torch.device,
+                        compile_settings: CompileSettings | TrainerConfig | None = None) -> np.ndarray:
     """[N, 3, S, S] uint8 -> [N, V, 2] float32 logits over deterministic views."""
     model.eval().to(device)
-    return _map_views(lambda x: model(x.to(device)), images_uint8, n_views, batch_size, 2)
+    fn = compiled(model, compile_settings)
+    return _map_views(lambda x: fn(x.to(device)), images_uint8, n_views, batch_size, 2)
 
 
 def embed_views(model: RoadworkClassifier, images_uint8: np.ndarray, *, n_views: int,
-                batch_size: int, device: torch.device) -> np.ndarray:
+                batch_size: int, device: torch.device,
+                compile_settings: CompileSettings | TrainerConfig | None = None) -> np.ndarray:
     """Frozen-backbone features: [N, 3, S, S] uint8 -> [N, V, D] float32."""
     model.eval().to(device)
-    return _map_views(lambda x: model.features(x.to(device)), images_uint8, n_views,
+    fn = compiled(model.features, compile_settings)
+    return _map_views(lambda x: fn(x.to(device)), images_uint8, n_views,
                       batch_size, model.num_features)
 
 
 @torch.no_grad()
-def head_view_logits(model: RoadworkClassifier, embeddings: np.ndarray) -> np.ndarray:
+def head_view_logits(model: RoadworkClassifier, embeddings: np.ndarray,
+                     compile_settings: CompileSettings | TrainerConfig | None = None) -> np.ndarray:
     """[N, V, D] embeddings -> [N, V, 2] logits through the head only."""
     model.eval().cpu()
     feats = torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32))
-    return model.forward_head(feats).numpy().astype(np.float32)
+    return compiled(model.forward_head, compile_settings)(feats).numpy().astype(np.float32)
 
 
 def fit_end_to_end(
@@ -115,7 +121,7 @@ def fit_end_to_end(
     torch.manual_seed(cfg.seed)
     device = cfg.resolved_device()
     model.to(device)
-    step_model = torch.compile(model) if cfg.compile else model
+    step_model = compiled(model, cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train_x) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
@@ -147,7 +153,8 @@ def fit_end_to_end(
             sched.step()
             total_loss += float(loss.detach()) * len(idx)
         sel_logits = predict_view_logits(model, select_x, n_views=1,
-                                         batch_size=cfg.batch_size * 2, device=device)[:, 0]
+                                         batch_size=cfg.batch_size * 2, device=device,
+                                         compile_settings=cfg)[:, 0]
         if not (math.isfinite(total_loss) and np.isfinite(sel_logits).all()):
             raise BadInputError(
                 f"training diverged at epoch {epoch} (loss or val_select logits are NaN/inf) "
