@@ -66,7 +66,7 @@ def compute_embeddings(manifest: pd.DataFrame, cfg: TrainerConfig, dest: Path,
     if cfg.mode == "frozen":
         model = build_model(cfg)
         feats = embed_views(model, images, n_views=cfg.n_views, batch_size=cfg.batch_size,
-                            device=cfg.resolved_device())
+                            device=cfg.resolved_device(), compile_settings=cfg)
         kind = "backbone_features"
     else:
         feats, kind = images, "preprocessed_images"
@@ -191,11 +191,12 @@ def compute_logits(payload: dict[str, Any], cache: dict[str, np.ndarray], split:
     run_cfg.apply_threads()
     x, y = _as_arrays(cache, cfg, split, weights_sha256=payload["weights_sha256"])
     if cfg.mode == "frozen":
-        logits = head_view_logits(model, x)
+        logits = head_view_logits(model, x, compile_settings=run_cfg)
     else:
         logits = predict_view_logits(model, x, n_views=cfg.n_views,
                                      batch_size=run_cfg.batch_size * 2,
-                                     device=run_cfg.resolved_device())
+                                     device=run_cfg.resolved_device(),
+                                     compile_settings=run_cfg)
     data_version = combine_versions({"checkpoint": payload["data_version"],
                                      f"embeddings[{split}]": str(cache["data_version"])})
     atomic_write_npz(dest, logits=logits, labels=y.astype(np.int8), item_ids=cache["item_ids"],
