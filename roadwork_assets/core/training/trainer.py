@@ -4,9 +4,13 @@
 layer guarantees those are the train and val_select partitions; nothing here can
 reach another split.
 
-- end_to_end: AdamW + cosine schedule over cached uint8 images with light
-  augmentation (flip, small translation, brightness/contrast); the epoch with the
-  lowest val_select NLL is kept (early stopping with ``patience``).
+- end_to_end: AdamW + one-cycle schedule over cached uint8 images with light
+  augmentation (flip, small translation, brightness/contrast) or the validator-faithful
+  one (``augment='validator'``, also used to score val_select); the recipe switches of
+  ``core.training.recipe`` (focal / smoothed / mixed targets, class-balanced and
+  hard-negative sampling, gradient accumulation, EMA, AMP) are off by default. The
+  epoch with the lowest val_select NLL is kept (early stopping with ``patience``); with
+  EMA on, the EMA weights are the ones scored, selected and returned.
 - frozen: the classic linear-probe recipe — L2 logistic regression (scikit-learn) on
   cached embeddings, the regularisation swept on val_select; the fitted weights are
   written into the two-logit head so the exported model is backbone + head.
@@ -22,15 +26,30 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score, log_loss, roc_auc_score
 
 from roadwork_assets.contracts.errors import BadInputError
 from roadwork_assets.core.data.transforms import make_views, to_float
 from roadwork_assets.core.models.classifier import RoadworkClassifier, freeze_backbone
+from roadwork_assets.core.training.augment import (
+    light_augment,
+    validator_augment_batch,
+    validator_selection_copy,
+)
 from roadwork_assets.core.training.compile import CompileSettings, compiled
 from roadwork_assets.core.training.config import TrainerConfig
+from roadwork_assets.core.training.recipe import (
+    AmpDecision,
+    WeightEMA,
+    epoch_indices,
+    evidential_loss,
+    mix_batch,
+    recipe_loss,
+    resolve_amp,
+    sample_weights,
+    soft_targets,
+)
 
 
 @dataclass
@@ -41,6 +60,8 @@ class TrainResult:
     best_metric_name: str
     history: list[dict[str, float]] = field(default_factory=list)
     select_metrics: dict[str, float] = field(default_factory=dict)
+    # what the recipe resolved to at run time (AMP dtype and why, EMA, ...)
+    recipe: dict[str, Any] = field(default_factory=dict)
 
 
 def _selection_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -53,21 +74,6 @@ def _selection_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, floa
     if len(np.unique(labels)) == 2:
         out["auroc"] = float(roc_auc_score(labels, p))
     return out
-
-
-def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Light augmentation on a float batch; avoids crops that could drop the object."""
-    b, _, h, w = x.shape
-    flip = torch.rand(b, generator=gen) < 0.5
-    x = torch.where(flip.view(b, 1, 1, 1), torch.flip(x, dims=[3]), x)
-    pad = max(1, h // 16)
-    padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
-    dx, dy = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,), generator=gen))
-    x = padded[:, :, dy : dy + h, dx : dx + w]
-    bright = 1.0 + (torch.rand(b, 1, 1, 1, generator=gen) - 0.5) * 0.4
-    contrast = 1.0 + (torch.rand(b, 1, 1, 1, generator=gen) - 0.5) * 0.4
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    return ((x - mean) * contrast + mean * bright).clamp_(0.0, 1.0)
 
 
 @torch.no_grad()
@@ -90,6 +96,36 @@ def predict_view_logits(model: RoadworkClassifier, images_uint8: np.ndarray, *, 
     return _map_views(lambda x: fn(x.to(device)), images_uint8, n_views, batch_size, 2)
 
 
+@torch.no_grad()
+def mc_dropout_variance(model: RoadworkClassifier, inputs: np.ndarray, *, passes: int,
+                        batch_size: int, device: torch.device, seed: int = 0) -> np.ndarray:
+    """[N] variance of P(roadwork) over ``passes`` passes with the dropout modules in
+    train mode (BatchNorm stays in eval). ``inputs`` are uint8 images [N, 3, S, S] or
+    frozen features [N, D] (then only the head runs). 0 when dropout is 0."""
+    model.eval().to(device)
+    drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    out = np.empty(len(inputs), dtype=np.float64)
+    try:
+        for m in drops:
+            m.train()
+        for start in range(0, len(inputs), batch_size):
+            chunk = torch.from_numpy(np.ascontiguousarray(inputs[start : start + batch_size]))
+            if chunk.ndim == 4:  # images: the backbone runs once, dropout sits in the head
+                feats = model.features(to_float(chunk).to(device))
+            else:
+                feats = chunk.float().to(device)
+            p = torch.stack([torch.softmax(model.forward_head(feats).double(), dim=1)[:, 1]
+                             for _ in range(passes)])
+            out[start : start + len(chunk)] = p.var(dim=0, unbiased=False).cpu().numpy()
+    finally:
+        for m in drops:
+            m.eval()
+        torch.random.set_rng_state(gen_state)
+    return out
+
+
 def embed_views(model: RoadworkClassifier, images_uint8: np.ndarray, *, n_views: int,
                 batch_size: int, device: torch.device,
                 compile_settings: CompileSettings | TrainerConfig | None = None) -> np.ndarray:
@@ -109,6 +145,115 @@ def head_view_logits(model: RoadworkClassifier, embeddings: np.ndarray,
     return compiled(model.forward_head, compile_settings)(feats).numpy().astype(np.float32)
 
 
+@dataclass
+class _Loop:
+    """What one end-to-end run's steps share."""
+
+    cfg: TrainerConfig
+    model: RoadworkClassifier
+    step_model: Any
+    opt: torch.optim.Optimizer
+    sched: Any
+    device: torch.device
+    amp: AmpDecision
+    scaler: Any
+    class_weights: torch.Tensor
+    gen: torch.Generator
+    ema: WeightEMA | None
+
+
+def _class_weights(cfg: TrainerConfig, train_y: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Balanced loss weights (the StreetVision score is balanced: MCC, 50/50 labels);
+    ones when the sampler already balances the classes."""
+    if cfg.sampler == "class_balanced":
+        return torch.ones(2, device=device)
+    counts = np.bincount(train_y, minlength=2).astype(np.float64)
+    return torch.tensor(len(train_y) / (2 * np.maximum(counts, 1)), dtype=torch.float32,
+                        device=device)
+
+
+def _make_loop(model: RoadworkClassifier, cfg: TrainerConfig, train_y: np.ndarray) -> _Loop:
+    device = cfg.resolved_device()
+    model.to(device)
+    step_model = compiled(model, cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(train_y) / (cfg.batch_size * cfg.grad_accum_steps))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr,
+                                                total_steps=steps_per_epoch * cfg.epochs,
+                                                pct_start=0.15)
+    amp = resolve_amp(cfg.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp.dtype == "float16")
+    return _Loop(cfg=cfg, model=model, step_model=step_model, opt=opt, sched=sched,
+                 device=device, amp=amp, scaler=scaler,
+                 class_weights=_class_weights(cfg, train_y, device),
+                 gen=torch.Generator().manual_seed(cfg.seed),
+                 ema=WeightEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None)
+
+
+def _micro_batch(loop: _Loop, xs: torch.Tensor, ys: torch.Tensor, idx: torch.Tensor,
+                 epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(augmented images, soft targets, loss normaliser) of one micro-batch."""
+    cfg = loop.cfg
+    if cfg.augment == "validator":
+        raw = validator_augment_batch(xs[idx].numpy(), seed=cfg.seed, epoch=epoch,
+                                      indices=idx.tolist())
+        xb = to_float(torch.from_numpy(raw))
+    else:
+        xb = light_augment(to_float(xs[idx]), loop.gen)
+    tb = soft_targets(ys[idx], cfg.label_smoothing)
+    if cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0:
+        xb, tb, _ = mix_batch(xb, tb, mixup_alpha=cfg.mixup_alpha,
+                              cutmix_alpha=cfg.cutmix_alpha, gen=loop.gen)
+    xb, tb = xb.to(loop.device), tb.to(loop.device)
+    return xb, tb, (tb * loop.class_weights.view(1, -1)).sum()
+
+
+def _loss_sum(loop: _Loop, logits: torch.Tensor, targets: torch.Tensor, epoch: int) -> torch.Tensor:
+    cfg = loop.cfg
+    if cfg.head == "evidential":
+        per = evidential_loss(logits, targets, epoch=epoch,
+                              anneal_epochs=cfg.evidential_anneal_epochs, kind=cfg.evidential_loss)
+        return (per * (targets * loop.class_weights.view(1, -1)).sum(dim=1)).sum()
+    return recipe_loss(logits, targets, loop.class_weights, cfg.focal_gamma)[0]
+
+
+def _train_epoch(loop: _Loop, xs: torch.Tensor, ys: torch.Tensor, order: torch.Tensor,
+                 epoch: int) -> float:
+    """One epoch; returns the mean training loss. k micro-batches per optimizer step,
+    each divided by the whole step's normaliser: the gradient of one k-times batch."""
+    cfg = loop.cfg
+    loop.model.train()
+    step = cfg.batch_size * cfg.grad_accum_steps
+    total, total_norm = 0.0, 0.0
+    for start in range(0, len(order), step):
+        chunk = order[start : start + step]
+        micro = [_micro_batch(loop, xs, ys, chunk[i : i + cfg.batch_size], epoch)
+                 for i in range(0, len(chunk), cfg.batch_size)]
+        norm = sum(m[2] for m in micro)
+        loop.opt.zero_grad(set_to_none=True)
+        for xb, tb, _ in micro:
+            with loop.amp.autocast(loop.device):
+                logits = loop.step_model(xb)
+            loss_sum = _loss_sum(loop, logits.float(), tb, epoch)
+            loop.scaler.scale(loss_sum / norm).backward()
+            total += float(loss_sum.detach())
+        loop.scaler.step(loop.opt)
+        loop.scaler.update()
+        loop.sched.step()
+        if loop.ema is not None:
+            loop.ema.update(loop.model)
+        total_norm += float(norm)
+    return total / max(total_norm, 1e-12)
+
+
+def _train_false_positives(model: RoadworkClassifier, cfg: TrainerConfig, train_x: np.ndarray,
+                           train_y: np.ndarray, device: torch.device) -> np.ndarray:
+    """Hard-negative pass: train negatives (un-augmented) the model calls roadwork."""
+    z = predict_view_logits(model, train_x, n_views=1, batch_size=cfg.batch_size * 2,
+                            device=device)[:, 0]
+    return (train_y == 0) & (z[:, 1] > z[:, 0])
+
+
 def fit_end_to_end(
     model: RoadworkClassifier,
     cfg: TrainerConfig,
@@ -119,57 +264,42 @@ def fit_end_to_end(
     log: Any = None,
 ) -> TrainResult:
     torch.manual_seed(cfg.seed)
-    device = cfg.resolved_device()
-    model.to(device)
-    step_model = compiled(model, cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(train_x) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total,
-                                                pct_start=0.15)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    # class-balanced loss weights: the StreetVision score is balanced (MCC, 50/50 labels)
-    counts = np.bincount(train_y, minlength=2).astype(np.float64)
-    weights = torch.tensor(len(train_y) / (2 * np.maximum(counts, 1)), dtype=torch.float32,
-                           device=device)
+    loop = _make_loop(model, cfg, train_y)
     xs = torch.from_numpy(train_x)
     ys = torch.from_numpy(train_y.astype(np.int64))
+    # validator-faithful selection: one fixed augmented copy of val_select, every epoch
+    select_views = validator_selection_copy(select_x, cfg.seed) if cfg.augment == "validator" \
+        else select_x
     best: dict[str, Any] = {"nll": math.inf}
     history: list[dict[str, float]] = []
-    stale = 0
+    stale, hard, n_hard = 0, None, 0
     for epoch in range(1, cfg.epochs + 1):
-        model.train()
         t0 = time.perf_counter()
-        perm = torch.randperm(len(xs), generator=gen)
-        total_loss = 0.0
-        for start in range(0, len(perm), cfg.batch_size):
-            idx = perm[start : start + cfg.batch_size]
-            xb = _augment(to_float(xs[idx]), gen).to(device)
-            yb = ys[idx].to(device)
-            loss = F.cross_entropy(step_model(xb), yb, weight=weights)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total_loss += float(loss.detach()) * len(idx)
-        sel_logits = predict_view_logits(model, select_x, n_views=1,
-                                         batch_size=cfg.batch_size * 2, device=device,
+        weights = sample_weights(train_y, class_balanced=cfg.sampler == "class_balanced",
+                                 hard_negatives=hard, hard_negative_factor=cfg.hard_negative_factor)
+        train_loss = _train_epoch(loop, xs, ys, epoch_indices(weights, loop.gen), epoch)
+        scored = loop.ema.model if loop.ema is not None else model
+        sel_logits = predict_view_logits(scored, select_views, n_views=1,
+                                         batch_size=cfg.batch_size * 2, device=loop.device,
                                          compile_settings=cfg)[:, 0]
-        if not (math.isfinite(total_loss) and np.isfinite(sel_logits).all()):
+        if not (math.isfinite(train_loss) and np.isfinite(sel_logits).all()):
             raise BadInputError(
                 f"training diverged at epoch {epoch} (loss or val_select logits are NaN/inf) "
                 f"with lr={cfg.lr}: lower trainer.lr (e.g. {cfg.lr / 3:.1e}) and rerun checkpoint"
             )
+        if cfg.hard_negative_factor > 1:
+            hard = _train_false_positives(scored, cfg, train_x, train_y, loop.device)
+            n_hard = int(hard.sum())
         metrics = _selection_metrics(sel_logits, select_y)
-        row = {"epoch": epoch, "train_loss": total_loss / len(perm),
-               "seconds": time.perf_counter() - t0,
+        row = {"epoch": epoch, "train_loss": train_loss, "seconds": time.perf_counter() - t0,
+               **({"hard_negatives": n_hard} if cfg.hard_negative_factor > 1 else {}),
                **{f"val_select_{k}": v for k, v in metrics.items()}}
         history.append(row)
         if log is not None:
             log(row)
         if metrics["nll"] < best["nll"]:
             best = {"nll": metrics["nll"], "epoch": epoch, "metrics": metrics,
-                    "state": copy.deepcopy(model.state_dict())}
+                    "state": copy.deepcopy(scored.state_dict())}
             stale = 0
         else:
             stale += 1
@@ -179,7 +309,14 @@ def fit_end_to_end(
     model.cpu().eval()
     return TrainResult(model=model, epoch=best["epoch"], best_metric=best["nll"],
                        best_metric_name="val_select_nll", history=history,
-                       select_metrics=best["metrics"])
+                       select_metrics=best["metrics"], recipe=_recipe_record(loop))
+
+
+def _recipe_record(loop: _Loop) -> dict[str, Any]:
+    cfg = loop.cfg
+    return {"amp_dtype": loop.amp.dtype, "amp_reason": loop.amp.reason,
+            "ema_selected": loop.ema is not None, "augment": cfg.augment,
+            "selection_views": "validator_l0_l3" if cfg.augment == "validator" else "clean"}
 
 
 def fit_linear_probe(
@@ -196,6 +333,9 @@ def fit_linear_probe(
     Every stored view of a training image is a training sample (free augmentation);
     selection uses view 0, the view the model is served with.
     """
+    if cfg.head != "linear":
+        raise BadInputError(f"mode='frozen' fits a linear probe; head={cfg.head!r} needs "
+                            "mode='end_to_end'")
     freeze_backbone(model)
     n, v, d = train_emb.shape
     xtr = train_emb.reshape(n * v, d)
