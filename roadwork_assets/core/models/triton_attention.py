@@ -165,10 +165,10 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     dropout; returns [B, H, N, D] (a transposed view of a [B, N, H, D] buffer).
     Raises ``RuntimeError`` where the kernel cannot run (CPU without the interpreter).
     """
-    _check_inputs(q, k, v)
     for name, block in (("block_m", block_m), ("block_n", block_n)):
         if block < 16 or block & (block - 1):
             raise BadInputError(f"{name} must be a power of two >= 16, got {block}")
+    _check_inputs(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return _flash_fwd(q, k, v, scale, block_m, block_n)
 
