@@ -41,7 +41,10 @@ class CheckpointMeta(BaseModel):
     config: dict[str, Any] = Field(description="TrainerConfig.model_dump() it was trained "
                                    "with; rebuilds the architecture")
     backbone_name: str
-    mode: Literal["end_to_end", "frozen"]
+    mode: Literal["end_to_end", "frozen", "lora", "dora", "explora"]
+    adapter: dict[str, Any] | None = Field(
+        None, description="lora/dora/explora: the adapter settings (kind, rank, alpha, "
+        "dropout, targets), merged=True, and what training measured; None otherwise")
     data_version: str = Field(description="combined data_version of train and val_select")
     code_version: str
     assignment_version: str = Field(
@@ -158,7 +161,10 @@ class BundleManifest(BaseModel):
     stage2: BundleStage2 | None = Field(None, description="the cascade's stage 2; None "
                                         "for a one-stage bundle")
     backbone_name: str
-    mode: Literal["end_to_end", "frozen"]
+    mode: Literal["end_to_end", "frozen", "lora", "dora", "explora"]
+    adapter: dict[str, Any] | None = Field(
+        None, description="the checkpoint's adapter record (lora/dora/explora; merged into "
+        "the weights, so serving needs no peft)")
     img_size: int
     n_views: int
     label_names: dict[int, str] = Field(default_factory=lambda: dict(LABEL_NAMES))

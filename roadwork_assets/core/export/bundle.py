@@ -225,6 +225,7 @@ def build_bundle(
             files=described,
             backbone_name=payload["backbone_name"],
             mode=payload["mode"],
+            adapter=payload.get("adapter"),
             img_size=img_size,
             n_views=n_views,
             stages=2 if stage2 is not None else 1,

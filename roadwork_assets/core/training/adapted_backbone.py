@@ -130,10 +130,12 @@ def load_adapted_backbone(path: Path) -> tuple[AdaptedBackboneMeta, dict[str, to
     return meta, payload[STATE]
 
 
-def adapted_state_for(path: Path, cfg: TrainerConfig, assignment_version: str
+def adapted_state_for(path: Path | None, cfg: TrainerConfig, assignment_version: str
                       ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The adapted backbone's state for a mode-explora checkpoint, and what to record of
     it; refuses one made with other settings or on another split assignment."""
+    if path is None:
+        raise BadInputError(f"trainer.mode=explora fine-tunes from adapted_backbone: {MATERIALIZE}")
     meta, state = load_adapted_backbone(path)
     if not meta.used:
         raise BadInputError(f"adapted_backbone at {path} was materialized with "

@@ -28,6 +28,9 @@ from roadwork_assets.core.artifacts import (
 )
 from roadwork_assets.core.data.transforms import load_model_arrays
 from roadwork_assets.core.models.classifier import RoadworkClassifier, build_classifier
+from roadwork_assets.core.training.adapted_backbone import adapted_state_for
+from roadwork_assets.core.training.adapter_config import ADAPTER_MODES, PRETRAINED_MODES
+from roadwork_assets.core.training.adapters import fit_adapters
 from roadwork_assets.core.training.checkpoint import save_checkpoint
 from roadwork_assets.core.training.config import TrainerConfig
 from roadwork_assets.core.training.trainer import (
@@ -44,15 +47,15 @@ def build_model(cfg: TrainerConfig, *, with_weights: bool = True) -> RoadworkCla
     return build_classifier(
         cfg.backbone,
         img_size=cfg.img_size,
-        weights_path=cfg.weights_path if (with_weights and cfg.mode == "frozen") else None,
+        weights_path=cfg.weights_path if (with_weights and cfg.mode in PRETRAINED_MODES) else None,
         head_dropout=cfg.head_dropout,
         attn_impl=cfg.attn_impl,
     )
 
 
 def weights_fingerprint(cfg: TrainerConfig) -> str:
-    """sha256 of the frozen backbone's weights file ('' when training from scratch)."""
-    if cfg.mode != "frozen" or not cfg.weights_path:
+    """sha256 of the pretrained backbone's weights file ('' when training from scratch)."""
+    if cfg.mode not in PRETRAINED_MODES or not cfg.weights_path:
         return ""
     return file_sha256(Path(cfg.weights_path).expanduser())
 
@@ -118,10 +121,12 @@ def train_checkpoint(
     cfg: TrainerConfig,
     dest: Path,
     log: Callable[[dict[str, float]], None] | None = None,
+    adapted_backbone: Path | None = None,
 ) -> TrainResult:
     """Train on ``caches['train']``, select on ``caches['val_select']``; write checkpoint.
 
     ``caches`` must hold exactly those two splits: anything else is refused.
+    ``adapted_backbone``: the adapted_backbone artifact, read in mode explora only.
     """
     if set(caches) != {"train", "val_select"}:
         raise BadInputError(f"training reads train and val_select only, got {sorted(caches)}")
@@ -141,8 +146,16 @@ def train_checkpoint(
             "assignments: re-materialize split_manifest and embeddings for both splits"
         )
     model = build_model(cfg)
+    adapter = None
     if cfg.mode == "frozen":
         result = fit_linear_probe(model, cfg, train_x, train_y, sel_x, sel_y, log=log)
+    elif cfg.mode in ADAPTER_MODES:  # lora / dora / explora: adapters, merged (core.training.adapters)
+        adapted = {}
+        if cfg.mode == "explora":
+            state, adapted = adapted_state_for(adapted_backbone, cfg, next(iter(assignment)))
+            model.backbone.load_state_dict(state)
+        result, adapter = fit_adapters(model, cfg, train_x, train_y, sel_x, sel_y, log=log)
+        adapter.update(adapted)
     else:
         result = fit_end_to_end(model, cfg, train_x, train_y, sel_x, sel_y, log=log)
     save_checkpoint(
@@ -160,6 +173,7 @@ def train_checkpoint(
         weights_sha256=weights_sha256,
         img_size=cfg.img_size,
         select_metrics=result.select_metrics,
+        adapter=adapter,
     )
     return result
 
