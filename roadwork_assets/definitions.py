@@ -28,6 +28,7 @@ from roadwork_assets.defs.resources import (
     default_home,
     env_settings,
 )
+from roadwork_assets.defs.training.adapted_backbone_asset import adapted_backbone
 from roadwork_assets.defs.training.assets import checkpoint, embeddings, logits
 from roadwork_assets.defs.training.multiview_assets import (
     multiview_checkpoint,
@@ -40,6 +41,7 @@ ALL_ASSETS = [
     split_assignment,
     split_manifest,
     embeddings,
+    adapted_backbone,
     checkpoint,
     logits,
     multiview_views,

@@ -116,6 +116,12 @@ SPLIT_READ_POLICY: dict[str, ReadRule] = {
     "embeddings": _rule(
         ROLE_FEATURES, "frozen features of its own split only", SAME_PARTITION
     ),
+    "adapted_backbone": _rule(
+        ROLE_MODEL_FITTING,
+        "ExPLoRA: continued self-supervised pre-training on the train split's images "
+        "(labels unused; plus an optional unlabelled folder), never a val_* split",
+        "train",
+    ),
     "checkpoint": _rule(
         ROLE_MODEL_FITTING,
         "weights fit on train, epoch/hyper-parameters selected on val_select",

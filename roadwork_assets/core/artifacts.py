@@ -326,6 +326,10 @@ class ArtifactRegistry:
         return self.root / "embeddings" / f"{_check_split(split)}.npz"
 
     @property
+    def adapted_backbone(self) -> Path:
+        return self.root / "adapted_backbone" / "backbone.pt"
+
+    @property
     def checkpoint(self) -> Path:
         return self.root / "checkpoint" / "model.pt"
 

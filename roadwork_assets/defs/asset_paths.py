@@ -26,6 +26,7 @@ PER_SPLIT: dict[str, Callable[[ArtifactRegistry, str], Path]] = {
 FIXED: dict[str, Callable[[ArtifactRegistry], Path]] = {
     "source_images": lambda reg: reg.source_table,
     "split_assignment": lambda reg: reg.split_assignment,
+    "adapted_backbone": lambda reg: reg.adapted_backbone,
     "checkpoint": lambda reg: reg.checkpoint,
     "multiview_checkpoint": lambda reg: reg.multiview_checkpoint,
     **{name: (lambda reg, kind=kind: reg.policy(kind)) for kind, name in POLICY_ASSET_NAMES.items()},

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from roadwork_assets.contracts.errors import RoadworkError
 from roadwork_assets.core.artifacts import settings_record, settings_sha256
+from roadwork_assets.core.training.adapter_config import PRETRAINED_MODES
 from roadwork_assets.defs.resources import (
     DatasetSource,
     ExitPolicyResource,
@@ -155,15 +156,19 @@ def _validate(group: str, cls, merged: dict[str, Any], src: dict[str, str]) -> d
 
 
 def _check_conflicts(values, sources, env) -> None:
+    # ROADWORK_WEIGHTS makes frozen the default mode; run config may pick another mode
+    # that reads the weights (lora, dora, explora), but not end_to_end, which ignores them
     trainer, tsrc = values["trainer"], sources["trainer"]
-    if "weights_path" in env["trainer"] and trainer["mode"] != "frozen":
+    if "weights_path" in env["trainer"] and trainer["mode"] not in PRETRAINED_MODES:
         raise SettingsError(
             f"ROADWORK_WEIGHTS is set but {RUN_CONFIG} sets trainer.mode={trainer['mode']}, "
-            "which would ignore the weights: unset ROADWORK_WEIGHTS or drop trainer.mode")
-    if trainer["weights_path"] and trainer["mode"] != "frozen":
+            "which would ignore the weights: unset ROADWORK_WEIGHTS, drop trainer.mode, or "
+            f"pick a mode that reads them ({', '.join(PRETRAINED_MODES)})")
+    if trainer["weights_path"] and trainer["mode"] not in PRETRAINED_MODES:
         raise SettingsError(
             f"{_where('trainer', 'weights_path', tsrc)} is set but trainer.mode="
-            f"{trainer['mode']} never reads weights: set trainer.mode=frozen or drop it")
+            f"{trainer['mode']} never reads weights: set trainer.mode to one of "
+            f"{', '.join(PRETRAINED_MODES)} or drop it")
 
 
 def _check_files(values, sources) -> None:

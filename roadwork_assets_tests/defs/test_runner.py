@@ -72,7 +72,7 @@ def test_stages_follow_the_asset_graph(tmp_path):
     assert runner.stages(build_definitions(tiny_resources(tmp_path))) == (
         runner.Stage(("source_images", "split_assignment"), partitioned=False),
         runner.Stage(("split_manifest", "embeddings"), partitioned=True),
-        runner.Stage(("checkpoint",), partitioned=False),
+        runner.Stage(("adapted_backbone", "checkpoint"), partitioned=False),
         runner.Stage(("logits", "multiview_views"), partitioned=True),
         runner.Stage(("multiview_checkpoint", "thresholds", "gate_params", "conformal_sets"),
                      partitioned=False),

@@ -25,6 +25,7 @@ def test_derived_reads_match_policy_table_exactly(graph):
     assert set(derived) == set(SPLIT_READ_POLICY), "every asset has a policy row and vice versa"
     # the table, spelled out: a change to either side must be deliberate
     assert derived["checkpoint"] == {None: {"train", "val_select"}}
+    assert derived["adapted_backbone"] == {None: {"train"}}  # ExPLoRA: train images only
     assert derived["multiview_checkpoint"] == {None: {"train", "val_select"}}
     for fitted in ("thresholds", "gate_params", "conformal_sets", "cascade_policy"):
         assert derived[fitted] == {None: {"val_calib"}}

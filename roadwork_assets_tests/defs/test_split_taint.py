@@ -57,6 +57,7 @@ def test_real_graph_taint_is_transitive_and_accepted(graph):
         assert _splits(carried, "logits", s) == {"train", "val_select", s}
         assert _splits(carried, "multiview_views", s) == {"train", "val_select", s}
         assert _splits(carried, "multiview_logits", s) == {"train", "val_select", s}
+    assert _splits(carried, "adapted_backbone") == {"train"}
     assert _splits(carried, "checkpoint") == {"train", "val_select"}
     assert _splits(carried, "multiview_checkpoint") == {"train", "val_select"}
     for policy in ("thresholds", "gate_params", "conformal_sets", "cascade_policy"):
@@ -70,7 +71,7 @@ def test_real_graph_taint_is_transitive_and_accepted(graph):
 
 
 def test_never_carry_is_derived_from_the_role():
-    for model in ("checkpoint", "multiview_checkpoint"):
+    for model in ("adapted_backbone", "checkpoint", "multiview_checkpoint"):
         assert SPLIT_READ_POLICY[model].never_carry == {"val_calib", "val_test"}
     for policy in ("thresholds", "gate_params", "conformal_sets", "cascade_policy"):
         assert SPLIT_READ_POLICY[policy].never_carry == {"val_test"}

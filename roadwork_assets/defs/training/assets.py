@@ -70,7 +70,9 @@ CHECKPOINT_CHECK = "checkpoint_loadable"
 
 @dg.asset(
     group_name="model",
-    ins={"embeddings": dg.AssetIn(partition_mapping=MODEL_FITTING_SPLITS)},
+    # adapted_backbone: ExPLoRA's backbone, read in mode explora only (else a not-used record)
+    ins={"embeddings": dg.AssetIn(partition_mapping=MODEL_FITTING_SPLITS),
+         "adapted_backbone": dg.AssetIn()},
     # dagster-mlflow is a function-style resource, so this asset names all its
     # resources by key (Dagster forbids mixing keys with typed resource arguments).
     required_resource_keys={"mlflow", "artifacts", "trainer"},
@@ -86,6 +88,7 @@ CHECKPOINT_CHECK = "checkpoint_loadable"
 def checkpoint(
     context: dg.AssetExecutionContext,
     embeddings: dict[str, dict[str, np.ndarray]],
+    adapted_backbone: Path,
 ):
     artifacts: ArtifactRegistryResource = context.resources.artifacts
     trainer: TrainerResource = context.resources.trainer
@@ -102,7 +105,8 @@ def checkpoint(
         mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=step)
 
     try:
-        result = train_checkpoint(embeddings, cfg, staged, log=log)
+        result = train_checkpoint(embeddings, cfg, staged, log=log,
+                                  adapted_backbone=adapted_backbone)
         mlflow.log_metrics({f"best_{k}": v for k, v in result.select_metrics.items()})
         mlflow.set_tag("roadwork.checkpoint_sha256", file_sha256(staged))
         run_id = mlflow.active_run().info.run_id if mlflow.active_run() else ""
