@@ -64,7 +64,7 @@ def validator_augment_batch(images: np.ndarray, *, seed: int, epoch: int, indice
 def validator_selection_copy(images: np.ndarray, seed: int,
                              levels: Sequence[int] = VALIDATOR_LEVELS) -> np.ndarray:
     """A fixed validator-style copy of a selection split (the same every epoch, so
-    epochs are compared on the same images). Epoch key -1 keeps it apart from training
-    draws."""
-    return validator_augment_batch(images, seed=seed, epoch=-1, indices=range(len(images)),
+    epochs are compared on the same images). Epoch key 0 keeps it apart from training
+    draws (epochs count from 1)."""
+    return validator_augment_batch(images, seed=seed, epoch=0, indices=range(len(images)),
                                    levels=levels)
