@@ -56,6 +56,10 @@ class CheckpointMeta(BaseModel):
     img_size: int = Field(description="input size; when not given, config['img_size']")
     select_metrics: dict[str, float] = Field(
         default_factory=dict, description="val_select metrics at the selected epoch")
+    training_recipe: dict[str, Any] = Field(
+        default_factory=dict, description="what the training recipe resolved to at run "
+        "time: AMP dtype and the measurement behind it, EMA weights selected, augmentation "
+        "and selection views (empty for checkpoints written before it existed)")
 
     @model_validator(mode="before")
     @classmethod

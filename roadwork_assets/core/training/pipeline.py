@@ -39,6 +39,7 @@ from roadwork_assets.core.training.trainer import (
     fit_end_to_end,
     fit_linear_probe,
     head_view_logits,
+    mc_dropout_variance,
     predict_view_logits,
 )
 
@@ -50,6 +51,7 @@ def build_model(cfg: TrainerConfig, *, with_weights: bool = True) -> RoadworkCla
         weights_path=cfg.weights_path if (with_weights and cfg.mode in PRETRAINED_MODES) else None,
         head_dropout=cfg.head_dropout,
         attn_impl=cfg.attn_impl,
+        head=cfg.head,
     )
 
 
@@ -174,6 +176,7 @@ def train_checkpoint(
         img_size=cfg.img_size,
         select_metrics=result.select_metrics,
         adapter=adapter,
+        training_recipe=result.recipe,
     )
     return result
 
@@ -211,9 +214,16 @@ def compute_logits(payload: dict[str, Any], cache: dict[str, np.ndarray], split:
                                      batch_size=run_cfg.batch_size * 2,
                                      device=run_cfg.resolved_device(),
                                      compile_settings=run_cfg)
+    # optional uncertainty signal stored next to the logits (readers that do not know it
+    # ignore the extra array): variance of P(roadwork) over T head-dropout passes
+    extra = {}
+    if run_cfg.mc_dropout_passes > 0:
+        extra["mc_dropout_var"] = mc_dropout_variance(
+            model, x[:, 0] if cfg.mode == "frozen" else x, passes=run_cfg.mc_dropout_passes,
+            batch_size=run_cfg.batch_size * 2, device=run_cfg.resolved_device(), seed=cfg.seed)
     data_version = combine_versions({"checkpoint": payload["data_version"],
                                      f"embeddings[{split}]": str(cache["data_version"])})
-    atomic_write_npz(dest, logits=logits, labels=y.astype(np.int8), item_ids=cache["item_ids"],
+    atomic_write_npz(dest, logits=logits, labels=y.astype(np.int8), item_ids=cache["item_ids"], **extra,
                      group_keys=cache["group_keys"], split=np.array(split),
                      data_version=np.array(data_version),
                      checkpoint_sha256=np.array(checkpoint_sha256),
