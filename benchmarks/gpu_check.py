@@ -217,7 +217,7 @@ def _section(title: str, fn, *args):
     t0 = time.perf_counter()
     try:
         result = fn(*args)
-        if result is not None:
+        if result is not None and not isinstance(result, list):
             print(f"  {result}")
     except Exception:
         traceback.print_exc(limit=6, file=sys.stdout)
@@ -238,7 +238,8 @@ def main() -> None:
     _section("kernel parity on CUDA vs SDPA", kernel_parity)
     import bench_attention
 
-    _section("attention benchmark", bench_attention.run_gpu, iters)
+    rows = _section("attention benchmark", bench_attention.run_gpu, iters)
+    print(f"  ({len(rows or [])} rows)")
     for impl in ("sdpa", "triton"):
         _section(f"torch.compile ViT-B/14, attn_impl={impl}", compile_vit, impl, iters)
     try:

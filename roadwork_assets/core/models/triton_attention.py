@@ -79,7 +79,9 @@ def _flash_fwd_kernel(Q, K, V, Out, sm_scale, stride_b, stride_h, stride_n, H, N
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
+    # exp(x) = exp2(x * log2(e)); float32 on purpose: under torch.compile inductor passes
+    # the scale as a float64 scalar, which would make the loop-carried m_i float64
+    qk_scale = tl.cast(sm_scale, tl.float32) * 1.4426950408889634
     for start_n in range(0, N, BLOCK_N):
         cols = start_n + offs_n
         kv_mask = (cols[:, None] < N) & d_ok
