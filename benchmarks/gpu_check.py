@@ -5,6 +5,12 @@ sections that need them. Run from the repository root (no install needed):
 
     python benchmarks/gpu_check.py [--quick]
 
+The lent machines here have torch, timm, triton, peft, numpy, sklearn and safetensors
+but not pydantic (the config layer needs it); carry its wheels (``pip download pydantic
+--python-version 3.12 --only-binary=:all: -d build/gpu_wheels``) and run
+``pip install --no-index --no-deps --target /tmp/pyd build/gpu_wheels/*.whl`` with
+``PYTHONPATH=/tmp/pyd`` first. The whole script took 225 s on an H200 with --quick.
+
 Sections (each prints its own numbers; a failure is printed and the next one runs):
 1. environment: python, torch, timm, triton, peft, GPU.
 2. kernel parity on CUDA vs SDPA: fp32 / fp16 / bf16, forward and input gradients,

@@ -14,8 +14,11 @@ Graph breaks found with ``torch._dynamo.explain`` (torch 2.14, timm 1.0.31, CPU;
 ``benchmarks/bench_compile.py`` prints them again for the installed versions):
 - default ``test_resnet`` classifier: none (1 graph, 0 breaks).
 - ViT-S/14-shaped random ViT with SDPA: none (1 graph, 0 breaks).
-- the same ViT with ``attn_impl="triton"``: none on CUDA (the kernel is a
-  ``torch.library.triton_op``, which Dynamo traces into; see the GPU check's output).
+- the same ViT with ``attn_impl="triton"``: none (measured on an H200 with
+  ``benchmarks/gpu_check.py``, ViT-B/14: 1 graph, 0 breaks; the kernel is a
+  ``torch.library.triton_op``, which Dynamo traces into and inductor compiles).
+- LoRA through peft and the recipe's training loop were not run through ``explain``;
+  they compile and train on CUDA (``gpu_check.py`` section 5).
 
 ``fullgraph=True`` turns any future break into an error instead of a silent
 Python fallback; ``mode="reduce-overhead"`` adds CUDA graphs (GPU only; the ragged last
