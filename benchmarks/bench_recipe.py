@@ -67,7 +67,9 @@ def make_splits(root: Path, n: int, size: int, positive_fraction: float = 0.25,
     part = {g: ("train" if r < 0.6 * len(uniq) else "val_select" if r < 0.8 * len(uniq)
                 else "val_calib") for g, r in zip(uniq, u, strict=True)}
     where = np.array([part[g] for g in groups])
-    return {s: (x[where == s], y[where == s]) for s in ("train", "val_select", "val_calib")}
+    out: dict = {s: (x[where == s], y[where == s]) for s in ("train", "val_select", "val_calib")}
+    out["val_calib_groups"] = groups[where == "val_calib"]
+    return out
 
 
 def run_one(cfg: TrainerConfig, data: dict, aug_select: np.ndarray) -> dict[str, float]:
@@ -135,7 +137,8 @@ def main() -> None:
         report({k: v[:n] for k, v in runs.items()}, argparse.Namespace(out=None))
         return
     data = make_splits(args.data, args.n, args.size)
-    print({s: (len(y), int(y.sum())) for s, (_, y) in data.items()}, flush=True)
+    print({s: (len(data[s][1]), int(data[s][1].sum())) for s in ("train", "val_select")},
+          flush=True)
     aug_select = validator_selection_copy(data["val_select"][0], seed=12345)
     results: dict[str, list[dict]] = {}
     for name in ["baseline"] + [s for s in args.only if s != "baseline"]:
