@@ -207,3 +207,46 @@ def test_validator_augmentation_flips_rotates_and_draws_levels_as_configured():
     m = n - counts[0]
     assert abs(vflip / m - 0.5) < 0.12 and abs(hflip / m - 0.5) < 0.12
     assert max(angles) < 24 and np.mean(angles) > 5  # |rotation| <= 20 deg, not zero
+
+
+def test_pipeline_records_the_recipe_and_stores_mc_dropout_variance(tmp_path):
+    """Checkpoint metadata names the AMP decision and EMA selection; logits carry the
+    optional mc_dropout_var array when asked, and only then."""
+    import pandas as pd
+    from PIL import Image
+
+    from roadwork_assets.core.artifacts import read_npz
+    from roadwork_assets.core.training.checkpoint import load_checkpoint
+    from roadwork_assets.core.training.pipeline import (
+        compute_embeddings,
+        compute_logits,
+        train_checkpoint,
+    )
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(16):
+        arr = rng.integers(0, 60, (40, 40, 3), dtype=np.uint8)
+        if i % 2:
+            arr[10:30, 10:30] = (255, 120, 0)
+        Image.fromarray(arr).save(tmp_path / f"i{i}.png")
+        rows.append({"item_id": f"i{i}", "uri": str(tmp_path / f"i{i}.png"), "label": i % 2})
+    frame = pd.DataFrame(rows)
+    cfg = TrainerConfig(img_size=16, epochs=2, batch_size=4, threads=2, ema_decay=0.5,
+                        head="evidential", augment="validator", head_dropout=0.3)
+    caches = {}
+    for split, part in (("train", frame.iloc[:10]), ("val_select", frame.iloc[10:])):
+        compute_embeddings(part.reset_index(drop=True), cfg, tmp_path / f"{split}.npz", split,
+                           "dv", assignment_version="a1")
+        caches[split] = read_npz(tmp_path / f"{split}.npz")
+    train_checkpoint(caches, cfg, tmp_path / "model.pt")
+    payload = load_checkpoint(tmp_path / "model.pt")
+    assert payload["training_recipe"] == {
+        "amp_dtype": "float32", "amp_reason": "amp off", "ema_selected": True,
+        "augment": "validator", "selection_views": "validator_l0_l3"}
+    compute_logits(payload, caches["val_select"], "val_select", tmp_path / "a.npz", "c" * 64)
+    assert "mc_dropout_var" not in read_npz(tmp_path / "a.npz")
+    compute_logits(payload, caches["val_select"], "val_select", tmp_path / "b.npz", "c" * 64,
+                   override=cfg.model_copy(update={"mc_dropout_passes": 8}))
+    var = read_npz(tmp_path / "b.npz")["mc_dropout_var"]
+    assert var.shape == (6,) and np.all(var > 0)
