@@ -5,6 +5,8 @@
                                    decision, stage (JPEG, PNG, WebP; any size)
   roadwork verify DIR              check a bundle: closed, hashes, lineage, ONNX probe
                                    (a cascade's stage 2 too)
+  roadwork serve --bundle DIR      HTTP endpoint: POST /predict {"image": base64} ->
+                                   {"prediction": float}; /healthz, /metrics
 """
 
 from __future__ import annotations
@@ -130,10 +132,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from roadwork_assets.core.export.predictor import BundlePredictor
 
     predictor = BundlePredictor.from_dir(Path(args.bundle), device=args.device,
-                                         check_onnx=not args.skip_onnx_check)
+                                         check_onnx=not args.skip_onnx_check,
+                                         engine=args.engine)
     for pred in predictor.predict_paths([Path(p) for p in args.images]):
         print(json.dumps(pred.as_dict()), flush=True)
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from roadwork_assets.core.export.server import ServeSettings, run_server
+
+    settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                             max_request_bytes=int(args.max_request_mb * 1024**2))
+    return run_server(Path(args.bundle), host=args.host, port=args.port, engine=args.engine,
+                      settings=settings)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -167,8 +179,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--skip-onnx-check", action="store_true",
                    help="skip comparing model.onnx with torch on the bundle's probe batch "
-                   "(predict serves torch; every other load-time check still runs)")
+                   "(the ONNX engine then never serves; every other load-time check still runs)")
+    p.add_argument("--engine", default="auto", choices=["auto", "torch", "onnx"],
+                   help="what computes the logits: auto (default) = ONNX Runtime where the "
+                   "bundle has checked ONNX files and a one-time timing says it is faster")
     p.add_argument("images", nargs="+")
+    s = sub.add_parser("serve", help="serve a bundle over HTTP (StreetVision-style "
+                       "{\"image\": base64} -> {\"prediction\": float}, micro-batched)")
+    s.add_argument("--bundle", required=True, help="bundle directory")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    s.add_argument("--engine", default="auto", choices=["auto", "torch", "onnx"],
+                   help="what computes the logits (as for predict)")
+    s.add_argument("--max-batch", type=int, default=16,
+                   help="most requests answered by one model call (default 16)")
+    s.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="how long the first request of a batch waits for others (default 5)")
+    s.add_argument("--max-request-mb", type=float, default=16.0,
+                   help="larger request bodies are refused with 413 (default 16 MiB)")
     v = sub.add_parser("verify", help="verify a bundle: closed folder, sha256 hashes, "
                        "lineage, bounds, torch and ONNX on the stored probe batch")
     v.add_argument("bundle_dir")
@@ -177,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"run": cmd_run, "predict": cmd_predict, "verify": cmd_verify}[args.command]
+    handler = {"run": cmd_run, "predict": cmd_predict, "verify": cmd_verify,
+               "serve": cmd_serve}[args.command]
     try:
         return handler(args)
     except RoadworkError as exc:

@@ -17,8 +17,8 @@ from roadwork_assets.core.data.images import decode_image
 from roadwork_assets.core.data.transforms import to_model_array
 from roadwork_assets.core.export.bundle import Bundle, load_bundle
 from roadwork_assets.core.export.cascade_serving import is_cascade, served_outputs
+from roadwork_assets.core.export.engines import TorchEngine, choose_engine
 from roadwork_assets.core.training.pipeline import model_from_checkpoint
-from roadwork_assets.core.training.trainer import predict_view_logits
 
 DECISION_NAMES = {1: "positive", 0: "negative", -1: "defer"}
 
@@ -37,9 +37,12 @@ class Prediction:
 
 class BundlePredictor:
     """Loads a bundle once (every load-time check of ``load_bundle``) and predicts
-    batches of images."""
+    batches of images. ``engine``: torch | onnx | auto (``engines.choose_engine``: ONNX
+    Runtime where the bundle's checked ONNX files can serve and it times faster);
+    ``engine_reason`` says what was chosen and why."""
 
-    def __init__(self, bundle: Bundle, device: str = "cpu", batch_size: int = 32) -> None:
+    def __init__(self, bundle: Bundle, device: str = "cpu", batch_size: int = 32,
+                 engine: str = "torch") -> None:
         self.bundle = bundle
         if bundle.model is not None:  # load_bundle already rebuilt (and probed) it
             self.model = bundle.model
@@ -53,21 +56,22 @@ class BundlePredictor:
             from roadwork_assets.core.training.multiview import stage2_model
 
             self.stage2_model = stage2_model(self.model, bundle.stage2)
+        choice = choose_engine(engine, bundle, TorchEngine(self.model, self.stage2_model,
+                                                           self.device), self.device)
+        self.engine, self.engine_reason = choice.engine, choice.reason
 
     @classmethod
     def from_dir(cls, directory: Path, *, check_onnx: bool = True, **kwargs) -> BundlePredictor:
-        """``check_onnx=False``: skip the ONNX-vs-torch probe comparison (predict serves
-        torch, so ONNX only matters to whoever deploys model.onnx)."""
+        """``check_onnx=False``: skip the ONNX-vs-torch probe comparison; the ONNX engine
+        then never serves (``auto`` falls back to torch, ``onnx`` is refused)."""
         return cls(load_bundle(Path(directory), check_onnx=check_onnx), **kwargs)
 
     def predict_arrays(self, images_uint8: np.ndarray
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """uint8 [N, 3, S, S] -> (remapped probability [N], decision int8 [N], stage int8
         [N]); a cascade runs stage 2 on the routed images only (``stage2_rows`` counts them)."""
-        view_logits = predict_view_logits(
-            self.model, images_uint8, n_views=self.bundle.manifest.n_views,
-            batch_size=self.batch_size, device=self.device,
-        )
+        view_logits = self.engine.view_logits(images_uint8, self.bundle.manifest.n_views,
+                                              self.batch_size)
         stage2 = None
         if is_cascade(self.bundle.policy):
             def stage2(idx: np.ndarray) -> np.ndarray:
@@ -77,13 +81,10 @@ class BundlePredictor:
 
     def stage2_logits(self, images_uint8: np.ndarray) -> np.ndarray:
         """Stage 2's pooled logits [k, 2] of the given images (a cascade bundle only)."""
-        from roadwork_assets.core.training.multiview import predict_stage2_logits
-
         if self.stage2_model is None:
             raise ValueError("this bundle has no stage 2 (its policy is not a cascade)")
         self.stage2_rows += len(images_uint8)
-        return predict_stage2_logits(self.stage2_model, images_uint8,
-                                     batch_size=self.batch_size, device=self.device)
+        return self.engine.stage2_logits(images_uint8, self.batch_size)
 
     def predict_paths(self, paths: list[str | Path]) -> list[Prediction]:
         """Any size, JPEG / PNG (RGBA, palette, 16-bit, ...) / WebP: ``decode_image``
