@@ -22,6 +22,9 @@ from pathlib import Path
 
 from roadwork_assets.contracts.errors import RoadworkError
 
+# `roadwork predict`: some images could not be read (each has an error line); the others
+# were predicted. A bad bundle or setting is 2, an environment problem (disk) 3.
+EXIT_SOME_IMAGES_FAILED = 1
 REPO_DAGSTER_YAML = Path(__file__).resolve().parents[1] / "dagster.yaml"
 
 
@@ -123,20 +126,52 @@ def _run_locked(args: argparse.Namespace, root: Path, settings) -> int:
 
     for line in closing_lines(report):
         print(f"[roadwork] {line}")
-    print(f"[roadwork] bundle: {report['bundle_id']}")
+    bundle_dir = ArtifactRegistry(root).bundle_dir(report["bundle_id"])
+    print(f"[roadwork] bundle: {report['bundle_id']} at {bundle_dir}")
+    print(f"[roadwork] try it: roadwork predict --bundle {bundle_dir} IMAGE...")
     print(f"[roadwork] report: {report_path}")
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from roadwork_assets.core.export.predictor import BundlePredictor
+    from roadwork_assets.core.export.predictor import BundlePredictor, FailedImage
 
-    predictor = BundlePredictor.from_dir(Path(args.bundle), device=args.device,
+    predictor = BundlePredictor.from_dir(resolve_bundle_dir(args.bundle), device=args.device,
                                          check_onnx=not args.skip_onnx_check,
                                          engine=args.engine)
-    for pred in predictor.predict_paths([Path(p) for p in args.images]):
-        print(json.dumps(pred.as_dict()), flush=True)
-    return 0
+    failed = 0
+    for result in predictor.predict_each([Path(p) for p in args.images]):
+        print(json.dumps(result.as_dict()), flush=True)
+        if isinstance(result, FailedImage):
+            failed += 1
+            print(f"roadwork predict: {result.path}: {result.error}", file=sys.stderr)
+    if failed:
+        print(f"roadwork predict: {failed} of {len(args.images)} images failed", file=sys.stderr)
+    return EXIT_SOME_IMAGES_FAILED if failed else 0
+
+
+def resolve_bundle_dir(given: str | None) -> Path:
+    """The bundle to serve: ``given`` if it is a bundle; the one LATEST names when it is
+    a bundles folder or a ROADWORK_HOME; with nothing given, the latest bundle under
+    ROADWORK_HOME."""
+    from roadwork_assets.core.artifacts import ArtifactRegistry
+    from roadwork_assets.defs.resources import default_home
+
+    if given is None:
+        home = Path(default_home())
+        if not ArtifactRegistry(home).latest_bundle_pointer.exists():
+            raise RoadworkError(f"no bundle under ROADWORK_HOME={home}: run `roadwork run` "
+                                "first, or pass --bundle DIR")
+        return ArtifactRegistry(home).latest_bundle()
+    path = Path(given).expanduser()
+    if (path / "LATEST").is_file() and not (path / "manifest.json").exists():
+        bundle_id = (path / "LATEST").read_text().strip()
+        if not bundle_id or Path(bundle_id).name != bundle_id:
+            raise RoadworkError(f"{path / 'LATEST'} does not name a bundle inside {path}")
+        return path / bundle_id
+    if (path / "bundles" / "LATEST").is_file():
+        return ArtifactRegistry(path).latest_bundle()
+    return path
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -175,15 +210,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Dagster's event log on the terminal (default critical: only the "
                    "roadwork lines; every event is kept in DAGSTER_HOME for `dagster dev`)")
     p = sub.add_parser("predict", help="predict images with a bundle (JSON lines)")
-    p.add_argument("--bundle", required=True, help="bundle directory")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--bundle", help="a bundle folder, or a bundles folder / ROADWORK_HOME "
+                   "(the bundle its LATEST names); default: the latest bundle under "
+                   "ROADWORK_HOME")
+    p.add_argument("--device", default="cpu",
+                   help="torch device for the torch engine, e.g. cpu, cuda (default cpu)")
     p.add_argument("--skip-onnx-check", action="store_true",
                    help="skip comparing model.onnx with torch on the bundle's probe batch "
                    "(the ONNX engine then never serves; every other load-time check still runs)")
     p.add_argument("--engine", default="auto", choices=["auto", "torch", "onnx"],
                    help="what computes the logits: auto (default) = ONNX Runtime where the "
                    "bundle has checked ONNX files and a one-time timing says it is faster")
-    p.add_argument("images", nargs="+")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image files (JPEG, PNG, WebP; any size). An unreadable one gets "
+                   "an {\"path\", \"error\"} line and exit code 1; the others are predicted")
     s = sub.add_parser("serve", help="serve a bundle over HTTP (StreetVision-style "
                        "{\"image\": base64} -> {\"prediction\": float}, micro-batched)")
     s.add_argument("--bundle", required=True, help="bundle directory")
@@ -199,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="larger request bodies are refused with 413 (default 16 MiB)")
     v = sub.add_parser("verify", help="verify a bundle: closed folder, sha256 hashes, "
                        "lineage, bounds, torch and ONNX on the stored probe batch")
-    v.add_argument("bundle_dir")
+    v.add_argument("bundle_dir", help="the bundle folder to check (bundles/<id>)")
     return parser
 
 

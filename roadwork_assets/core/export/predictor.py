@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from roadwork_assets.contracts.errors import BadInputError
 from roadwork_assets.core.data.images import decode_image
 from roadwork_assets.core.data.transforms import to_model_array
 from roadwork_assets.core.export.bundle import Bundle, load_bundle
@@ -33,6 +34,17 @@ class Prediction:
     def as_dict(self) -> dict[str, object]:
         return {"path": self.path, "probability": self.probability, "decision": self.decision,
                 "stage": self.stage}
+
+
+@dataclass
+class FailedImage:
+    """An image ``predict_each`` could not read; the others in its batch were predicted."""
+
+    path: str
+    error: str
+
+    def as_dict(self) -> dict[str, object]:
+        return {"path": self.path, "error": self.error}
 
 
 class BundlePredictor:
@@ -91,6 +103,29 @@ class BundlePredictor:
         makes RGB, ``to_model_array`` centre-crops and resizes to the bundle's img_size."""
         size = self.bundle.manifest.img_size
         arrays = np.stack([to_model_array(decode_image(Path(p), str(p)), size) for p in paths])
+        return self._predictions(paths, arrays)
+
+    def predict_each(self, paths: list[str | Path]) -> list[Prediction | FailedImage]:
+        """``predict_paths`` that survives bad files: each image is decoded on its own, one
+        that cannot be read (missing, empty, corrupt, not an image, too large) becomes a
+        ``FailedImage`` naming why, and the good ones are predicted in one batch. The
+        result keeps the order of ``paths``."""
+        size = self.bundle.manifest.img_size
+        out: list[Prediction | FailedImage | None] = [None] * len(paths)
+        good, arrays = [], []
+        for i, p in enumerate(paths):
+            try:
+                arrays.append(to_model_array(decode_image(Path(p), str(p)), size))
+                good.append(i)
+            except BadInputError as exc:
+                out[i] = FailedImage(str(p), str(exc))
+        if good:
+            preds = self._predictions([paths[i] for i in good], np.stack(arrays))
+            for i, pred in zip(good, preds, strict=True):
+                out[i] = pred
+        return out  # type: ignore[return-value]  # every slot is filled above
+
+    def _predictions(self, paths: list[str | Path], arrays: np.ndarray) -> list[Prediction]:
         prob, decision, stage = self.predict_arrays(arrays)
         return [Prediction(str(p), float(pr), DECISION_NAMES[int(d)], int(st))
                 for p, pr, d, st in zip(paths, prob, decision, stage, strict=True)]
