@@ -1,8 +1,11 @@
 """`roadwork`: the terminal entry point.
 
-  roadwork run                     materialize the whole graph through Dagster
-  roadwork predict --bundle DIR IMAGE...   one JSON line per image: path, probability,
-                                   decision, stage (JPEG, PNG, WebP; any size)
+  roadwork run [--verbose]         materialize the whole graph through Dagster; prints
+                                   progress, then the bundle it made
+  roadwork predict [--bundle DIR] IMAGE...   one JSON line per image: path, probability,
+                                   decision, stage (JPEG, PNG, WebP; any size); default
+                                   bundle: the latest under ROADWORK_HOME; an unreadable
+                                   image gets {"path", "error"} and exit code 1
   roadwork verify DIR              check a bundle: closed, hashes, lineage, ONNX probe
                                    (a cascade's stage 2 too)
   roadwork serve --bundle DIR      HTTP endpoint: POST /predict {"image": base64} ->
@@ -74,6 +77,13 @@ def _parse_config_json(text: str | None) -> dict:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from roadwork_assets.defs.console import quiet_terminal
+
+    with quiet_terminal(args.verbose):  # before any import of dagster_mlflow
+        return _cmd_run(args)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
     from roadwork_assets.core.runlock import hold_lock
     from roadwork_assets.defs.resources import default_home
     from roadwork_assets.defs.settings import resolve_settings
@@ -92,6 +102,7 @@ def _run_locked(args: argparse.Namespace, root: Path, settings) -> int:
     from roadwork_assets import definitions
     from roadwork_assets.core.artifacts import ArtifactRegistry, collect_dead_leftovers
     from roadwork_assets.core.runlock import hold_lock
+    from roadwork_assets.defs.console import console_logger_config, with_console
     from roadwork_assets.defs.runner import fail_abandoned_runs, materialize_all
 
     home = ensure_dagster_home()
@@ -102,14 +113,15 @@ def _run_locked(args: argparse.Namespace, root: Path, settings) -> int:
     for path in collect_dead_leftovers(root):
         print(f"[roadwork] removed {path.relative_to(root)}: left by a run that is gone")
     t0 = time.perf_counter()
-    defs = definitions.defs
+    defs = with_console(definitions.defs)
     job = defs.resolve_implicit_global_asset_job_def()
     run_config = settings.run_config(set(job.resource_defs))
     # Dagster's own event log (every event, and a stack trace for any failure) stays in
-    # DAGSTER_HOME for `dagster dev`; the terminal shows the roadwork lines and, for a
-    # failed blocking check, one error line (BlockingCheckFailed).
+    # DAGSTER_HOME for `dagster dev`; the terminal shows the roadwork lines, the assets'
+    # own log lines (progress, warnings) and, for a failed blocking check, one error line
+    # (BlockingCheckFailed); --verbose adds the event stream.
     run_config.setdefault("loggers", {}).setdefault(
-        "console", {"config": {"log_level": args.dagster_log_level.upper()}})
+        "console", console_logger_config(args.verbose, args.dagster_log_level))
     # creating (and migrating) a fresh instance is serialised even when several
     # ROADWORK_HOMEs share one DAGSTER_HOME
     with hold_lock(home, wait=True, what="DAGSTER_HOME", say=lambda _m: None):
@@ -205,10 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
                    '\'{"resources": {"trainer": {"config": {"epochs": 5}}}}\'')
     r.add_argument("--wait", action="store_true",
                    help="if another run holds ROADWORK_HOME, wait for it instead of refusing")
-    r.add_argument("--dagster-log-level", default="critical",
+    r.add_argument("--verbose", action="store_true",
+                   help="also print Dagster's full event stream (DEBUG), the MLflow "
+                   "BetaWarnings and MLflow/alembic database lines; without it the terminal "
+                   "shows roadwork's lines, progress and warnings (every event is kept in "
+                   "DAGSTER_HOME for `dagster dev` either way)")
+    r.add_argument("--dagster-log-level", default=None,
                    choices=["debug", "info", "warning", "error", "critical"],
-                   help="Dagster's event log on the terminal (default critical: only the "
-                   "roadwork lines; every event is kept in DAGSTER_HOME for `dagster dev`)")
+                   help="threshold of the asset log lines on the terminal (default info; "
+                   "debug with --verbose); critical shows only the [roadwork] lines")
     p = sub.add_parser("predict", help="predict images with a bundle (JSON lines)")
     p.add_argument("--bundle", help="a bundle folder, or a bundles folder / ROADWORK_HOME "
                    "(the bundle its LATEST names); default: the latest bundle under "

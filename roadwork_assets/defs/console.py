@@ -1,0 +1,96 @@
+"""What `roadwork run` shows on the terminal, and the Dagster side of progress lines.
+
+Default: the project's own log lines (``context.log.*`` of the assets: progress with
+rate and ETA, per-epoch metrics, warnings) and real Python warnings. Hidden unless
+``--verbose``: Dagster's event stream (STEP_START, HANDLED_OUTPUT, ... and a failed
+step's traceback: the CLI prints one error line for it), the BetaWarnings that
+dagster / dagster_mlflow raise about the MLflow integration, and MLflow's / alembic's
+database INFO lines. Every event is still written to DAGSTER_HOME, so the run logs in
+the UI (`dagster dev`) keep the full stream either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
+
+import dagster as dg
+from dagster._core.log_manager import LOG_RECORD_EVENT_ATTR, LOG_RECORD_METADATA_ATTR
+from dagster._utils.log import create_console_logger
+
+from roadwork_assets.core.progress import ProgressReporter
+
+# MLflow's tracking-store setup ("Creating initial MLflow database tables...",
+# "Experiment ... does not exist. Creating a new experiment.") and alembic's migrations
+QUIET_LOGGERS = ("mlflow.store.db.utils", "mlflow.tracking.fluent", "alembic")
+# dagster_mlflow's hook, resource and MlFlow class are all marked beta; the message names
+# them, so this matches those and no other BetaWarning
+MLFLOW_BETA_MESSAGE = r".*(mlflow|MlFlow)"
+
+
+def progress_reporter(context, every_s: float = 5.0) -> ProgressReporter:
+    """The ``progress`` sink an asset passes to core: throttled lines to
+    ``context.log.info`` (the run's logs, and the `roadwork run` terminal)."""
+    return ProgressReporter(emit=context.log.info, every_s=every_s)
+
+
+class _NoDagsterEvents(logging.Filter):
+    """Pass the lines assets log; drop Dagster's own events (which carry a DagsterEvent)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        meta = getattr(record, LOG_RECORD_METADATA_ATTR, None) or {}
+        return getattr(record, LOG_RECORD_EVENT_ATTR, None) is None \
+            and meta.get("dagster_event") is None
+
+
+@dg.logger(
+    {
+        "log_level": dg.Field(str, is_required=False, default_value="INFO",
+                              description="the console's threshold"),
+        "events": dg.Field(bool, is_required=False, default_value=True,
+                           description="also print Dagster's event stream (the default "
+                           "console does); `roadwork run` turns it off unless --verbose"),
+    },
+    description="Dagster's colored console logger, optionally without its event stream.",
+)
+def roadwork_console(init_context) -> logging.Logger:
+    config = init_context.logger_config
+    log = create_console_logger("dagster", config["log_level"].upper())
+    if not config["events"]:
+        for handler in log.handlers:
+            handler.addFilter(_NoDagsterEvents())
+    return log
+
+
+def console_logger_config(verbose: bool, level: str | None = None) -> dict:
+    """Run config for ``roadwork_console``: INFO without events by default, DEBUG with
+    every event when verbose; ``level`` (``--dagster-log-level``) overrides the level."""
+    return {"config": {"log_level": (level or ("debug" if verbose else "info")).upper(),
+                       "events": verbose}}
+
+
+def with_console(defs: dg.Definitions) -> dg.Definitions:
+    """``defs`` whose jobs log to the terminal through ``roadwork_console``."""
+    return dg.Definitions.merge(defs, dg.Definitions(loggers={"console": roadwork_console}))
+
+
+@contextlib.contextmanager
+def quiet_terminal(verbose: bool) -> Iterator[None]:
+    """Hide the MLflow BetaWarnings and database INFO lines (unless ``verbose``); every
+    other warning is shown as usual. Restores the warning filters and logger levels."""
+    if verbose:
+        yield
+        return
+    levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=MLFLOW_BETA_MESSAGE,
+                                category=dg.BetaWarning)
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for name, level in levels.items():
+                logging.getLogger(name).setLevel(level)
