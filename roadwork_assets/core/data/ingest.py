@@ -16,7 +16,6 @@ the item twice); across splits they are leakage, found by ``dedup``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,7 @@ from roadwork_assets.core.data.images import (
 )
 from roadwork_assets.core.data.similarity import thumbnail
 from roadwork_assets.core.data.sources import RECORD_COLUMNS, source_quarantine
+from roadwork_assets.core.progress import Progress, no_progress
 
 __all__ = ["QUARANTINE_COLUMNS", "ingest_images"]
 
@@ -44,7 +44,7 @@ def ingest_images(
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_bytes: int = DEFAULT_MAX_BYTES,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress = no_progress,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Decode and fingerprint each record; return ``(ingested, quarantined)``.
 
@@ -54,8 +54,9 @@ def ingest_images(
     ``quarantined`` has ``item_id``, ``uri``, ``reason`` and also lists rows the source
     reader set aside (``records.attrs["quarantine"]``). Images are dropped as soon as
     they are hashed, so memory stays at one decoded image, which ``max_bytes`` bounds
-    (images whose decode would need more are quarantined, see ``decode_peak_bytes``). ``progress(done, total)`` is
-    called every 500 images if given.
+    (images whose decode would need more are quarantined, see ``decode_peak_bytes``).
+    ``progress("decode images", done, total)`` is called after every image (a
+    ``core.progress.ProgressReporter`` throttles the lines).
     """
     missing = [c for c in RECORD_COLUMNS if c not in records.columns]
     if missing:
@@ -72,6 +73,7 @@ def ingest_images(
     height = np.zeros(total, dtype=np.int32)
     quarantined: list[dict] = []
     for i, (item_id, uri) in enumerate(zip(records["item_id"], records["uri"])):
+        progress("decode images", i, total)
         try:
             img = decode_image(Path(uri), str(item_id), max_pixels=max_pixels, max_bytes=max_bytes)
         except BadInputError as exc:
@@ -85,8 +87,7 @@ def ingest_images(
             good[i] = True
         finally:
             img.close()
-        if progress is not None and (i + 1) % 500 == 0:
-            progress(i + 1, total)
+    progress("decode images", total, total)
 
     ingested = records.loc[good].copy()
     ingested["pixel_sha256"] = sha[good]

@@ -25,6 +25,7 @@ from roadwork_assets.core.data.splits import (
 )
 from roadwork_assets.core.data.synthetic import generate_default_dataset
 from roadwork_assets.defs.asset_paths import asset_path
+from roadwork_assets.defs.console import progress_reporter
 from roadwork_assets.defs.metadata import counts_meta, table_md
 from roadwork_assets.defs.partitions import split_partitions
 from roadwork_assets.defs.promotion import StagedFiles, materialize_result
@@ -55,20 +56,21 @@ def source_images(
     dataset: DatasetSource,
 ):
     reg = artifacts.registry
+    progress = progress_reporter(context)
     if dataset.spec is None:
+        context.log.info(f"default dataset: {dataset.default_n_images} generated street "
+                         f"scenes at {dataset.default_image_size} px in "
+                         f"{reg.default_dataset_dir} (generated on first use, then reused)")
         manifest = generate_default_dataset(
             reg.default_dataset_dir, n_images=dataset.default_n_images,
             seed=dataset.default_seed, image_size=dataset.default_image_size,
+            progress=progress,
         )
         spec, kind = str(manifest), "generated default dataset"
     else:
         spec, kind = dataset.spec, "user dataset (ROADWORK_DATA)"
     context.log.info(f"reading {kind}: {spec}")
     records = load_source(spec, cache_dir=reg.source_cache_dir)
-
-    def progress(done: int, total: int) -> None:
-        context.log.info(f"decoded {done}/{total} images")
-
     ingested, quarantined = ingest_images(records, progress=progress)
     data_version = frame_fingerprint(ingested, ["item_id", "label", "pixel_sha256"])
     stamp = {"data_version": data_version, "code_version": code_version(),

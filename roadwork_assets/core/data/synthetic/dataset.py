@@ -23,6 +23,7 @@ from PIL import Image
 from roadwork_assets.core.data.synthetic.rendering import camera_frame, render_scene
 from roadwork_assets.core.data.synthetic.sampling import sample_scene
 from roadwork_assets.core.data.synthetic.types import Scene
+from roadwork_assets.core.progress import Progress, no_progress
 
 __all__ = ["GENERATOR_VERSION", "MANIFEST_COLUMNS", "generate_default_dataset", "scene_frames", "scene_label"]
 
@@ -41,8 +42,10 @@ def generate_default_dataset(
     image_size: int = 128,
     positive_fraction: float = 0.5,
     frames_per_scene: int = 2,
+    progress: Progress = no_progress,
 ) -> Path:
     """Write JPEG street scenes + out_dir/manifest.csv; return the manifest path.
+    ``progress("generate default dataset", done, total)`` is called as images are written.
 
     Idempotent: returns at once when out_dir already holds this exact dataset. Otherwise
     builds it in a temporary sibling directory and renames it over out_dir (which is
@@ -64,7 +67,7 @@ def generate_default_dataset(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        rows = _write_images(tmp, params)
+        rows = _write_images(tmp, params, progress)
         with open(tmp / "manifest.csv", "w", newline="") as fh:
             writer = csv.writer(fh, lineterminator="\n")
             writer.writerow(MANIFEST_COLUMNS)
@@ -142,7 +145,7 @@ def _swap_into_place(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def _write_images(root: Path, params: dict) -> list[tuple]:
+def _write_images(root: Path, params: dict, progress: Progress = no_progress) -> list[tuple]:
     n, size, fps = params["n_images"], params["image_size"], params["frames_per_scene"]
     for sub in ("roadwork", "none"):
         (root / "images" / sub).mkdir(parents=True, exist_ok=True)
@@ -154,4 +157,5 @@ def _write_images(root: Path, params: dict) -> list[tuple]:
             rel = f"images/{'roadwork' if scene.label else 'none'}/{group}_f{f}.jpg"
             frame.save(root / rel, format="JPEG", quality=quality)
             rows.append((rel, scene.label, group, scene.kind, scene.lighting))
+        progress("generate default dataset", len(rows), n)
     return rows
