@@ -15,6 +15,7 @@ import torch
 from PIL import Image, ImageOps
 
 from roadwork_assets.core.data.images import decode_image
+from roadwork_assets.core.progress import Progress, no_progress
 
 
 def to_model_array(img: Image.Image, img_size: int) -> np.ndarray:
@@ -23,11 +24,14 @@ def to_model_array(img: Image.Image, img_size: int) -> np.ndarray:
     return np.asarray(fitted, dtype=np.uint8).transpose(2, 0, 1).copy()
 
 
-def load_model_arrays(uris: list[str], item_ids: list[str], img_size: int) -> np.ndarray:
+def load_model_arrays(uris: list[str], item_ids: list[str], img_size: int,
+                      progress: Progress = no_progress) -> np.ndarray:
     """Decode and preprocess many files -> uint8 [N, 3, S, S]."""
     out = np.empty((len(uris), 3, img_size, img_size), dtype=np.uint8)
     for i, (uri, item) in enumerate(zip(uris, item_ids, strict=True)):
+        progress("decode + resize", i, len(uris))
         out[i] = to_model_array(decode_image(Path(uri), item), img_size)
+    progress("decode + resize", len(uris), len(uris))
     return out
 
 

@@ -28,6 +28,7 @@ from roadwork_assets.core.artifacts import (
 )
 from roadwork_assets.core.data.transforms import load_model_arrays
 from roadwork_assets.core.models.classifier import RoadworkClassifier, build_classifier
+from roadwork_assets.core.progress import Progress, no_progress
 from roadwork_assets.core.training.adapted_backbone import adapted_state_for
 from roadwork_assets.core.training.adapter_config import ADAPTER_MODES, PRETRAINED_MODES
 from roadwork_assets.core.training.adapters import fit_adapters
@@ -63,15 +64,17 @@ def weights_fingerprint(cfg: TrainerConfig) -> str:
 
 
 def compute_embeddings(manifest: pd.DataFrame, cfg: TrainerConfig, dest: Path,
-                       split: str, data_version: str, assignment_version: str) -> dict[str, Any]:
+                       split: str, data_version: str, assignment_version: str,
+                       progress: Progress = no_progress) -> dict[str, Any]:
     """Write the per-split feature cache (npz) and return summary numbers."""
     cfg.apply_threads()
     images = load_model_arrays(manifest["uri"].tolist(), manifest["item_id"].tolist(),
-                               cfg.img_size)
+                               cfg.img_size, progress=progress)
     if cfg.mode == "frozen":
         model = build_model(cfg)
         feats = embed_views(model, images, n_views=cfg.n_views, batch_size=cfg.batch_size,
-                            device=cfg.resolved_device(), compile_settings=cfg)
+                            device=cfg.resolved_device(), compile_settings=cfg,
+                            progress=progress)
         kind = "backbone_features"
     else:
         feats, kind = images, "preprocessed_images"
@@ -124,6 +127,7 @@ def train_checkpoint(
     dest: Path,
     log: Callable[[dict[str, float]], None] | None = None,
     adapted_backbone: Path | None = None,
+    progress: Progress = no_progress,
 ) -> TrainResult:
     """Train on ``caches['train']``, select on ``caches['val_select']``; write checkpoint.
 
@@ -159,7 +163,8 @@ def train_checkpoint(
         result, adapter = fit_adapters(model, cfg, train_x, train_y, sel_x, sel_y, log=log)
         adapter.update(adapted)
     else:
-        result = fit_end_to_end(model, cfg, train_x, train_y, sel_x, sel_y, log=log)
+        result = fit_end_to_end(model, cfg, train_x, train_y, sel_x, sel_y, log=log,
+                                progress=progress)
     save_checkpoint(
         dest,
         model_state_dict=result.model.state_dict(),
@@ -191,7 +196,8 @@ def model_from_checkpoint(payload: dict[str, Any]) -> tuple[RoadworkClassifier, 
 
 def compute_logits(payload: dict[str, Any], cache: dict[str, np.ndarray], split: str,
                    dest: Path, checkpoint_sha256: str,
-                   override: TrainerConfig | None = None) -> dict[str, Any]:
+                   override: TrainerConfig | None = None,
+                   progress: Progress = no_progress) -> dict[str, Any]:
     """Logits of one split, refusing a split assignment other than the checkpoint's.
 
     If the assignment changed since training (new seed, fractions, or merged
@@ -213,7 +219,7 @@ def compute_logits(payload: dict[str, Any], cache: dict[str, np.ndarray], split:
         logits = predict_view_logits(model, x, n_views=cfg.n_views,
                                      batch_size=run_cfg.batch_size * 2,
                                      device=run_cfg.resolved_device(),
-                                     compile_settings=run_cfg)
+                                     compile_settings=run_cfg, progress=progress)
     # optional uncertainty signal stored next to the logits (readers that do not know it
     # ignore the extra array): variance of P(roadwork) over T head-dropout passes
     extra = {}

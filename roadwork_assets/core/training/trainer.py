@@ -32,6 +32,7 @@ from sklearn.metrics import balanced_accuracy_score, log_loss, roc_auc_score
 from roadwork_assets.contracts.errors import BadInputError
 from roadwork_assets.core.data.transforms import make_views, to_float
 from roadwork_assets.core.models.classifier import RoadworkClassifier, freeze_backbone
+from roadwork_assets.core.progress import Progress, no_progress
 from roadwork_assets.core.training.augment import (
     light_augment,
     validator_augment_batch,
@@ -77,23 +78,28 @@ def _selection_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, floa
 
 
 @torch.no_grad()
-def _map_views(fn, images_uint8: np.ndarray, n_views: int, batch_size: int, dim: int) -> np.ndarray:
+def _map_views(fn, images_uint8: np.ndarray, n_views: int, batch_size: int, dim: int,
+               progress: Progress = no_progress, stage: str = "images") -> np.ndarray:
     """Apply ``fn`` to every deterministic view of every batch: [N, 3, S, S] -> [N, V, dim]."""
     out = np.empty((len(images_uint8), n_views, dim), dtype=np.float32)
     for start in range(0, len(images_uint8), batch_size):
+        progress(stage, start, len(images_uint8))
         batch = to_float(torch.from_numpy(images_uint8[start : start + batch_size]))
         for v, view in enumerate(make_views(batch, n_views)):
             out[start : start + len(batch), v] = fn(view).float().cpu().numpy()
+    progress(stage, len(images_uint8), len(images_uint8))
     return out
 
 
 def predict_view_logits(model: RoadworkClassifier, images_uint8: np.ndarray, *, n_views: int,
                         batch_size: int, device: torch.device,
-                        compile_settings: CompileSettings | TrainerConfig | None = None) -> np.ndarray:
+                        compile_settings: CompileSettings | TrainerConfig | None = None,
+                        progress: Progress = no_progress) -> np.ndarray:
     """[N, 3, S, S] uint8 -> [N, V, 2] float32 logits over deterministic views."""
     model.eval().to(device)
     fn = compiled(model, compile_settings)
-    return _map_views(lambda x: fn(x.to(device)), images_uint8, n_views, batch_size, 2)
+    return _map_views(lambda x: fn(x.to(device)), images_uint8, n_views, batch_size, 2,
+                      progress, "logits")
 
 
 @torch.no_grad()
@@ -128,12 +134,13 @@ def mc_dropout_variance(model: RoadworkClassifier, inputs: np.ndarray, *, passes
 
 def embed_views(model: RoadworkClassifier, images_uint8: np.ndarray, *, n_views: int,
                 batch_size: int, device: torch.device,
-                compile_settings: CompileSettings | TrainerConfig | None = None) -> np.ndarray:
+                compile_settings: CompileSettings | TrainerConfig | None = None,
+                progress: Progress = no_progress) -> np.ndarray:
     """Frozen-backbone features: [N, 3, S, S] uint8 -> [N, V, D] float32."""
     model.eval().to(device)
     fn = compiled(model.features, compile_settings)
     return _map_views(lambda x: fn(x.to(device)), images_uint8, n_views,
-                      batch_size, model.num_features)
+                      batch_size, model.num_features, progress, "embed")
 
 
 @torch.no_grad()
@@ -262,9 +269,11 @@ def fit_end_to_end(
     select_x: np.ndarray,
     select_y: np.ndarray,
     log: Any = None,
+    progress: Progress = no_progress,
 ) -> TrainResult:
     torch.manual_seed(cfg.seed)
     loop = _make_loop(model, cfg, train_y)
+    progress("train epochs", 0, cfg.epochs)
     xs = torch.from_numpy(train_x)
     ys = torch.from_numpy(train_y.astype(np.int64))
     # validator-faithful selection: one fixed augmented copy of val_select, every epoch
@@ -295,6 +304,7 @@ def fit_end_to_end(
                **({"hard_negatives": n_hard} if cfg.hard_negative_factor > 1 else {}),
                **{f"val_select_{k}": v for k, v in metrics.items()}}
         history.append(row)
+        progress("train epochs", epoch, cfg.epochs)
         if log is not None:
             log(row)
         if metrics["nll"] < best["nll"]:
