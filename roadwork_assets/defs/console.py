@@ -45,6 +45,18 @@ class _NoDagsterEvents(logging.Filter):
             and meta.get("dagster_event") is None
 
 
+class _ShortFormat(logging.Formatter):
+    """``[roadwork]   checkpoint: train epochs: 1/2 (50%) ...``: the asset and its own
+    message, a level only when it is not INFO (the run id and job name are in the UI)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        meta = getattr(record, LOG_RECORD_METADATA_ATTR, None) or {}
+        source = meta.get("step_key") or (f"resource:{meta['resource_name']}"
+                                          if meta.get("resource_name") else "dagster")
+        level = "" if record.levelno == logging.INFO else f"{record.levelname}: "
+        return f"[roadwork]   {source}: {level}{meta.get('orig_message', record.getMessage())}"
+
+
 @dg.logger(
     {
         "log_level": dg.Field(str, is_required=False, default_value="INFO",
@@ -61,6 +73,7 @@ def roadwork_console(init_context) -> logging.Logger:
     if not config["events"]:
         for handler in log.handlers:
             handler.addFilter(_NoDagsterEvents())
+            handler.setFormatter(_ShortFormat())
     return log
 
 

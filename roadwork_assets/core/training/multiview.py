@@ -47,6 +47,7 @@ from roadwork_assets.core.models.multiview import (
     aggregate,
     ten_crop,
 )
+from roadwork_assets.core.progress import Progress, no_progress
 from roadwork_assets.core.training.pipeline import _as_arrays, model_from_checkpoint
 from roadwork_assets.core.training.trainer import head_view_logits
 
@@ -60,12 +61,14 @@ ATTENTION_L2S = (1e-3, 1e-2, 1e-1, 1.0)
 
 @torch.no_grad()
 def _ten_crop_logits(model, images_uint8: np.ndarray, crop_scale: float, size: int,
-                     batch_size: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+                     batch_size: int, device: torch.device,
+                     progress: Progress = no_progress) -> tuple[np.ndarray, np.ndarray]:
     """uint8 [N, 3, S, S] -> (ten-crop logits [N, 10, 2], full-view logits [N, 2])."""
     model.eval().to(device)
     views = np.empty((len(images_uint8), len(TEN_CROP_VIEWS), 2), dtype=np.float32)
     single = np.empty((len(images_uint8), 2), dtype=np.float32)
     for start in range(0, len(images_uint8), batch_size):
+        progress("ten-crop views", start, len(images_uint8))
         batch = to_float(torch.from_numpy(images_uint8[start:start + batch_size])).to(device)
         stop = start + len(batch)
         single[start:stop] = model(batch).float().cpu().numpy()
@@ -73,12 +76,14 @@ def _ten_crop_logits(model, images_uint8: np.ndarray, crop_scale: float, size: i
         # one forward pass over every view of the batch
         out = model(torch.cat(crops)).float().cpu().numpy().reshape(len(crops), len(batch), 2)
         views[start:stop] = out.transpose(1, 0, 2)
+    progress("ten-crop views", len(images_uint8), len(images_uint8))
     return views, single
 
 
 def view_logits(payload: dict[str, Any], cache: dict[str, np.ndarray], split: str,
                 crop_scale: float = DEFAULT_CROP_SCALE,
-                batch_size: int | None = None) -> dict[str, Any]:
+                batch_size: int | None = None,
+                progress: Progress = no_progress) -> dict[str, Any]:
     """Per-view logits of one split's cache under the stage-1 checkpoint ``payload``."""
     if str(cache["assignment_version"]) != payload["assignment_version"]:
         raise LeakageError(
@@ -95,7 +100,8 @@ def view_logits(payload: dict[str, Any], cache: dict[str, np.ndarray], split: st
                 "source": "cached_views", "crop_scale": None, "input_size": cfg.img_size,
                 "skipped": FROZEN_SKIP_REASON.format(n=len(names), names=names)}
     z, single = _ten_crop_logits(model, x, crop_scale, cfg.img_size,
-                                 batch_size or cfg.batch_size, cfg.resolved_device())
+                                 batch_size or cfg.batch_size, cfg.resolved_device(),
+                                 progress)
     return {"views": z, "single": single, "labels": y, "names": list(TEN_CROP_VIEWS),
             "source": "ten_crop", "crop_scale": crop_scale, "input_size": cfg.img_size,
             "skipped": ""}
@@ -119,11 +125,12 @@ def compare(name: str, logits: np.ndarray, labels: np.ndarray) -> ViewComparison
 
 def compute_view_logits(payload: dict[str, Any], cache: dict[str, np.ndarray], split: str,
                         dest: Path, checkpoint_sha256: str,
-                        crop_scale: float = DEFAULT_CROP_SCALE) -> dict[str, Any]:
+                        crop_scale: float = DEFAULT_CROP_SCALE,
+                        progress: Progress = no_progress) -> dict[str, Any]:
     """Per-view logits [N, V, 2] of one split (``view_logits``), written once so that the
     aggregator fit (train, val_select) and every split's pooled logits reuse them: the
     views are stage 2's whole cost (ten forward passes per image)."""
-    part = view_logits(payload, cache, split, crop_scale)
+    part = view_logits(payload, cache, split, crop_scale, progress=progress)
     y = part["labels"]
     data_version = combine_versions({"checkpoint": payload["data_version"],
                                      f"embeddings[{split}]": str(cache["data_version"])})

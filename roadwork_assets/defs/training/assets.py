@@ -21,6 +21,7 @@ from roadwork_assets.core.training.pipeline import (
     train_checkpoint,
 )
 from roadwork_assets.defs.asset_paths import asset_path
+from roadwork_assets.defs.console import progress_reporter
 from roadwork_assets.defs.metadata import floats
 from roadwork_assets.defs.partitions import MODEL_FITTING_SPLITS, split_partitions
 from roadwork_assets.defs.promotion import StagedFiles, materialize_result
@@ -49,7 +50,8 @@ def embeddings(
     data_version = stamp.get("data_version") or frame_fingerprint(split_manifest)
     assignment_version = stamp.get("assignment_version", "")
     summary = compute_embeddings(split_manifest, trainer.to_config(), staged_path(dest), split,
-                                 data_version, assignment_version)
+                                 data_version, assignment_version,
+                                 progress=progress_reporter(context))
     return materialize_result(
         context, StagedFiles.at(dest), data_version=data_version,
         metadata={
@@ -106,7 +108,8 @@ def checkpoint(
 
     try:
         result = train_checkpoint(embeddings, cfg, staged, log=log,
-                                  adapted_backbone=adapted_backbone)
+                                  adapted_backbone=adapted_backbone,
+                                  progress=progress_reporter(context))
         mlflow.log_metrics({f"best_{k}": v for k, v in result.select_metrics.items()})
         mlflow.set_tag("roadwork.checkpoint_sha256", file_sha256(staged))
         run_id = mlflow.active_run().info.run_id if mlflow.active_run() else ""
@@ -174,7 +177,7 @@ def logits(
     staged = staged_path(dest)
     summary = compute_logits(checkpoint, embeddings, split, staged,
                              checkpoint_sha256=file_sha256(asset_path(reg, "checkpoint")),
-                             override=trainer.to_config())
+                             override=trainer.to_config(), progress=progress_reporter(context))
     written = read_npz(staged)
     aligned = _logits_check(written, split_manifest)
     data_version = str(written["data_version"])

@@ -17,6 +17,7 @@ from roadwork_assets.core.training.multiview import (
     fit_aggregator,
 )
 from roadwork_assets.defs.asset_paths import asset_path
+from roadwork_assets.defs.console import progress_reporter
 from roadwork_assets.defs.partitions import MODEL_FITTING_SPLITS, split_partitions
 from roadwork_assets.defs.promotion import StagedFiles, materialize_result
 from roadwork_assets.defs.resources import ArtifactRegistryResource
@@ -50,7 +51,8 @@ def multiview_views(
     reg = artifacts.registry
     dest = asset_path(reg, "multiview_views", split)
     summary = compute_view_logits(checkpoint, embeddings, split, staged_path(dest),
-                                  checkpoint_sha256=file_sha256(asset_path(reg, "checkpoint")))
+                                  checkpoint_sha256=file_sha256(asset_path(reg, "checkpoint")),
+                                  progress=progress_reporter(context))
     written = read_npz(staged_path(dest))
     data_version = str(written["data_version"])
     return materialize_result(
