@@ -25,6 +25,7 @@ Default runtime: a few minutes on 2 cores (torch.compile and the ONNX export dom
 from __future__ import annotations
 
 import argparse
+import copy
 import io
 import json
 import os
@@ -117,6 +118,8 @@ def vit_variants(model, batch: int, repeats: int, *, bf16: bool, compile_: bool,
         if bf16:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 out["bf16 autocast + inference_mode"] = median_seconds(lambda: model(x), repeats)
+            m16, x16 = copy.deepcopy(model).to(torch.bfloat16), x.to(torch.bfloat16)
+            out["bf16 weights + inference_mode"] = median_seconds(lambda: m16(x16), repeats)
     if compile_:
         compiled = torch.compile(model)
         with torch.no_grad():
@@ -219,6 +222,18 @@ def predict_figures(bundle_dir: Path, n_images: int, repeats: int, workdir: Path
     return out
 
 
+def vit_bf16_parity(model, n_images: int = 8) -> dict:
+    """ViT features under bf16 autocast against fp32: relative L2 error, worst cosine."""
+    x = torch.rand(n_images, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        f32 = model.features(x).double()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            f16 = model.features(x).double()
+    rel = ((f16 - f32).norm(dim=1) / f32.norm(dim=1)).max()
+    cos = torch.nn.functional.cosine_similarity(f16, f32, dim=1).min()
+    return {"max_rel_l2": float(rel), "min_cosine": float(cos)}
+
+
 def bf16_parity(bundle_dir: Path, n_images: int) -> dict:
     """Served probabilities of the bundle under bf16 autocast against fp32."""
     from roadwork_assets.core.export.predictor import BundlePredictor
@@ -296,6 +311,9 @@ def main() -> int:
               f"{args.predict_images} images, {pred['cli_one_image_wall_s']:.1f} s for one "
               "(bundle load and checks included)", flush=True)
         if bf16:
+            vp = result["vit_bf16_parity"] = vit_bf16_parity(model)
+            print(f"bf16 autocast vs fp32, ViT features: max relative L2 error "
+                  f"{vp['max_rel_l2']:.2e}, min cosine {vp['min_cosine']:.5f}")
             par = result["bf16_parity"] = bf16_parity(bundle_dir, 64)
             print(f"bf16 autocast vs fp32 on the bundle: max |dp| {par['max_abs_dp']:.2e}, "
                   f"{par['decision_flips']} decision flips of {par['n']}")

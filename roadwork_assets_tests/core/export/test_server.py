@@ -144,3 +144,22 @@ def test_real_uvicorn_on_loopback_under_a_bounded_load(predictor):
         assert codes == [200] * 20
         sizes = app.state.batcher.batch_sizes
         assert sum(sizes) == 20 and max(sizes) <= 8
+
+
+def test_roadwork_serve_cli_passes_its_settings_to_the_app(cascade_bundle, monkeypatch, capsys):
+    import uvicorn
+
+    from roadwork_assets.cli import main
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    assert main(["serve", "--bundle", str(cascade_bundle.directory), "--port", "8123",
+                 "--engine", "torch", "--max-batch", "3", "--max-wait-ms", "7",
+                 "--max-request-mb", "0.5"]) == 0
+    assert (seen["host"], seen["port"]) == ("127.0.0.1", 8123)
+    settings = seen["app"].state.settings
+    assert (settings.max_batch, settings.max_wait_ms, settings.max_request_bytes) == (
+        3, 7.0, 512 * 1024)
+    assert "serving bundle" in capsys.readouterr().out
+    with fastapi_testclient.TestClient(seen["app"]) as client:
+        assert client.get("/healthz").json()["engine"] == "torch"
