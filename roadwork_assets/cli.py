@@ -139,8 +139,9 @@ def _run_locked(args: argparse.Namespace, root: Path, settings) -> int:
     for line in closing_lines(report):
         print(f"[roadwork] {line}")
     bundle_dir = ArtifactRegistry(root).bundle_dir(report["bundle_id"])
-    print(f"[roadwork] bundle: {report['bundle_id']} at {bundle_dir}")
-    print(f"[roadwork] try it: roadwork predict --bundle {bundle_dir} IMAGE...")
+    print(f"[roadwork] bundle: {report['bundle_id']}")
+    print(f"[roadwork]   in {bundle_dir}")
+    print(f"[roadwork]   try it: roadwork predict --bundle {bundle_dir} IMAGE...")
     print(f"[roadwork] report: {report_path}")
     return 0
 

@@ -1,7 +1,8 @@
 """What `roadwork run` shows on the terminal, and the Dagster side of progress lines.
 
 Default: the project's own log lines (``context.log.*`` of the assets: progress with
-rate and ETA, per-epoch metrics, warnings) and real Python warnings. Hidden unless
+rate and ETA, per-epoch metrics, warnings), on stdout beside the ``[roadwork]`` lines
+(stderr keeps the one-line errors), and real Python warnings. Hidden unless
 ``--verbose``: Dagster's event stream (STEP_START, HANDLED_OUTPUT, ... and a failed
 step's traceback: the CLI prints one error line for it), the BetaWarnings that
 dagster / dagster_mlflow raise about the MLflow integration, and MLflow's / alembic's
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import warnings
 from collections.abc import Iterator
 
@@ -69,11 +71,15 @@ class _ShortFormat(logging.Formatter):
 )
 def roadwork_console(init_context) -> logging.Logger:
     config = init_context.logger_config
-    log = create_console_logger("dagster", config["log_level"].upper())
-    if not config["events"]:
-        for handler in log.handlers:
-            handler.addFilter(_NoDagsterEvents())
-            handler.setFormatter(_ShortFormat())
+    level = config["log_level"].upper()
+    if config["events"]:  # Dagster's own console, colored, on stderr
+        return create_console_logger("dagster", level)
+    # the assets' lines join the [roadwork] lines on stdout; stderr keeps errors only
+    log = logging.getLoggerClass()("dagster", level=level)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.addFilter(_NoDagsterEvents())
+    handler.setFormatter(_ShortFormat())
+    log.addHandler(handler)
     return log
 
 
