@@ -77,3 +77,45 @@ def test_no_bundle_anywhere_is_one_line_and_code_2(tmp_path, monkeypatch, capsys
     assert err.strip().splitlines() == [
         f"roadwork predict: error: no bundle under ROADWORK_HOME={tmp_path / 'empty'}: run "
         "`roadwork run` first, or pass --bundle DIR"]
+
+
+def test_roadwork_run_terminal_shows_progress_and_the_bundle_not_the_event_stream(tmp_path):
+    """A tiny `roadwork run` as a subprocess (new DAGSTER_HOME, new MLflow database): the
+    terminal has the stage lines, progress with rate and ETA, the bundle's id and folder,
+    and none of Dagster's DEBUG events, the MLflow BetaWarnings or MLflow/alembic database
+    lines (those need --verbose; tests/defs/test_console.py runs both modes). Then
+    `roadwork predict` with no --bundle serves that bundle."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from roadwork_assets_tests.integration.test_cli import SMALL, _env
+
+    bin_dir = Path(sys.executable).parent
+    env = _env(tmp_path)
+    run = subprocess.run([str(bin_dir / "roadwork"), "run", "--config-json", json.dumps(SMALL)],
+                         env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    text = run.stdout + run.stderr
+    for noise in (" - DEBUG - ", "STEP_START", "BetaWarning", "mlflow.store.db.utils",
+                  "alembic", "Creating a new experiment"):
+        assert noise not in text, noise
+    lines = run.stdout.splitlines()
+    assert any(re.fullmatch(r"\[roadwork\]   source_images: generate default dataset: "
+                            r"\d+/320 \(\d+%\) [\d.]+/s (ETA \S+|done in \S+)", line)
+               for line in lines), run.stdout[:3000]
+    for stage in ("decode images", "decode + resize", "train epochs", "logits",
+                  "ten-crop views"):
+        assert any(f": {stage}: " in line for line in lines), stage
+    home = ArtifactRegistry(tmp_path / "home")
+    bundle = home.latest_bundle()
+    assert f"[roadwork] bundle: {bundle.name}" in lines
+    assert f"[roadwork]   in {bundle}" in lines
+    image = sorted((home.default_dataset_dir / "images" / "none").glob("*.jpg"))[0]
+    pred = subprocess.run([str(bin_dir / "roadwork"), "predict", *FAST, str(image)],
+                          env=dict(env, ROADWORK_HOME=os.fspath(home.root)),
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert pred.returncode == 0, pred.stderr
+    assert json.loads(pred.stdout)["path"] == str(image)
