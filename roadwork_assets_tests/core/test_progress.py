@@ -110,3 +110,15 @@ def test_logits_report_progress_per_batch_through_a_reporter():
                         progress=reporter)
     assert [line.split(" ")[1] for line in lines] == ["0/10", "4/10", "8/10", "10/10"]
     assert all(LINE.match(line) for line in lines), lines
+
+
+def test_near_duplicate_confirmation_reports_progress():
+    from roadwork_assets.core.data.similarity import NearDuplicateRule, confirm_pairs
+
+    rng = np.random.default_rng(0)
+    thumbs = rng.integers(0, 255, (6, 32, 32), dtype=np.uint8)
+    i, j = np.array([0, 1, 2, 3]), np.array([1, 2, 3, 4])
+    calls: list[tuple[str, int, int]] = []
+    confirm_pairs(thumbs, i, j, NearDuplicateRule(), lambda *c: calls.append(c))
+    assert calls[0] == ("confirm near-duplicate pairs", 0, 4)
+    assert calls[-1] == ("confirm near-duplicate pairs", 4, 4)

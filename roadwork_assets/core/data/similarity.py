@@ -42,6 +42,7 @@ from scipy import sparse
 from scipy.ndimage import uniform_filter
 
 from roadwork_assets.contracts.errors import BadInputError
+from roadwork_assets.core.progress import Progress, no_progress
 
 __all__ = [
     "THUMB_SIZE",
@@ -148,7 +149,8 @@ def _quantiles(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return part[:, k95], part[:, k98]
 
 
-def pair_residuals(thumbs: np.ndarray, i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def pair_residuals(thumbs: np.ndarray, i: np.ndarray, j: np.ndarray,
+                   progress: Progress = no_progress) -> tuple[np.ndarray, np.ndarray]:
     """(r95, r98) for each pair (see the module docstring), symmetric.
 
     The histogram match of a warped source s onto a target t puts t's sorted values in
@@ -159,6 +161,7 @@ def pair_residuals(thumbs: np.ndarray, i: np.ndarray, j: np.ndarray) -> tuple[np
     flat = thumbs.reshape(len(thumbs), -1).astype(np.float32)
     identity = (1.0, 0.0, 0.0)
     for start in range(0, len(i), _PAIRS_PER_BLOCK):
+        progress("confirm near-duplicate pairs", start, len(i))
         bi, bj = i[start:start + _PAIRS_PER_BLOCK], j[start:start + _PAIRS_PER_BLOCK]
         used, inv = np.unique(np.concatenate([bi, bj]), return_inverse=True)
         a, b = inv[:len(bi)], inv[len(bi):]
@@ -177,11 +180,13 @@ def pair_residuals(thumbs: np.ndarray, i: np.ndarray, j: np.ndarray) -> tuple[np
                 np.minimum(best98, q98 / scale[dst], out=best98)
         out95[start:start + len(bi)] = best95
         out98[start:start + len(bi)] = best98
+    progress("confirm near-duplicate pairs", len(i), len(i))
     return out95, out98
 
 
 def confirm_pairs(
-    thumbs: np.ndarray, i: np.ndarray, j: np.ndarray, rule: NearDuplicateRule
+    thumbs: np.ndarray, i: np.ndarray, j: np.ndarray, rule: NearDuplicateRule,
+    progress: Progress = no_progress,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(likely, certain) boolean masks over candidate pairs (i, j).
 
@@ -196,7 +201,7 @@ def confirm_pairs(
     textured = flat.std(axis=1) >= rule.featureless_std
     ok = textured[i] & textured[j]
     if ok.any():
-        r95, r98 = pair_residuals(thumbs, i[ok], j[ok])
+        r95, r98 = pair_residuals(thumbs, i[ok], j[ok], progress)
         likely[ok] = r95 <= rule.max_residual
         certain[ok] = likely[ok] & (r98 <= rule.certain_residual)
     return likely, certain

@@ -31,6 +31,7 @@ from roadwork_assets.core.data.similarity import (
     thumbnail_array,
 )
 from roadwork_assets.core.hashing import unit_hash
+from roadwork_assets.core.progress import Progress, no_progress
 
 DEFAULT_FRACTIONS: dict[str, float] = {
     "train": 0.55,
@@ -64,7 +65,8 @@ def group_keys(frame: pd.DataFrame) -> pd.Series:
 
 
 def near_duplicate_links(
-    frame: pd.DataFrame, rule: NearDuplicateRule, base: pd.Series | None = None
+    frame: pd.DataFrame, rule: NearDuplicateRule, base: pd.Series | None = None,
+    progress: Progress = no_progress,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Index pairs (i, j) of ``frame`` rows joined as copies of one photo.
 
@@ -88,7 +90,8 @@ def near_duplicate_links(
             "or pass near_duplicate_distance=None to split on group keys only"
         )
     i, j, _ = near_duplicate_pairs(phash_array(frame["phash"]), rule.max_distance)
-    likely, certain = confirm_pairs(thumbnail_array(frame["thumb"].tolist()), i, j, rule)
+    likely, certain = confirm_pairs(thumbnail_array(frame["thumb"].tolist()), i, j, rule,
+                                    progress)
     i, j, certain = i[likely], j[likely], certain[likely]
     if len(i) == 0:
         return none
@@ -140,6 +143,7 @@ def split_images(
     seed: int = 0,
     rule: NearDuplicateRule | None = None,
     previous: pd.DataFrame | None = None,
+    progress: Progress = no_progress,
 ) -> SplitResult:
     """Assign every image a split; copies of one photo and one group share a split.
 
@@ -164,7 +168,7 @@ def split_images(
         raise BadInputError(f"cannot assign splits: missing columns {sorted(missing)}")
     out = frame.sort_values("item_id", kind="stable").reset_index(drop=True).copy()
     base = group_keys(out).astype(str).reset_index(drop=True)
-    i, j = (near_duplicate_links(out, rule, base) if rule is not None
+    i, j = (near_duplicate_links(out, rule, base, progress) if rule is not None
             else (np.zeros(0, np.int64),) * 2)
     comp = _components(base, i, j) if len(out) else np.zeros(0, np.int64)
 

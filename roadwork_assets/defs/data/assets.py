@@ -121,7 +121,8 @@ def split_assignment(
     settings = json.dumps(dataset.split_settings(), sort_keys=True)
     previous = _previous_assignment(context, dest, settings)
     result = split_images(source_images, dataset.split_fractions, seed=dataset.split_seed,
-                          rule=dataset.near_duplicate_rule(), previous=previous)
+                          rule=dataset.near_duplicate_rule(), previous=previous,
+                          progress=progress_reporter(context))
     assignment = result.assignment
     if result.previous_note:
         context.log.warning(result.previous_note)

@@ -170,7 +170,7 @@ def test_a_new_copy_of_images_in_two_splits_is_held_out_and_nothing_moves(monkey
     base2 = pd.concat([base, pd.DataFrame([_row("bridge", bridge)])])
     import roadwork_assets.core.data.splits as splits_mod
 
-    def links(frame, rule, base=None):  # the bridge pair is forced: blending is not a copy transform
+    def links(frame, rule, base=None, progress=None):  # the bridge pair is forced: blending is not a copy transform
         ids = frame["item_id"].tolist()
         return (np.array([ids.index("a"), ids.index("b")]),
                 np.array([ids.index("bridge"), ids.index("bridge")]))
