@@ -84,7 +84,10 @@ def decode_payload(body: bytes, settings: ServeSettings, img_size: int) -> np.nd
     if not isinstance(image, str):
         raise PayloadError(422, "no_image", 'the body has no "image" string: send '
                            '{"image": "<base64>"}')
-    if not image.strip():
+    if image.startswith("data:") and "," in image:  # a data URL: data:image/jpeg;base64,...
+        image = image.split(",", 1)[1]
+    image = "".join(image.split())  # MIME-style line breaks are not an error
+    if not image:
         raise PayloadError(400, "empty", "the image is empty")
     try:
         raw = base64.b64decode(image, validate=True)

@@ -51,6 +51,9 @@ def test_predict_answers_the_served_probability(predictor):
         prob, decision, _stage = predictor.predict_arrays(array[None])
         assert body["prediction"] == pytest.approx(float(prob[0]), abs=1e-12)
         assert int(np.round(body["prediction"])) == (int(decision[0]) == 1)
+        wrapped = "\n".join(image[i:i + 76] for i in range(0, len(image), 76))
+        for variant in (wrapped, "data:image/jpeg;base64," + image):
+            assert client.post("/predict", json={"image": variant}).json() == body
         health = client.get("/healthz").json()
         assert health["status"] == "ok" and health["engine"] == "torch"
         assert health["bundle_id"] == predictor.bundle.manifest.bundle_id
