@@ -192,7 +192,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                              max_request_bytes=int(args.max_request_mb * 1024**2))
-    return run_server(Path(args.bundle), host=args.host, port=args.port, engine=args.engine,
+    return run_server(resolve_bundle_dir(args.bundle), host=args.host, port=args.port, engine=args.engine,
                       settings=settings)
 
 
@@ -244,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "an {\"path\", \"error\"} line and exit code 1; the others are predicted")
     s = sub.add_parser("serve", help="serve a bundle over HTTP (StreetVision-style "
                        "{\"image\": base64} -> {\"prediction\": float}, micro-batched)")
-    s.add_argument("--bundle", required=True, help="bundle directory")
+    s.add_argument("--bundle", help="as for predict: a bundle folder, a bundles folder or "
+                   "ROADWORK_HOME; default: the latest bundle under ROADWORK_HOME")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     s.add_argument("--engine", default="auto", choices=["auto", "torch", "onnx"],
