@@ -126,12 +126,16 @@ def torch_stage2_logits(model: Any, images_uint8: np.ndarray) -> tuple[np.ndarra
     x = _float_batch(images_uint8)
     pooled = model(x).numpy()
     base = model.base
+    # ten-crop views are resized (bilinear) before the network: one more reduction whose
+    # rounding torch and ORT do separately (measured: without it, a stage-2 logit gap of
+    # 1.01x the bound on the awkward test set)
+    resized = 1 if model.view_source == "ten_crop" else 0
     z, tol = [], []
     for view in model.views(x):
         feats = base.features(view)
         logits = base.forward_head(feats)
         z.append(logits.numpy())
-        tol.append(fp32_logit_tolerance(base, feats, logits))
+        tol.append(fp32_logit_tolerance(base, feats, logits, extra_depth=resized))
     return pooled, stage2_tolerance(model, np.stack(z, axis=1), np.stack(tol, axis=1))
 
 

@@ -64,7 +64,7 @@ def reduction_depth(backbone: nn.Module) -> int:
 
 @torch.no_grad()
 def fp32_logit_tolerance(model: RoadworkClassifier, feats: torch.Tensor,
-                         logits: torch.Tensor) -> np.ndarray:
+                         logits: torch.Tensor, extra_depth: int = 0) -> np.ndarray:
     """Per-image, per-logit bound on |z_onnx - z_torch| that fp32 rounding alone allows.
 
     Derivation (rounding-error analysis, probabilistic form; u = 2^-24):
@@ -80,13 +80,16 @@ def fp32_logit_tolerance(model: RoadworkClassifier, feats: torch.Tensor,
       1e-5) amplifies rounding 1e5-fold, and so must the tolerance;
     - plus the head's own rounding, u·sqrt(K)·|z_j|.
     tol[n, j] = u·sqrt(K)·(D·||W_j/sigma||_2·rms(f_n) + |z_nj|).
+    ``extra_depth``: reductions made before the network whose rounding the two
+    implementations do separately (stage 2's crop-and-resize, a 4-tap bilinear sum per
+    pixel): each adds one to D, like a layer.
 
     Measured against this bound (max |dz| / (u·sqrt(K)·||W/sigma||_2·rms f), i.e. in
     units of tol/D): random-init DINOv2 ViT-S/14 at 224 px 0.02 (ORT BASIC) and 0.31
     (ORT ALL), D = 49; timm test_vit 2.7, D = 25; test_resnet 0.8, D = 15.
     """
     k = float(model.num_features)
-    depth = reduction_depth(model.backbone)
+    depth = reduction_depth(model.backbone) + extra_depth
     gain = (model.head.weight / model.feat_std).norm(dim=1).double()  # [2]
     rms = feats.double().pow(2).mean(dim=1).sqrt()  # [N]
     tol = FP32_UNIT_ROUNDOFF * math.sqrt(k) * (
