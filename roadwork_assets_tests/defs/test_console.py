@@ -72,8 +72,16 @@ def _emit_noise() -> None:
 
 
 @pytest.mark.parametrize("verbose", [False, True])
-def test_quiet_terminal_hides_mlflow_noise_only(verbose, caplog):
+def test_quiet_terminal_hides_mlflow_noise_only(verbose, caplog, monkeypatch):
     caplog.set_level(logging.INFO)
+    # an MLflow store created earlier in the session reconfigures alembic's loggers
+    # (level / propagation); start from the logging defaults so the test sees only what
+    # quiet_terminal itself does
+    for name in ("alembic", "alembic.runtime", "alembic.runtime.migration"):
+        logger = logging.getLogger(name)
+        monkeypatch.setattr(logger, "level", logging.NOTSET)
+        monkeypatch.setattr(logger, "propagate", True)
+        monkeypatch.setattr(logger, "disabled", False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with quiet_terminal(verbose):
