@@ -29,7 +29,6 @@ import copy
 import io
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,18 +41,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+from roadwork_assets.core.models.latency import median_seconds as _median_seconds
+
 VIT = "vit_small_patch14_dinov2.lvd142m"
 
 
 def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """The project's median timer (``core.models.latency``), one warm-up call by default."""
+    return _median_seconds(fn, repeats=repeats, warmup=warmup)
+
+
 
 
 def matmul_peak(dtype: torch.dtype, n: int, repeats: int) -> float:

@@ -67,6 +67,7 @@ from roadwork_assets.contracts.policy_schemas import (
 from roadwork_assets.core.calibration.calibrators import as_binary_labels, calibrator_from_params
 from roadwork_assets.core.calibration.metrics import _mcc_from_counts
 from roadwork_assets.core.calibration.policies import (
+    policy_probability,
     remap_probability,
     select_calibrator,
     split_calibration_set,
@@ -574,13 +575,8 @@ def _calibrated(spec: CalibratorSpec | None, scores: np.ndarray, what: str) -> n
 
 
 def cascade_stage1_probability(params: CascadePolicyParams, view_logits: Any) -> np.ndarray:
-    """Calibrated stage-1 P(roadwork) of the main view."""
-    from roadwork_assets.core.calibration.gate import check_view_logits
-
-    v = check_view_logits(view_logits)
-    if params.main_view >= v.shape[1]:
-        raise BadInputError(f"policy reads view {params.main_view} but the logits have {v.shape[1]} view(s)")
-    return _calibrated(params.calibrator_stage1, v[:, params.main_view], "stage-1")
+    """Calibrated stage-1 P(roadwork) of the main view (`policies.policy_probability`)."""
+    return policy_probability(params, view_logits)
 
 
 def cascade_stage2_probability(params: CascadePolicyParams, stage2_logits: Any) -> np.ndarray:

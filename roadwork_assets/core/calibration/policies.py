@@ -270,14 +270,14 @@ def remap_probability(p: Any, lo: float, hi: float, negative: Any, positive: Any
 # --------------------------------------------------------------------- apply
 def policy_probability(params: AnyPolicy, view_logits: Any) -> np.ndarray:
     """Calibrated P(roadwork) of the main view, as the policy sees it (a cascade: stage 1's)."""
-    if getattr(params, "kind", None) == "cascade":
-        from roadwork_assets.core.calibration.cascade import cascade_stage1_probability
-
-        return cascade_stage1_probability(params, view_logits)
     v = check_view_logits(view_logits)
     if params.main_view >= v.shape[1]:
         raise BadInputError(f"policy reads view {params.main_view} but the logits have {v.shape[1]} view(s)")
-    cal = calibrator_from_params(params.calibrator.model_dump())
+    spec = params.calibrator_stage1 if params.kind == "cascade" else params.calibrator
+    if spec is None:
+        raise BadInputError("this cascade policy records no stage-1 calibrator, so it cannot be "
+                            "applied to logits; re-fit it with fit_cascade_policy")
+    cal = calibrator_from_params(spec.model_dump())
     return cal.predict_proba(v[:, params.main_view])
 
 
