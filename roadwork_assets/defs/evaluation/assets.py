@@ -4,7 +4,6 @@ logits (a cascade: logits + multiview_logits), the ways of serving side by side 
 val_test's original images."""
 
 
-import base64
 import json
 from pathlib import Path
 
@@ -40,15 +39,11 @@ from roadwork_assets.core.evaluation.validator_rows import (
 )
 from roadwork_assets.core.export.bundle import load_bundle
 from roadwork_assets.defs.asset_paths import asset_path
+from roadwork_assets.defs.metadata import png_markdown
 from roadwork_assets.defs.partitions import FINAL_EVALUATION_SPLITS
 from roadwork_assets.defs.promotion import StagedFiles, materialize_result
 from roadwork_assets.defs.resources import ArtifactRegistryResource, ExitPolicyResource
 from roadwork_assets.defs.split_reads import split_reads_check_spec
-
-
-def _png_md(path: Path, title: str) -> dg.MetadataValue:
-    data = base64.b64encode(path.read_bytes()).decode()
-    return dg.MetadataValue.md(f"![{title}](data:image/png;base64,{data})")
 
 
 def _shift_text(report) -> str:
@@ -184,7 +179,7 @@ def _report_metadata(report, plot: Path, sim) -> dict[str, dg.MetadataValue]:
         "confusion_matrix": dg.MetadataValue.md(
             "| true \\ pred | none | roadwork |\n|---|---|---|\n"
             f"| none | {cm[0][0]} | {cm[0][1]} |\n| roadwork | {cm[1][0]} | {cm[1][1]} |"),
-        "reliability_diagram": _png_md(plot, "reliability"),
+        "reliability_diagram": png_markdown(plot, "reliability"),
         "shift_warning": dg.MetadataValue.text(_shift_text(report)),
         "score_shift": dg.MetadataValue.md(_shift_table(report)),
         "bundle_id": report.bundle_id,
