@@ -83,6 +83,7 @@ from roadwork_assets.contracts.validator_schemas import (
     RewardEstimate,
     ValidatorReport,
 )
+from roadwork_assets.core.progress import Progress, no_progress
 
 TARGET_SIZE = 224
 JPEG_QUALITY = 75  # PIL's default, what upstream's image.save(format="JPEG") uses
@@ -476,8 +477,10 @@ def simulate_many(
     flips: bool = True,
     batch_size: int = 64,
     n_windows: int = 20000,
+    progress: Progress = no_progress,
 ) -> dict[str, ValidatorReport]:
-    """`simulate` for several predictors on the same augmented images (augmented once)."""
+    """`simulate` for several predictors on the same augmented images (augmented once);
+    ``progress`` hears ``("validator simulator", images done, images x levels)``."""
     y = np.asarray(labels).ravel()
     if len(images) != y.size:
         raise BadInputError(f"{len(images)} images for {y.size} labels")
@@ -490,8 +493,10 @@ def simulate_many(
     if not levels or any(lv not in LEVELS for lv in levels):
         raise BadInputError(f"levels must be a non-empty subset of {LEVELS}, got {levels}")
     probs = {name: np.empty((len(levels), y.size)) for name in predict_fns}
+    total = len(levels) * y.size
     for k, lv in enumerate(levels):
         for start in range(0, y.size, batch_size):
+            progress("validator simulator", k * y.size + start, total)
             stop = min(start + batch_size, y.size)
             batch = [augment(images[i], lv, np.random.default_rng([seed, lv, i]), flips=flips)
                      for i in range(start, stop)]
@@ -501,6 +506,7 @@ def simulate_many(
                     raise BadInputError(f"predict_fn {name!r} returned {out.size} values for "
                                         f"{stop - start} images")
                 probs[name][k, start:stop] = out
+    progress("validator simulator", total, total)
     reports = {}
     for name, p in probs.items():
         reward = validator_reward(np.tile(y, len(levels)), p.ravel(), n_windows=n_windows,

@@ -46,6 +46,7 @@ from roadwork_assets.core.data.transforms import to_model_array
 from roadwork_assets.core.evaluation.validator import LEVELS, simulate_many
 from roadwork_assets.core.export.bundle import Bundle
 from roadwork_assets.core.models.multiview import MultiviewModel
+from roadwork_assets.core.progress import Progress, no_progress
 from roadwork_assets.core.training.multiview import predict_stage2_logits, stage2_model
 from roadwork_assets.core.training.pipeline import model_from_checkpoint
 from roadwork_assets.core.training.trainer import predict_view_logits
@@ -264,6 +265,7 @@ def simulate_rows(
     seed: int = 0,
     flips: bool = True,
     n_windows: int = 20000,
+    progress: Progress = no_progress,
 ) -> ValidatorSimulation:
     """Run the validator simulator for every row on a by-group subsample of the images
     (at most ``max_images``). ``predict_fns``: name -> (description, predict_fn)."""
@@ -278,7 +280,7 @@ def simulate_rows(
     images = LazyImages([uris[i] for i in keep], [items[i] for i in keep])
     fns = {name: fn for name, (_, fn) in predict_fns.items()}
     reports = simulate_many(images, y, fns, seed=seed, flips=flips, n_windows=n_windows,
-                            batch_size=BATCH_SIZE)
+                            batch_size=BATCH_SIZE, progress=progress)
     seconds = time.perf_counter() - t0
     rows = [ValidatorRow(name=name, description=predict_fns[name][0],
                          per_level=rep.per_level, reward=rep.reward)
@@ -293,13 +295,12 @@ def simulate_rows(
 def simulate_bundle(bundle: Bundle | ServedModels, uris, items, labels, groups, *,
                     max_images: int, seed: int = 0, flips: bool = True,
                     rows: Sequence[str] | None = None,
-                    stage1_policy: PolicyParams | None = None) -> ValidatorSimulation:
+                    progress: Progress = no_progress) -> ValidatorSimulation:
     """Every row of ``ROWS`` (or the named ones) that applies to ``bundle``, on the same
-    images; the others are listed in ``skipped`` with the reason. ``stage1_policy``: the
-    stage1_served row's policy for a cascade bundle (the ``thresholds`` softmax policy).
-    Pass ``ServedModels.of(bundle, stage1_policy=..., device=...)`` to choose the device."""
-    served = bundle if isinstance(bundle, ServedModels) else \
-        ServedModels.of(bundle, stage1_policy=stage1_policy)
+    images; the others are listed in ``skipped`` with the reason. A bare bundle has no
+    stage1_served row (it needs the ``thresholds`` softmax policy): pass
+    ``ServedModels.of(bundle, stage1_policy=..., device=...)`` for it, or for the device."""
+    served = bundle if isinstance(bundle, ServedModels) else ServedModels.of(bundle)
     names = list(ROWS) if rows is None else list(rows)
     skipped = {name: why for name in names if (why := ROWS[name].unavailable(served))}
     fns = {name: (ROWS[name].description, ROWS[name].build(served))
@@ -307,7 +308,7 @@ def simulate_bundle(bundle: Bundle | ServedModels, uris, items, labels, groups, 
     if not fns:
         raise BadInputError(f"no validator row applies to this bundle: {skipped}")
     sim = simulate_rows(uris, items, labels, groups, fns, max_images=max_images, seed=seed,
-                        flips=flips)
+                        flips=flips, progress=progress)
     return sim.model_copy(update={"skipped": skipped})
 
 

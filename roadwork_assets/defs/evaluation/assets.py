@@ -33,12 +33,14 @@ from roadwork_assets.core.evaluation.report import (
     stage1_policy_for,
 )
 from roadwork_assets.core.evaluation.validator_rows import (
+    ServedModels,
     closing_line,
     rows_table,
     simulate_bundle,
 )
 from roadwork_assets.core.export.bundle import load_bundle
 from roadwork_assets.defs.asset_paths import asset_path
+from roadwork_assets.defs.console import progress_reporter
 from roadwork_assets.defs.metadata import png_markdown
 from roadwork_assets.defs.partitions import FINAL_EVALUATION_SPLITS
 from roadwork_assets.defs.promotion import StagedFiles, materialize_result
@@ -104,10 +106,11 @@ def _validator(context, loaded, manifest: pd.DataFrame, test, exit_policy: ExitP
             "order): re-materialize embeddings[val_test] and logits[val_test]")
     groups = manifest["group_key"] if "group_key" in manifest else manifest["item_id"]
     sim = simulate_bundle(
-        loaded, manifest["uri"].astype(str).tolist(), manifest["item_id"].astype(str).tolist(),
+        ServedModels.of(loaded, stage1_policy=stage1_policy),
+        manifest["uri"].astype(str).tolist(), manifest["item_id"].astype(str).tolist(),
         manifest["label"].to_numpy(np.int64), groups.astype(str).tolist(),
         max_images=exit_policy.validator_images, seed=exit_policy.validator_seed,
-        flips=exit_policy.validator_flips, stage1_policy=stage1_policy)
+        flips=exit_policy.validator_flips, progress=progress_reporter(context))
     for name, why in sim.skipped.items():
         context.log.info(f"validator row {name} left out: {why}")
     context.log.info(f"{closing_line(sim)}; {sim.seconds:.1f} s, "

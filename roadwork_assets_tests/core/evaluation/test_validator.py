@@ -258,3 +258,17 @@ def test_simulate_many_shares_the_augmented_images():
     assert const.reward.expected == pytest.approx(0.0203125)
     with pytest.raises(BadInputError):
         simulate_many(images, labels, {"short": lambda b: [0.1]}, levels=(0,))
+
+
+def test_simulate_many_reports_progress_over_images_and_levels():
+    labels = [0, 1, 0, 1, 1]
+    images = [_coloured(lab, i) for i, lab in enumerate(labels)]
+    heard = []
+    simulate_many(images, labels, {"constant": lambda b: [0.5] * len(b)}, levels=(0, 2),
+                  batch_size=2, n_windows=500,
+                  progress=lambda stage, done, total: heard.append((stage, done, total)))
+    assert {s for s, _, _ in heard} == {"validator simulator"}
+    assert {t for _, _, t in heard} == {10}
+    done = [d for _, d, _ in heard]
+    assert done == sorted(done) and done[0] == 0 and done[-1] == 10
+    assert 5 in done  # the second level starts after all 5 images of the first

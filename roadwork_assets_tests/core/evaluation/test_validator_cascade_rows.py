@@ -105,9 +105,9 @@ def test_simulator_scores_the_four_rows_on_the_same_images(tiny, tmp_path):
     assert [r.name for r in sim.rows] == ROW_NAMES and sim.skipped == {}
     assert all(len(r.per_level) == 4 and r.per_level[0].n == n for r in sim.rows)
     assert served.stage2.n_computed == n * 4  # each image once per level, for both rows
-    again = simulate_bundle(bundle, _uris(tmp_path, n), [f"i{k}" for k in range(n)], labels,
-                            [f"g{k}" for k in range(n)], max_images=n, seed=3,
-                            stage1_policy=softmax)
+    again = simulate_bundle(ServedModels.of(bundle, stage1_policy=softmax),
+                            _uris(tmp_path, n), [f"i{k}" for k in range(n)], labels,
+                            [f"g{k}" for k in range(n)], max_images=n, seed=3)
     assert [r.reward.mean for r in again.rows] == [r.reward.mean for r in sim.rows]
 
 
