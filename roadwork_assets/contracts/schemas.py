@@ -176,6 +176,15 @@ class BundleManifest(BaseModel):
         0.5, description="the emitted probability is remapped so the policy decides at 0.5"
     )
     provenance: Provenance
+    precision: Literal["fp32", "int8-dynamic"] = Field(
+        "fp32", description="the served ONNX networks' precision; int8-dynamic: ONNX Runtime "
+        "dynamic quantization (core.export.quantize), served by ONNX Runtime only, with a "
+        "policy re-certified on the quantized model's own val_calib scores")
+    source_bundle_id: str | None = Field(
+        None, description="int8-dynamic only: the fp32 bundle that was quantized (lineage)")
+    quantization: dict[str, Any] | None = Field(
+        None, description="int8-dynamic only: the quantization settings and which ops it "
+        "turned into integer ops")
 
     @field_validator("img_size")
     @classmethod
@@ -209,6 +218,9 @@ class BundleManifest(BaseModel):
             raise ValueError(f"files names no {', '.join(missing)} file{extra}")
         if self.provenance.checkpoint_sha256 is None:
             raise ValueError("provenance.checkpoint_sha256 is missing")
+        if self.precision != "fp32" and ("onnx" not in self.files or not self.source_bundle_id):
+            raise ValueError(f"a {self.precision} bundle serves its ONNX files only and names "
+                             "the fp32 bundle it quantized (files.onnx, source_bundle_id)")
         return self._stages_agree()
 
     def _stages_agree(self) -> BundleManifest:
