@@ -127,6 +127,10 @@ class ExitPolicyResource(dg.ConfigurableResource):
         True, description="the simulated validator flips with p = 0.5 each, as its docs say "
         "(False: as its code runs today, never)")
     validator_seed: int = Field(0, description="seed of the subsample and the augmentations")
+    explain_failures: int = Field(
+        6, ge=0, description="test_report: heatmaps (Grad-CAM for a CNN, attention rollout "
+        "for a ViT) of this many of the worst val_test failures, false negatives first; "
+        "0 = none")
 
     def to_config(self) -> PolicyFitConfig:
         """The fitting settings as core reads them (`bundle_policy` and `export_onnx`
