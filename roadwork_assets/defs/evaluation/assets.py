@@ -41,6 +41,7 @@ from roadwork_assets.core.evaluation.validator_rows import (
 from roadwork_assets.core.export.bundle import load_bundle
 from roadwork_assets.defs.asset_paths import asset_path
 from roadwork_assets.defs.console import progress_reporter
+from roadwork_assets.defs.evaluation.explain_metadata import failure_explanations
 from roadwork_assets.defs.metadata import png_markdown
 from roadwork_assets.defs.partitions import FINAL_EVALUATION_SPLITS
 from roadwork_assets.defs.promotion import StagedFiles, materialize_result
@@ -256,6 +257,8 @@ def test_report(
     if report.shift_warning:
         context.log.warning(report.shift_warning)
     plot = plot_reliability(arrays["calibrated"], test["labels"], reg.test_report_plot("reliability"))
+    explanations = failure_explanations(context, loaded, manifest, test, arrays, reg,
+                                        exit_policy.explain_failures)
     return materialize_result(
         context, StagedFiles.at(dest), data_version=report.provenance.data_version,
-        metadata=_report_metadata(report, plot, sim))
+        metadata={**_report_metadata(report, plot, sim), **explanations})
