@@ -21,6 +21,7 @@ from roadwork_assets.core.artifacts import (
     read_parquet_provenance,
 )
 from roadwork_assets.core.training.checkpoint import load_checkpoint
+from roadwork_assets.core.training.pipeline import read_embeddings
 from roadwork_assets.defs.asset_paths import asset_path
 from roadwork_assets.defs.resources import ArtifactRegistryResource
 from roadwork_assets.defs.split_reads import record_read
@@ -39,6 +40,8 @@ def read_artifact(registry: ArtifactRegistry, asset_name: str, partition: str | 
         return registry.latest_bundle()
     if asset_name == "checkpoint":
         return load_checkpoint(path)
+    if asset_name == "embeddings":  # features memory-mapped: they grow with the split
+        return read_embeddings(path, partition)
     if path.suffix == ".parquet":
         frame = pd.read_parquet(path)
         frame.attrs["provenance"] = read_parquet_provenance(path)

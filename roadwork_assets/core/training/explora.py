@@ -175,14 +175,15 @@ def pretrain_explora(model: RoadworkClassifier, images_uint8: np.ndarray, cfg: T
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.explora_lr, total_steps=steps,
                                                 pct_start=0.1)
     center = torch.zeros(cfg.explora_prototypes, device=device)
-    xs = torch.from_numpy(images_uint8)
     history: list[dict[str, float]] = []
     for epoch in range(1, cfg.explora_epochs + 1):
         student.train()
         t0, total, kl = time.perf_counter(), 0.0, 0.0
-        perm = torch.randperm(len(xs), generator=gen)
+        perm = torch.randperm(len(images_uint8), generator=gen)
         for start in range(0, len(perm), cfg.batch_size):
-            batch = to_float(xs[perm[start : start + cfg.batch_size]])
+            # only this batch's rows are read (the cache may be memory-mapped)
+            rows = images_uint8[perm[start : start + cfg.batch_size].numpy()]
+            batch = to_float(torch.from_numpy(np.ascontiguousarray(rows)))
             views = [random_view(batch, gen).to(device) for _ in range(2)]
             with torch.no_grad():
                 t_out = [teacher["head"](teacher["net"].features(v)) for v in views]
@@ -200,7 +201,8 @@ def pretrain_explora(model: RoadworkClassifier, images_uint8: np.ndarray, cfg: T
             kl += float(loss.detach() - entropy) * len(batch)
         if not math.isfinite(total):
             raise BadInputError(f"explora diverged at epoch {epoch}: lower trainer.explora_lr")
-        row = {"epoch": epoch, "ssl_loss": total / len(xs), "ssl_kl": kl / len(xs),
+        row = {"epoch": epoch, "ssl_loss": total / len(images_uint8),
+               "ssl_kl": kl / len(images_uint8),
                "seconds": time.perf_counter() - t0}
         history.append(row)
         if log is not None:

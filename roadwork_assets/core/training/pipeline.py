@@ -4,7 +4,10 @@
   mode that is the pretrained backbone's features per test-time view, [N, V, D]; in
   end_to_end mode the frozen stage is only the deterministic preprocessing, so the
   cache holds the decoded, resized images, uint8 [N, 3, S, S]. Either way it is
-  computed once per split and reused by training and inference.
+  computed once per split and reused by training and inference. It is decoded,
+  embedded and written batch by batch, and read back memory-mapped
+  (``read_embeddings``, ``core.data.array_cache``): memory follows the batch size, not
+  the split's size.
 - ``train_checkpoint``: fit on train, select on val_select, write the checkpoint.
 - ``compute_logits``: [N, V, 2] logits for one split from a checkpoint.
 """
@@ -26,7 +29,8 @@ from roadwork_assets.core.artifacts import (
     combine_versions,
     file_sha256,
 )
-from roadwork_assets.core.data.transforms import load_model_arrays
+from roadwork_assets.core.data.array_cache import open_npz, streaming_npz
+from roadwork_assets.core.data.transforms import DECODE_STAGE, iter_model_batches
 from roadwork_assets.core.models.classifier import RoadworkClassifier, build_classifier
 from roadwork_assets.core.progress import Progress, no_progress
 from roadwork_assets.core.training.adapted_backbone import adapted_state_for
@@ -36,12 +40,12 @@ from roadwork_assets.core.training.checkpoint import save_checkpoint
 from roadwork_assets.core.training.config import TrainerConfig
 from roadwork_assets.core.training.trainer import (
     TrainResult,
-    embed_views,
     fit_end_to_end,
     fit_linear_probe,
     head_view_logits,
     mc_dropout_variance,
     predict_view_logits,
+    view_embedder,
 )
 
 
@@ -66,41 +70,55 @@ def weights_fingerprint(cfg: TrainerConfig) -> str:
 def compute_embeddings(manifest: pd.DataFrame, cfg: TrainerConfig, dest: Path,
                        split: str, data_version: str, assignment_version: str,
                        progress: Progress = no_progress) -> dict[str, Any]:
-    """Write the per-split feature cache (npz) and return summary numbers."""
+    """Write the per-split feature cache (an uncompressed npz whose ``features`` are
+    written and read batch by batch) and return summary numbers."""
     cfg.apply_threads()
-    images = load_model_arrays(manifest["uri"].tolist(), manifest["item_id"].tolist(),
-                               cfg.img_size, progress=progress)
+    n = len(manifest)
     if cfg.mode == "frozen":
         model = build_model(cfg)
-        feats = embed_views(model, images, n_views=cfg.n_views, batch_size=cfg.batch_size,
-                            device=cfg.resolved_device(), compile_settings=cfg,
-                            progress=progress)
-        kind = "backbone_features"
+        embed = view_embedder(model, n_views=cfg.n_views, device=cfg.resolved_device(),
+                              compile_settings=cfg)
+        kind, stage = "backbone_features", "decode + embed"
+        shape, dtype = (n, cfg.n_views, model.num_features), np.float32
     else:
-        feats, kind = images, "preprocessed_images"
-    atomic_write_npz(
-        dest,
-        features=feats,
-        labels=manifest["label"].to_numpy(np.int8),
-        item_ids=manifest["item_id"].to_numpy(dtype=str),
-        kind=np.array(kind),
-        split=np.array(split),
-        backbone=np.array(cfg.backbone),
-        img_size=np.array(cfg.img_size),
-        n_views=np.array(cfg.n_views),
-        weights_sha256=np.array(weights_fingerprint(cfg)),
-        group_keys=manifest["group_key"].astype(str).to_numpy(dtype=str)
-        if "group_key" in manifest else manifest["item_id"].to_numpy(dtype=str),
-        data_version=np.array(data_version),
-        assignment_version=np.array(assignment_version),
-        code_version=np.array(code_version()),
-    )
+        embed, kind, stage = None, "preprocessed_images", DECODE_STAGE
+        shape, dtype = (n, 3, cfg.img_size, cfg.img_size), np.uint8
+    batches = iter_model_batches(manifest["uri"].tolist(), manifest["item_id"].tolist(),
+                                 cfg.img_size, batch_size=cfg.batch_size, progress=progress,
+                                 stage=stage)
+    with streaming_npz(dest) as out:
+        with out.rows("features", shape, dtype) as rows:
+            for _, batch in batches:
+                rows.write(batch if embed is None else embed(batch))
+        out.put(
+            labels=manifest["label"].to_numpy(np.int8),
+            item_ids=manifest["item_id"].to_numpy(dtype=str),
+            kind=np.array(kind),
+            split=np.array(split),
+            backbone=np.array(cfg.backbone),
+            img_size=np.array(cfg.img_size),
+            n_views=np.array(cfg.n_views),
+            weights_sha256=np.array(weights_fingerprint(cfg)),
+            group_keys=manifest["group_key"].astype(str).to_numpy(dtype=str)
+            if "group_key" in manifest else manifest["item_id"].to_numpy(dtype=str),
+            data_version=np.array(data_version),
+            assignment_version=np.array(assignment_version),
+            code_version=np.array(code_version()),
+        )
     n_pos = int((manifest["label"] == 1).sum())
-    return {"kind": kind, "shape": list(feats.shape), "dtype": str(feats.dtype),
-            "n_positive": n_pos, "n_negative": int(len(manifest) - n_pos)}
+    return {"kind": kind, "shape": list(shape), "dtype": str(np.dtype(dtype)),
+            "n_positive": n_pos, "n_negative": int(n - n_pos)}
 
 
-def _as_arrays(cache: dict[str, np.ndarray], cfg: TrainerConfig, split: str,
+def read_embeddings(path: Path, split: str) -> dict[str, Any]:
+    """The embeddings cache of ``split``: ``features`` memory-mapped (``MappedRows``:
+    indexing copies just those rows), every other array in memory."""
+    return open_npz(path, mapped=("features",), what=f"embeddings[{split}]",
+                    fix=f"re-materialize embeddings for partition {split} (its file is "
+                    "rewritten whole; `roadwork run` does it)")
+
+
+def _as_arrays(cache: dict[str, Any], cfg: TrainerConfig, split: str,
                weights_sha256: str | None = None):
     """The cache's arrays, refusing a cache made with other settings than ``cfg``."""
     expected = {
@@ -118,7 +136,10 @@ def _as_arrays(cache: dict[str, np.ndarray], cfg: TrainerConfig, split: str,
             f"embeddings[{split}] were computed with other settings ({detail}): "
             "re-materialize embeddings for every split with the current trainer config"
         )
-    return cache["features"], cache["labels"].astype(np.int64)
+    features = cache["features"]
+    if cfg.mode == "frozen":  # [N, V, D] features: small, and the probe (sklearn) needs them whole
+        features = np.asarray(features)
+    return features, cache["labels"].astype(np.int64)
 
 
 def train_checkpoint(

@@ -143,6 +143,16 @@ def embed_views(model: RoadworkClassifier, images_uint8: np.ndarray, *, n_views:
                       batch_size, model.num_features, progress, "embed")
 
 
+def view_embedder(model: RoadworkClassifier, *, n_views: int, device: torch.device,
+                  compile_settings: CompileSettings | TrainerConfig | None = None):
+    """``embed(batch)``: uint8 [b, 3, S, S] -> [b, V, D] float32 features, one (compiled)
+    model for every batch of a stream (``compute_embeddings``)."""
+    model.eval().to(device)
+    fn = compiled(model.features, compile_settings)
+    return lambda batch: _map_views(lambda x: fn(x.to(device)), batch, n_views,
+                                    max(1, len(batch)), model.num_features)
+
+
 @torch.no_grad()
 def head_view_logits(model: RoadworkClassifier, embeddings: np.ndarray,
                      compile_settings: CompileSettings | TrainerConfig | None = None) -> np.ndarray:
@@ -197,16 +207,17 @@ def _make_loop(model: RoadworkClassifier, cfg: TrainerConfig, train_y: np.ndarra
                  ema=WeightEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None)
 
 
-def _micro_batch(loop: _Loop, xs: torch.Tensor, ys: torch.Tensor, idx: torch.Tensor,
+def _micro_batch(loop: _Loop, xs: np.ndarray, ys: torch.Tensor, idx: torch.Tensor,
                  epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(augmented images, soft targets, loss normaliser) of one micro-batch."""
+    """(augmented images, soft targets, loss normaliser) of one micro-batch. ``xs`` may
+    be a memory-mapped cache: only this micro-batch's rows are read."""
     cfg = loop.cfg
+    rows = xs[idx.numpy()]
     if cfg.augment == "validator":
-        raw = validator_augment_batch(xs[idx].numpy(), seed=cfg.seed, epoch=epoch,
-                                      indices=idx.tolist())
+        raw = validator_augment_batch(rows, seed=cfg.seed, epoch=epoch, indices=idx.tolist())
         xb = to_float(torch.from_numpy(raw))
     else:
-        xb = light_augment(to_float(xs[idx]), loop.gen)
+        xb = light_augment(to_float(torch.from_numpy(rows)), loop.gen)
     tb = soft_targets(ys[idx], cfg.label_smoothing)
     if cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0:
         xb, tb, _ = mix_batch(xb, tb, mixup_alpha=cfg.mixup_alpha,
@@ -224,7 +235,7 @@ def _loss_sum(loop: _Loop, logits: torch.Tensor, targets: torch.Tensor, epoch: i
     return recipe_loss(logits, targets, loop.class_weights, cfg.focal_gamma)[0]
 
 
-def _train_epoch(loop: _Loop, xs: torch.Tensor, ys: torch.Tensor, order: torch.Tensor,
+def _train_epoch(loop: _Loop, xs: np.ndarray, ys: torch.Tensor, order: torch.Tensor,
                  epoch: int) -> float:
     """One epoch; returns the mean training loss. k micro-batches per optimizer step,
     each divided by the whole step's normaliser: the gradient of one k-times batch."""
@@ -274,11 +285,11 @@ def fit_end_to_end(
     torch.manual_seed(cfg.seed)
     loop = _make_loop(model, cfg, train_y)
     progress("train epochs", 0, cfg.epochs)
-    xs = torch.from_numpy(train_x)
     ys = torch.from_numpy(train_y.astype(np.int64))
     # validator-faithful selection: one fixed augmented copy of val_select, every epoch
-    select_views = validator_selection_copy(select_x, cfg.seed) if cfg.augment == "validator" \
-        else select_x
+    # (held in memory: the one O(N_select) buffer left, and only with augment=validator)
+    select_views = validator_selection_copy(np.asarray(select_x), cfg.seed) \
+        if cfg.augment == "validator" else select_x
     best: dict[str, Any] = {"nll": math.inf}
     history: list[dict[str, float]] = []
     stale, hard, n_hard = 0, None, 0
@@ -286,7 +297,7 @@ def fit_end_to_end(
         t0 = time.perf_counter()
         weights = sample_weights(train_y, class_balanced=cfg.sampler == "class_balanced",
                                  hard_negatives=hard, hard_negative_factor=cfg.hard_negative_factor)
-        train_loss = _train_epoch(loop, xs, ys, epoch_indices(weights, loop.gen), epoch)
+        train_loss = _train_epoch(loop, train_x, ys, epoch_indices(weights, loop.gen), epoch)
         scored = loop.ema.model if loop.ema is not None else model
         sel_logits = predict_view_logits(scored, select_views, n_views=1,
                                          batch_size=cfg.batch_size * 2, device=loop.device,
