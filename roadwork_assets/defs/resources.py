@@ -19,6 +19,7 @@ from roadwork_assets.core.artifacts import ArtifactRegistry
 from roadwork_assets.core.calibration.cascade import CascadeConfig
 from roadwork_assets.core.calibration.policy_config import PolicyFitConfig
 from roadwork_assets.core.data.similarity import NearDuplicateRule
+from roadwork_assets.core.data.sources import SourceSpec, parse_source_specs
 from roadwork_assets.core.data.splits import DEFAULT_FRACTIONS
 from roadwork_assets.core.training.config import DEFAULT_FROZEN_BACKBONE, TrainerConfig
 
@@ -41,8 +42,22 @@ class DatasetSource(dg.ConfigurableResource):
     spec: str | None = Field(
         None,
         description="a class-folder tree (roadwork/, none/), a CSV/parquet manifest, or "
-        "NATIX parquet file/dir; None = the generated default dataset",
+        "NATIX parquet file/dir; several separated by os.pathsep (':' on Linux), each "
+        "optionally name=path (core.data.sources.parse_source_specs); None = the generated "
+        "default dataset",
     )
+    holdout_source: str | None = Field(
+        None, description="cross-source evaluation: every image of this source (and its "
+        "copies elsewhere) goes to val_test, the other sources fill train / val_select / "
+        "val_calib (core.data.splits.split_images)")
+    source_balance: Literal["none", "equal", "weights"] = Field(
+        "none", description="training draw weights per source: none (as many draws as "
+        "images), equal (each source the same share of train draws), weights "
+        "(source_weights); train only, never calibration or test rows "
+        "(core.data.balance)")
+    source_weights: dict[str, float] = Field(
+        default_factory=dict, description="source_balance=weights: {source name: relative "
+        "share of train draws}; every train source must be named")
     default_n_images: int = Field(6000, ge=8)
     default_image_size: int = Field(128, ge=32)
     default_seed: int = 0
@@ -69,11 +84,21 @@ class DatasetSource(dg.ConfigurableResource):
                                  certain_residual=self.near_duplicate_certain_residual,
                                  max_loose_group=self.near_duplicate_max_loose_group)
 
+    def sources(self) -> list[SourceSpec]:
+        """The named sources ``spec`` lists, in order; [] for the generated default
+        dataset. Pure string parsing (no file is read)."""
+        return parse_source_specs(self.spec)
+
     def split_settings(self) -> dict[str, object]:
         """What the split depends on besides the data; a previous assignment made with
-        other settings is not reused."""
-        return {"fractions": dict(sorted(self.split_fractions.items())), "seed": self.split_seed,
-                "rule": self.near_duplicate_rule().model_dump()}
+        other settings is not reused. ``holdout_source`` only when set, so assignments
+        made before it existed keep being reused."""
+        out: dict[str, object] = {"fractions": dict(sorted(self.split_fractions.items())),
+                                  "seed": self.split_seed,
+                                  "rule": self.near_duplicate_rule().model_dump()}
+        if self.holdout_source is not None:
+            out["holdout_source"] = self.holdout_source
+        return out
 
 
 class TrainerResource(dg.ConfigurableResource, TrainerConfig):

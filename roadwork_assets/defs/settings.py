@@ -20,8 +20,9 @@ from typing import Any
 import dagster as dg
 from pydantic import ValidationError
 
-from roadwork_assets.contracts.errors import RoadworkError
+from roadwork_assets.contracts.errors import BadInputError, RoadworkError
 from roadwork_assets.core.artifacts import settings_record, settings_sha256
+from roadwork_assets.core.data.sources import parse_source_specs
 from roadwork_assets.core.training.adapter_config import PRETRAINED_MODES
 from roadwork_assets.defs.resources import (
     DatasetSource,
@@ -173,15 +174,45 @@ def _check_conflicts(values, sources, env) -> None:
 
 def _check_files(values, sources) -> None:
     spec = values["dataset"]["spec"]
-    if spec is not None and not Path(spec).expanduser().exists():
-        raise SettingsError(f"{_where('dataset', 'spec', sources['dataset'])} = {spec}: no such "
-                            "file or folder; point it at a class-folder tree, a CSV/parquet "
-                            "manifest or NATIX parquet")
+    try:
+        specs = parse_source_specs(spec)
+    except BadInputError as exc:
+        raise SettingsError(f"{_where('dataset', 'spec', sources['dataset'])}: {exc}") from None
+    for k, source in enumerate(specs):
+        if not Path(source.path).expanduser().exists():
+            which = (f" (source {source.name!r}, entry {k + 1} of {len(specs)}: "
+                     f"{source.path})" if len(specs) > 1 else "")
+            raise SettingsError(
+                f"{_where('dataset', 'spec', sources['dataset'])} = {spec}{which}: "
+                "no such file or folder; point it at a class-folder tree, "
+                "a CSV/parquet manifest or NATIX parquet")
+    _check_source_names(values["dataset"], [s.name for s in specs])
     weights = values["trainer"]["weights_path"]
     if weights and not Path(weights).expanduser().is_file():
         raise SettingsError(f"{_where('trainer', 'weights_path', sources['trainer'])} = "
                             f"{weights}: no such file; point it at a local .safetensors/.pth "
                             "weights file")
+
+
+def _check_source_names(dataset: dict[str, Any], names: list[str]) -> None:
+    """holdout_source and source_weights must name sources ROADWORK_DATA lists."""
+    if not names:
+        names = ["default"]  # the generated default dataset's one source
+    holdout = dataset["holdout_source"]
+    if holdout is not None and (holdout not in names or len(names) < 2):
+        raise SettingsError(
+            f"dataset.holdout_source = {holdout!r} needs a second source to train on and must "
+            f"name one of the sources of dataset.spec / ROADWORK_DATA: {names}")
+    if dataset["source_balance"] == "weights":
+        weights = dataset["source_weights"]
+        unknown = sorted(set(weights) - set(names))
+        missing = sorted(set(names) - set(weights) - {holdout})
+        bad = {k: v for k, v in weights.items() if not v > 0}
+        if unknown or missing or bad:
+            raise SettingsError(
+                f"dataset.source_weights = {weights}: every source needs a weight > 0 "
+                f"(sources: {names}; unknown {unknown}, missing {missing}, not > 0 "
+                f"{sorted(bad)})")
 
 
 def used_settings(**resources: dg.ConfigurableResource) -> dict[str, dict[str, Any]]:

@@ -18,6 +18,17 @@ silently: ``df.attrs["quarantine"]`` holds a list of ``{"item_id", "uri", "reaso
 dicts (plain dicts, so pandas can copy and compare attrs), read with
 :func:`source_quarantine`; :func:`~roadwork_assets.core.data.ingest.ingest_images`
 carries them into its quarantine table.
+
+Several sources at once (:func:`load_sources`): ``ROADWORK_DATA`` may name several
+sources separated by ``os.pathsep`` (``:`` on Linux/macOS, ``;`` on Windows), each
+optionally named ``name=path`` (default name: the path's last component without its
+suffix). :func:`parse_source_specs` is the one parser (pure string work, no I/O);
+:func:`load_sources` reads each source with :func:`load_source` and concatenates them
+with a ``source`` column (the name). With more than one source, group ids are
+namespaced ``<source>/<group_id>`` (two datasets' ``seq_01`` are different scenes; copies
+of one photo across sources are still merged by content, see ``core.data.splits``), and
+an item id that occurs in more than one source is prefixed ``<source>:`` in each of
+them. One source reads exactly as before, plus the ``source`` column.
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ import posixpath
 import re
 import tempfile
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from numbers import Integral, Real
 from pathlib import Path
 
@@ -43,8 +55,12 @@ __all__ = [
     "GROUP_COLUMNS",
     "IMAGE_EXTENSIONS",
     "RECORD_COLUMNS",
+    "SOURCE_COLUMN",
+    "SourceSpec",
     "load_source",
+    "load_sources",
     "parse_labels",
+    "parse_source_specs",
     "read_class_folders",
     "read_manifest",
     "read_natix_parquet",
@@ -53,6 +69,7 @@ __all__ = [
 ]
 
 RECORD_COLUMNS = ("item_id", "uri", "label", "group_id")
+SOURCE_COLUMN = "source"  # added by load_sources: the name of the source a record came from
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 GROUP_COLUMNS = ("group_id", "scene_id", "sequence_id")  # first present wins
 CLASS_FOLDERS = {"roadwork": 1, "none": 0}
@@ -544,3 +561,108 @@ def _schema_kind(file: Path) -> str | None:
     # whose error names that column and its type
     named = any("image" in name.lower() for name in schema.names)
     return "natix" if _image_column(schema) is not None or named else None
+
+
+# ------------------------------------------------------------------- several sources
+
+_SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One entry of ``ROADWORK_DATA``: a source's name and its path (as written)."""
+
+    name: str
+    path: str
+
+
+def _default_name(path: str) -> str:
+    stem = Path(path.rstrip("/\\")).name
+    stem = Path(stem).stem if Path(stem).suffix.lower() in (".csv", ".parquet") else stem
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]", "_", stem).lstrip("._-") or "source"
+    return cleaned[:64]
+
+
+def parse_source_specs(spec: str | Path | Sequence[str] | None) -> list[SourceSpec]:
+    """``ROADWORK_DATA``'s value as a list of named sources, in the order written.
+
+    ``spec`` is one path, or several joined by ``os.pathsep``, or a list of entries;
+    an entry is ``path`` or ``name=path`` (name: letters, digits, ``_ . -``, at most 64
+    characters, starting with a letter or digit). Empty entries (a trailing separator)
+    are ignored. Two entries with one name are refused with the fix (name them). No
+    file is touched: this is what a sensor uses to list the sources it watches.
+    ``None`` -> ``[]`` (the caller's generated default dataset).
+    """
+    if spec is None:
+        return []
+    entries = [str(spec)] if isinstance(spec, (str, Path)) else [str(e) for e in spec]
+    parts = [p.strip() for e in entries for p in e.split(os.pathsep) if p.strip()]
+    out: list[SourceSpec] = []
+    for part in parts:
+        name, sep, rest = part.partition("=")
+        # "name=path" only when the left side is a valid name and the whole entry is not
+        # itself an existing path (a folder may contain "=" in its name)
+        if sep and rest and _SOURCE_NAME.match(name) and not Path(part).expanduser().exists():
+            out.append(SourceSpec(name, rest.strip()))
+        else:
+            out.append(SourceSpec(_default_name(part), part))
+    names = [s.name for s in out]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        same = [s.path for s in out if s.name in repeated]
+        raise BadInputError(
+            f"ROADWORK_DATA names {len(out)} sources but {', '.join(map(repr, repeated))} "
+            f"is the name of more than one ({', '.join(same)}): give each its own name "
+            f"with name=path, e.g. a={same[0]}{os.pathsep}b={same[1]}")
+    return out
+
+
+def load_sources(spec: str | Path | Sequence[str] | Sequence[SourceSpec], cache_dir: Path | str
+                 ) -> pd.DataFrame:
+    """Read every source of ``spec`` (see :func:`parse_source_specs`) into one table.
+
+    The records of :func:`load_source` plus ``source`` (the source's name). A source
+    that does not exist is refused naming it (and which entry of ``ROADWORK_DATA`` it
+    is), before anything is read. Quarantined rows of every source are carried, their
+    item ids made unique the same way as the records'.
+    """
+    specs = (list(spec) if isinstance(spec, (list, tuple)) and spec
+             and isinstance(spec[0], SourceSpec) else parse_source_specs(spec))
+    if not specs:
+        raise BadInputError("ROADWORK_DATA names no source: set it to a folder, manifest or "
+                            "NATIX parquet (several separated by " + repr(os.pathsep) + ")")
+    for k, s in enumerate(specs):
+        if not Path(s.path).expanduser().exists():
+            raise BadInputError(
+                f"source {s.name!r} (entry {k + 1} of {len(specs)} in ROADWORK_DATA) does not "
+                f"exist: {str(Path(s.path).expanduser())!r}. Fix the path or remove the entry. "
+                + _LAYOUTS)
+    frames, quarantines = [], []
+    for s in specs:
+        records = load_source(s.path, cache_dir)
+        q = source_quarantine(records)
+        q.insert(0, SOURCE_COLUMN, s.name)
+        quarantines.append(q)
+        records = records.copy()
+        records[SOURCE_COLUMN] = s.name
+        if len(specs) > 1:
+            has = records["group_id"].notna()
+            records.loc[has, "group_id"] = s.name + "/" + records.loc[has, "group_id"].astype(str)
+        frames.append(records)
+    out = pd.concat(frames, ignore_index=True)
+    quarantine = pd.concat(quarantines, ignore_index=True)
+    clash = _colliding_ids(pd.concat([out[["item_id", SOURCE_COLUMN]],
+                                      quarantine[["item_id", SOURCE_COLUMN]]]))
+    for frame in (out, quarantine):
+        hit = frame["item_id"].isin(clash)
+        frame.loc[hit, "item_id"] = frame.loc[hit, SOURCE_COLUMN] + ":" + frame.loc[hit, "item_id"]
+    _finish(out, "the sources of ROADWORK_DATA")  # refuses ids still repeated
+    out["label"] = out["label"].astype(np.int8)
+    out.attrs["quarantine"] = quarantine[["item_id", "uri", "reason"]].to_dict("records")
+    return out
+
+
+def _colliding_ids(ids: pd.DataFrame) -> set[str]:
+    """Item ids that occur in more than one source."""
+    per_id = ids.drop_duplicates().groupby("item_id")[SOURCE_COLUMN].nunique()
+    return set(per_id.index[per_id > 1])

@@ -144,6 +144,7 @@ def split_images(
     rule: NearDuplicateRule | None = None,
     previous: pd.DataFrame | None = None,
     progress: Progress = no_progress,
+    holdout_source: str | None = None,
 ) -> SplitResult:
     """Assign every image a split; copies of one photo and one group share a split.
 
@@ -160,7 +161,15 @@ def split_images(
 
     A new image linked to previous images in two different splits is held out (see
     :class:`SplitResult`); the previous images keep their splits. ``previous`` must come
-    from the same fractions, seed and rule; the caller checks that.
+    from the same fractions, seed, rule and holdout source; the caller checks that.
+
+    ``holdout_source`` (a cross-source evaluation: train on the others, test on it): every
+    component with a member from that source goes to val_test whole -- copies of its
+    photos in other sources included, so no copy of a test photo is trained on. Every
+    other component is hashed over train / val_select / val_calib with their fractions
+    renormalised (val_test's share spread over them), so val_test holds the held-out
+    source only (plus those copies). A new held-out image whose copy already sits in
+    another split is held out of every split (the existing image never moves).
     """
     fr = validate_fractions(fractions or DEFAULT_FRACTIONS)
     missing = {"item_id", "label", "pixel_sha256"} - set(frame.columns)
@@ -185,6 +194,12 @@ def split_images(
     comp_split = prior["prev_split"].first()
     comp_key = prior["prev_key"].min()
     n_splits_here = n_prior_splits.to_numpy()[comp] if len(comp) else np.zeros(0, int)
+    forced = _holdout_components(out, comp, holdout_source)
+    if forced.any():  # a held-out source's component belongs in val_test and nowhere else
+        elsewhere = prior["prev_split"].agg(lambda v: bool(set(v) - {"val_test"}))
+        clash = elsewhere.reindex(comp, fill_value=False).to_numpy() & forced
+        # (a clash-free one's previous members are all in val_test already)
+        n_splits_here = np.where(clash, 2, n_splits_here)
 
     key = fresh_key.to_numpy(dtype=object).copy()
     split = np.empty(len(out), dtype=object)
@@ -200,7 +215,8 @@ def split_images(
 
     fresh = n_splits_here == 0
     if fresh.any():
-        split[fresh] = _hash_splits(key[fresh], fr, seed)
+        split[fresh] = _hash_splits(key[fresh], fr, seed, holdout=holdout_source is not None)
+    split[fresh & forced] = "val_test"
 
     out["group_key"] = key
     out["split"] = split
@@ -247,14 +263,48 @@ def _previous_of(out: pd.DataFrame, previous: pd.DataFrame | None) -> tuple[pd.S
             out["pixel_sha256"].map(by_sha["group_key"]).astype(object))
 
 
-def _hash_splits(keys: np.ndarray, fractions: dict[str, float], seed: int) -> np.ndarray:
-    """The bucket of the cumulative fractions that u = sha256(seed, key) falls into."""
+def _hash_splits(keys: np.ndarray, fractions: dict[str, float], seed: int,
+                 holdout: bool = False) -> np.ndarray:
+    """The bucket of the cumulative fractions that u = sha256(seed, key) falls into
+    (``holdout``: val_test's fraction spread over the other splits, see
+    :func:`hashed_fractions`)."""
+    fractions = hashed_fractions(fractions, holdout)
+    names = [s for s in SPLITS if fractions[s] > 0]
     uniq = pd.unique(keys)
     u = pd.Series(unit_hash(f"{seed}\x00{k}" for k in uniq), index=uniq)
-    edges = np.cumsum([fractions[s] for s in SPLITS])
+    edges = np.cumsum([fractions[s] for s in names])
     edges[-1] = 1.0 + 1e-12
-    return np.asarray(SPLITS, dtype=object)[
+    return np.asarray(names, dtype=object)[
         np.searchsorted(edges, u.reindex(keys).to_numpy(), side="right")]
+
+
+def hashed_fractions(fractions: dict[str, float], holdout: bool) -> dict[str, float]:
+    """The fractions the hash split uses: the configured ones, or with a held-out source
+    val_test 0 and the others renormalised (val_test is the held-out source)."""
+    if not holdout:
+        return dict(fractions)
+    rest = sum(v for k, v in fractions.items() if k != "val_test")
+    return {k: (0.0 if k == "val_test" else v / rest) for k, v in fractions.items()}
+
+
+def _holdout_components(out: pd.DataFrame, comp: np.ndarray, holdout_source: str | None
+                        ) -> np.ndarray:
+    """Per row: its component holds an image of ``holdout_source``."""
+    if holdout_source is None or not len(out):
+        return np.zeros(len(out), dtype=bool)
+    if "source" not in out.columns or not (out["source"] == holdout_source).any():
+        found = sorted(out["source"].unique()) if "source" in out.columns else []
+        raise BadInputError(
+            f"dataset.holdout_source = {holdout_source!r} names no source with images; the "
+            f"sources are {found}: set it to one of them, or unset it")
+    hit = np.zeros(comp.max() + 1, dtype=bool)
+    hit[comp[(out["source"] == holdout_source).to_numpy()]] = True
+    if hit[comp].all():
+        raise BadInputError(
+            f"dataset.holdout_source = {holdout_source!r} would put every image in val_test "
+            "(it is the only source, or every photo has a copy in it): name a second source "
+            "in ROADWORK_DATA to train on, or unset dataset.holdout_source")
+    return hit[comp]
 
 
 def _held_out_rows(out: pd.DataFrame, held: np.ndarray, comp: np.ndarray,
@@ -348,6 +398,7 @@ def split_shape_report(
     z: float = 4.0,
     min_group_cap: int = 4,
     top: int = 10,
+    holdout_source: str | None = None,
 ) -> SplitShapeReport:
     """Check the realised split fractions and the largest group.
 
@@ -360,25 +411,37 @@ def split_shape_report(
     No group may hold more than ``max(ceil(max_group_share * N), min_group_cap)`` images:
     a giant group is almost always a near-duplicate rule or a group id gone wrong, and
     it alone decides the make-up of whichever split it lands in.
+
+    ``holdout_source``: groups holding an image of that source are val_test by rule, not
+    by hash, so the fractions are checked on the other groups only, against the
+    renormalised fractions :func:`split_images` hashed them with (val_test 0: any other
+    group in val_test is a problem). The group-size cap still counts every image.
     """
-    fr = validate_fractions(fractions or DEFAULT_FRACTIONS)
-    n = len(assignment)
+    fr = hashed_fractions(validate_fractions(fractions or DEFAULT_FRACTIONS),
+                          holdout_source is not None)
+    n_all = len(assignment)
+    hashed = assignment
+    if holdout_source is not None and "source" in assignment.columns:
+        ruled = assignment.loc[assignment["source"] == holdout_source, "group_key"]
+        hashed = assignment[~assignment["group_key"].isin(ruled)]
+    n = len(hashed)
     grouped = assignment.assign(_pos=(assignment["label"] == 1)).groupby("group_key", sort=False)
     sizes = grouped.agg(n_images=("item_id", "size"), split=("split", "first"),
                         n_positive=("_pos", "sum")).reset_index()
     sizes = sizes.sort_values(["n_images", "group_key"], ascending=[False, True])
-    sizes["share"] = sizes["n_images"] / max(n, 1)
-    cap = max(int(np.ceil(max_group_share * n)), min_group_cap)
+    sizes["share"] = sizes["n_images"] / max(n_all, 1)
+    cap = max(int(np.ceil(max_group_share * n_all)), min_group_cap)
     shown = sizes.head(max(top, 3)).copy()
     members = assignment[assignment["group_key"].isin(shown["group_key"])]
     first_ids = members.sort_values("item_id").groupby("group_key")["item_id"].agg(
         lambda v: ", ".join(map(str, v.head(5))))
     shown["examples"] = shown["group_key"].map(first_ids)
-    sum_sq = float((sizes["n_images"].astype(np.float64) ** 2).sum())
+    hashed_sizes = sizes[sizes["group_key"].isin(hashed["group_key"])]
+    sum_sq = float((hashed_sizes["n_images"].astype(np.float64) ** 2).sum())
     realised, tol, problems = {}, {}, []
     for s in SPLITS:
         p = fr[s]
-        realised[s] = float((assignment["split"] == s).mean()) if n else 0.0
+        realised[s] = float((hashed["split"] == s).mean()) if n else 0.0
         tol[s] = z * float(np.sqrt(p * (1 - p) * sum_sq)) / max(n, 1)
         if abs(realised[s] - p) > tol[s]:
             problems.append(
@@ -387,7 +450,7 @@ def split_shape_report(
     big = shown[shown["n_images"] > cap]
     for row in big.head(3).itertuples(index=False):
         problems.append(
-            f"group {row.group_key!r} has {row.n_images} images ({row.share:.1%} of {n}; cap "
+            f"group {row.group_key!r} has {row.n_images} images ({row.share:.1%} of {n_all}; cap "
             f"{cap} = {max_group_share:.1%}), in {row.split}, e.g. {row.examples}.")
     if (sizes["n_images"] > cap).any():
         problems.append(

@@ -6,6 +6,7 @@ import dagster as dg
 import pandas as pd
 
 from roadwork_assets.contracts.errors import BadInputError, InsufficientDataError
+from roadwork_assets.contracts.splits import SPLITS
 from roadwork_assets.core.artifacts import (
     atomic_write_parquet,
     code_version,
@@ -14,9 +15,10 @@ from roadwork_assets.core.artifacts import (
     staged_path,
 )
 from roadwork_assets.core.calibration.policies import check_calibration_capacity
+from roadwork_assets.core.data.balance import SourceBalance, source_sample_weights
 from roadwork_assets.core.data.dedup import check_split_leakage
 from roadwork_assets.core.data.ingest import ingest_images
-from roadwork_assets.core.data.sources import load_source
+from roadwork_assets.core.data.sources import SOURCE_COLUMN, SourceSpec, load_sources
 from roadwork_assets.core.data.splits import (
     check_split_sizes,
     split_counts,
@@ -37,8 +39,10 @@ from roadwork_assets.defs.resources import (
 from roadwork_assets.defs.settings import merge_records, used_settings
 from roadwork_assets.defs.split_reads import split_reads_check_spec
 
-MANIFEST_COLUMNS = ["item_id", "uri", "label", "group_id", "group_key", "pixel_sha256",
-                    "phash", "thumb", "width", "height", "split"]
+MANIFEST_COLUMNS = ["item_id", "uri", "label", "group_id", "source", "group_key",
+                    "pixel_sha256", "phash", "thumb", "width", "height", "split",
+                    "sample_weight"]  # sample_weight: only with dataset.source_balance
+DEFAULT_SOURCE = "default"  # the generated default dataset's source name
 LEAKAGE_CHECK = "no_cross_split_leakage"
 SHAPE_CHECK = "split_shape"
 
@@ -67,10 +71,12 @@ def source_images(
             progress=progress,
         )
         spec, kind = str(manifest), "generated default dataset"
+        specs = [SourceSpec(DEFAULT_SOURCE, spec)]
     else:
         spec, kind = dataset.spec, "user dataset (ROADWORK_DATA)"
-    context.log.info(f"reading {kind}: {spec}")
-    records = load_source(spec, cache_dir=reg.source_cache_dir)
+        specs = dataset.sources()
+    context.log.info(f"reading {kind}: " + ", ".join(f"{s.name}={s.path}" for s in specs))
+    records = load_sources(specs, cache_dir=reg.source_cache_dir)
     ingested, quarantined = ingest_images(records, progress=progress)
     data_version = frame_fingerprint(ingested, ["item_id", "label", "pixel_sha256"])
     stamp = {"data_version": data_version, "code_version": code_version(),
@@ -88,6 +94,8 @@ def source_images(
             "n_positive": dg.MetadataValue.int(n_pos),
             "n_negative": dg.MetadataValue.int(len(ingested) - n_pos),
             "n_quarantined": dg.MetadataValue.int(len(quarantined)),
+            "n_sources": dg.MetadataValue.int(len(specs)),
+            "per_source": table_md(_per_source_counts(ingested, specs)),
             "quarantined": table_md(quarantined),
             "data_version": data_version,
         },
@@ -122,8 +130,9 @@ def split_assignment(
     previous = _previous_assignment(context, dest, settings)
     result = split_images(source_images, dataset.split_fractions, seed=dataset.split_seed,
                           rule=dataset.near_duplicate_rule(), previous=previous,
-                          progress=progress_reporter(context))
-    assignment = result.assignment
+                          progress=progress_reporter(context),
+                          holdout_source=dataset.holdout_source)
+    assignment = _with_sample_weights(result.assignment, dataset)
     if result.previous_note:
         context.log.warning(result.previous_note)
     check_split_sizes(assignment)
@@ -135,7 +144,8 @@ def split_assignment(
         fit_fraction=exit_policy.calib_fit_fraction)
     assignment = assignment[[c for c in MANIFEST_COLUMNS if c in assignment.columns]]
     report = check_split_leakage(assignment, dataset.near_duplicate_rule())
-    shape = split_shape_report(assignment, dataset.split_fractions, dataset.max_group_share)
+    shape = split_shape_report(assignment, dataset.split_fractions, dataset.max_group_share,
+                               holdout_source=dataset.holdout_source)
     data_version = frame_fingerprint(assignment.drop(columns=["thumb"], errors="ignore"))
     atomic_write_parquet(staged_path(dest), assignment,
                          {"data_version": data_version, "code_version": code_version(),
@@ -152,6 +162,7 @@ def split_assignment(
             "shared_groups": report.n_shared_groups,
             "max_distance": report.max_distance,
             "possible_copy_pairs_across_splits": report.n_possible_pairs,
+            "groups_spanning_sources": _groups_spanning_sources(assignment),
             "offenders": dg.MetadataValue.md("\n".join(f"- {e}" for e in report.examples) or "_none_"),
         },
         description=report.summary(),
@@ -183,10 +194,50 @@ def split_assignment(
             "val_calib_threshold_units_with_roadwork": dg.MetadataValue.int(calib_units),
             "kept_from_previous_assignment": dg.MetadataValue.int(result.n_kept_from_previous),
             "n_held_out": dg.MetadataValue.int(len(result.held_out)),
+            "holdout_source": dg.MetadataValue.text(dataset.holdout_source or "none"),
+            "per_source_splits": table_md(_per_source_splits(assignment)),
             "held_out": table_md(result.held_out),
             "data_version": data_version,
         },
     )
+
+
+def _per_source_counts(ingested: pd.DataFrame, specs: list[SourceSpec]) -> pd.DataFrame:
+    """One row per source: name, path, images, positives."""
+    by = ingested.groupby(SOURCE_COLUMN)["label"]
+    n, pos = by.size(), by.sum()
+    return pd.DataFrame([{"source": s.name, "path": s.path, "n_images": int(n.get(s.name, 0)),
+                          "n_positive": int(pos.get(s.name, 0))} for s in specs])
+
+
+def _per_source_splits(assignment: pd.DataFrame) -> pd.DataFrame:
+    """Images per source (rows) and split (columns)."""
+    if SOURCE_COLUMN not in assignment.columns:
+        return pd.DataFrame()
+    table = pd.crosstab(assignment[SOURCE_COLUMN], assignment["split"])
+    return table.reindex(columns=list(SPLITS), fill_value=0).reset_index()
+
+
+def _groups_spanning_sources(assignment: pd.DataFrame) -> int:
+    """Groups (copies of one photo merged across sources) holding more than one source."""
+    if SOURCE_COLUMN not in assignment.columns:
+        return 0
+    return int((assignment.groupby("group_key")[SOURCE_COLUMN].nunique() > 1).sum())
+
+
+def _with_sample_weights(assignment: pd.DataFrame, dataset: DatasetSource) -> pd.DataFrame:
+    """Train rows' draw weights per source (core.data.balance) as ``sample_weight``; every
+    other split 1.0 (never balanced: see core.data.balance). No column when balance is
+    none, so unbalanced manifests stay as they were."""
+    if dataset.source_balance == "none":
+        return assignment
+    out = assignment.copy()
+    train = (out["split"] == "train").to_numpy()
+    out["sample_weight"] = 1.0
+    out.loc[train, "sample_weight"] = source_sample_weights(
+        out.loc[train, SOURCE_COLUMN].tolist(),
+        SourceBalance(mode=dataset.source_balance, weights=dataset.source_weights))
+    return out
 
 
 def _previous_assignment(context, path, settings: str) -> pd.DataFrame | None:
