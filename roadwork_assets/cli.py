@@ -1,7 +1,8 @@
 """`roadwork`: the terminal entry point.
 
-  roadwork run [--verbose]         materialize the whole graph through Dagster; prints
-                                   progress, then the bundle it made
+  roadwork run [--force] [--verbose]   materialize the whole graph through Dagster,
+                                   skipping what is up to date (--force: everything);
+                                   prints progress, then the bundle it made
   roadwork predict [--bundle DIR] IMAGE...   one JSON line per image: path, probability,
                                    decision, stage (JPEG, PNG, WebP; any size); default
                                    bundle: the latest under ROADWORK_HOME; an unreadable
@@ -103,6 +104,7 @@ def _run_locked(args: argparse.Namespace, root: Path, settings) -> int:
     from roadwork_assets.core.artifacts import ArtifactRegistry, collect_dead_leftovers
     from roadwork_assets.core.runlock import hold_lock
     from roadwork_assets.defs.console import console_logger_config, with_console
+    from roadwork_assets.defs.freshness import Expected, FreshnessJudge
     from roadwork_assets.defs.runner import fail_abandoned_runs, materialize_all
 
     home = ensure_dagster_home()
@@ -130,10 +132,14 @@ def _run_locked(args: argparse.Namespace, root: Path, settings) -> int:
         for run_id in fail_abandoned_runs(instance):
             print(f"[roadwork] marked run {run_id} failed: the roadwork run that started it "
                   "is gone")
-        materialize_all(defs, instance, run_config=run_config)
+        judge = None if args.force else FreshnessJudge(
+            defs, instance, Expected.of(settings.values, ArtifactRegistry(root)))
+        runs = materialize_all(defs, instance, run_config=run_config, judge=judge)
     report_path = ArtifactRegistry(root).test_report
     report = json.loads(report_path.read_text())
-    print(f"[roadwork] whole graph materialized in {time.perf_counter() - t0:.0f}s")
+    print(f"[roadwork] whole graph materialized in {time.perf_counter() - t0:.0f}s"
+          + ("" if args.force else f" ({len(runs)} stage runs; up-to-date assets skipped, "
+             "--force rebuilds everything)"))
     from roadwork_assets.core.evaluation.validator_rows import closing_lines
 
     for line in closing_lines(report):
@@ -216,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="materialize the whole asset graph through Dagster")
     r.add_argument("--config-json", help="Dagster run config applied to every stage, e.g. "
                    '\'{"resources": {"trainer": {"config": {"epochs": 5}}}}\'')
+    r.add_argument("--force", action="store_true",
+                   help="rebuild every asset; without it, assets whose code, settings, inputs "
+                   "and artifact on disk are unchanged since their last materialization are "
+                   "skipped (each skip and each rebuild reason is printed)")
     r.add_argument("--wait", action="store_true",
                    help="if another run holds ROADWORK_HOME, wait for it instead of refusing")
     r.add_argument("--verbose", action="store_true",

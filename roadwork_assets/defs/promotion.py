@@ -9,7 +9,8 @@ published under its content id.
 
 ``materialize_result`` is the one tail every asset ends with: drain the split reads
 into their check, promote or reject, and return one ``MaterializeResult`` carrying the
-path (for the IO manager), the metadata, every check result and the data version.
+path (for the IO manager), the metadata, every check result, the settings it ran with
+and, as Dagster's data version, the artifact's content hash.
 """
 
 from __future__ import annotations
@@ -21,7 +22,13 @@ from typing import Any, Protocol
 
 import dagster as dg
 
-from roadwork_assets.core.artifacts import promote, reject, staged_path
+from roadwork_assets.core.artifacts import (
+    file_sha256,
+    promote,
+    reject,
+    settings_sha256,
+    staged_path,
+)
 from roadwork_assets.core.export.bundle import set_latest
 from roadwork_assets.defs.metadata import path_meta
 from roadwork_assets.defs.split_reads import split_reads_result
@@ -113,14 +120,45 @@ def materialize_result(
 ) -> dg.MaterializeResult:
     """The end of every asset: its split-read check first, then ``checks``; promotion
     if all pass; one result with the path as value (the IO manager checks it), the
-    asset's metadata plus path, reads and promotion metadata, and ``data_version`` — the
-    one the artifact records — as Dagster's data version (None: Dagster's own)."""
+    asset's metadata plus path, reads and promotion metadata, ``data_version`` (the
+    lineage version the artifact records) and the settings fingerprint; Dagster's data
+    version is the artifact's content (``content_version``)."""
     reads_meta, reads_check = split_reads_result(context)
     all_checks = [reads_check, *checks]
     path, promo = publish(context, artifact, all_checks)
+    lineage = {"data_version": data_version} if data_version else {}
     return dg.MaterializeResult(
         value=path,
-        metadata={**metadata, **reads_meta, **promo},
+        metadata={**lineage, **metadata, **reads_meta, **promo,
+                  SETTINGS_KEY: dg.MetadataValue.json(settings_fingerprint(context))},
         check_results=all_checks,
-        data_version=dg.DataVersion(data_version) if data_version else None,
+        data_version=dg.DataVersion(content_version(artifact, path, promo)),
     )
+
+
+SETTINGS_KEY = "settings_sha256"
+SETTINGS_GROUPS = ("dataset", "trainer", "exit_policy")
+
+
+def settings_fingerprint(context: dg.AssetExecutionContext) -> dict[str, str]:
+    """{group: sha256} of the settings groups this asset ran with (hashed as the `roadwork
+    run` header prints them): `roadwork run` rebuilds an asset whose settings changed,
+    which neither its code version nor its inputs' data versions would show."""
+    out = {}
+    for name in SETTINGS_GROUPS:
+        resource = getattr(context.resources, name, None)
+        if isinstance(resource, dg.ConfigurableResource):
+            out[name] = settings_sha256({k: getattr(resource, k)
+                                         for k in type(resource).model_fields})
+    return out
+
+
+def content_version(artifact: Promotable, path: Path, promo: Mapping[str, Any]) -> str:
+    """Dagster's data version: what the artifact holds (its sha256; a bundle's content
+    id), so a downstream asset is stale exactly when an input it read has new content.
+    The lineage ``data_version`` the artifact records (which data went in) stays in the
+    metadata: a new setting gives new content from the same data."""
+    if isinstance(artifact, LatestBundle):
+        return artifact.bundle_id
+    sha = promo.get("sha256")
+    return sha.value if isinstance(sha, dg.TextMetadataValue) else file_sha256(path)

@@ -9,6 +9,9 @@ on the given instance, visible in the UI with its logs, metadata and check resul
 A failed blocking asset check stops the run; it is raised as ``BlockingCheckFailed``, a
 one-line ``RoadworkError`` naming each failed check and its own description (the
 measured gap and the tolerance), not as Dagster's traceback.
+
+Given a ``FreshnessJudge`` (``defs.freshness``), asset partitions that are up to date are
+skipped: `roadwork run` rebuilds only what changed, `roadwork run --force` everything.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import dagster as dg
 from roadwork_assets.contracts.errors import RoadworkError
 from roadwork_assets.contracts.splits import SPLITS
 from roadwork_assets.core.artifacts import pid_alive
+from roadwork_assets.defs.freshness import FreshnessJudge
 
 STAGE_TAG, PID_TAG, HOST_TAG = "roadwork/stage", "roadwork/pid", "roadwork/host"
 
@@ -70,23 +74,59 @@ def materialize_all(
     run_config: dict | None = None,
     say: Callable[[str], None] = print,
     splits: Sequence[str] = SPLITS,
+    judge: FreshnessJudge | None = None,
 ) -> list[dg.ExecuteInProcessResult]:
-    """Run every stage; raise on the first failed run (a failed blocking check included)."""
+    """Run every stage; raise on the first failed run (a failed blocking check included).
+
+    With a ``judge``, asset partitions it finds up to date are skipped (and said so);
+    within a stage, whatever is downstream of a rebuilt asset is rebuilt too."""
     job = defs.resolve_implicit_global_asset_job_def()
+    graph = defs.resolve_asset_graph()
     plan = stages(defs)
     results = []
     for n, stage in enumerate(plan, start=1):
-        keys = [dg.AssetKey(name) for name in stage.assets]
         for partition in (splits if stage.partitioned else [None]):
-            label = ", ".join(stage.assets) + (f" [{partition}]" if partition else "")
-            say(f"[roadwork] stage {n}/{len(plan)}: {label}")
+            label = f" [{partition}]" if partition else ""
+            names = stage_selection(stage, partition, graph, judge, say)
+            if not names:
+                say(f"[roadwork] stage {n}/{len(plan)}: {', '.join(stage.assets)}{label}: "
+                    "up to date, skipped")
+                continue
+            say(f"[roadwork] stage {n}/{len(plan)}: {', '.join(names)}{label}")
             t0 = time.perf_counter()
-            result = run_stage(job, instance, keys, partition, run_config,
-                               tags={STAGE_TAG: str(n), PID_TAG: str(os.getpid()),
-                                     HOST_TAG: socket.gethostname()})
+            result = run_stage(job, instance, [dg.AssetKey(x) for x in names], partition,
+                               run_config, tags={STAGE_TAG: str(n), PID_TAG: str(os.getpid()),
+                                                 HOST_TAG: socket.gethostname()})
             say(f"[roadwork]   done in {time.perf_counter() - t0:.1f}s (run {result.run_id})")
             results.append(result)
+            if judge is not None:
+                judge.refresh()
     return results
+
+
+def stage_selection(stage: Stage, partition: str | None, graph, judge: FreshnessJudge | None,
+                    say: Callable[[str], None]) -> list[str]:
+    """The stage's assets to run for ``partition``: all without a judge; else those the
+    judge finds out of date and whatever in the stage depends on them (in stage order,
+    which is topological), saying why each runs and which are skipped."""
+    if judge is None:
+        return list(stage.assets)
+    chosen: list[str] = []
+    skipped: list[str] = []
+    for name in stage.assets:
+        key = dg.AssetKey(name)
+        parents = {p.to_user_string() for p in graph.get(key).parent_keys}
+        rebuilt_parent = sorted(parents & set(chosen))
+        reason = (f"its input {rebuilt_parent[0]} is rebuilt in this stage" if rebuilt_parent
+                  else judge.why_rebuild(key, partition))
+        if reason is None:
+            skipped.append(name)
+        else:
+            chosen.append(name)
+            say(f"[roadwork]   rebuild {name}{f'[{partition}]' if partition else ''}: {reason}")
+    if skipped and chosen:
+        say(f"[roadwork]   up to date, skipped: {', '.join(skipped)}")
+    return chosen
 
 
 def run_stage(job: dg.JobDefinition, instance: dg.DagsterInstance, keys: list[dg.AssetKey],

@@ -97,14 +97,15 @@ def test_every_artifact_records_data_and_code_version(materialized_root):
 
 
 def test_materializations_carry_the_artifacts_data_and_code_version(materialized_root):
-    """Dagster's DataVersion of a materialization is the data_version its artifact
-    records, and its code_version the one the artifact was stamped with, so the UI
-    shows real staleness."""
-    from roadwork_assets.core.artifacts import code_version, read_parquet_provenance
+    """Dagster's DataVersion of a materialization is its artifact's content (sha256; a
+    bundle's content id), so a new setting that changes an artifact makes its readers
+    stale; the lineage data_version the artifact records is in the metadata, and the
+    code_version is the one the artifact was stamped with."""
+    from roadwork_assets.core.artifacts import code_version, file_sha256, read_parquet_provenance
 
     root, _, results = materialized_root
     reg = ArtifactRegistry(root)
-    recorded = {
+    lineage = {
         ("split_manifest", "train"): read_parquet_provenance(
             reg.split_manifest("train"))["data_version"],
         ("logits", "val_calib"): str(read_npz(reg.logits("val_calib"))["data_version"]),
@@ -114,15 +115,26 @@ def test_materializations_carry_the_artifacts_data_and_code_version(materialized
         ("test_report", None): json.loads(reg.test_report.read_text())["provenance"][
             "data_version"],
     }
-    tags = {}
+    content = {
+        ("split_manifest", "train"): file_sha256(reg.split_manifest("train")),
+        ("logits", "val_calib"): file_sha256(reg.logits("val_calib")),
+        ("checkpoint", None): file_sha256(reg.checkpoint),
+        ("thresholds", None): file_sha256(reg.policy("softmax")),
+        ("test_report", None): file_sha256(reg.test_report),
+        ("bundle", None): reg.latest_bundle().name,
+    }
+    mats = {}
     for result in results:
         for event in result.get_asset_materialization_events():
             mat = event.materialization
-            tags[(event.asset_key.to_user_string(), mat.partition)] = mat.tags
-    for key, data_version in recorded.items():
-        assert tags[key]["dagster/data_version"] == data_version, key
-        assert tags[key]["dagster/data_version_is_user_provided"] == "true", key
-        assert tags[key]["dagster/code_version"] == code_version(), key
+            mats[(event.asset_key.to_user_string(), mat.partition)] = mat
+    for key, sha in content.items():
+        assert mats[key].tags["dagster/data_version"] == sha, key
+        assert mats[key].tags["dagster/data_version_is_user_provided"] == "true", key
+        assert mats[key].tags["dagster/code_version"] == code_version(), key
+    for key, data_version in lineage.items():
+        assert mats[key].metadata["data_version"].value == data_version, key
+        assert data_version != content[key], key
 
 
 def test_report_carries_the_validator_simulator_rows(materialized_root):

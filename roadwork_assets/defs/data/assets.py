@@ -18,6 +18,7 @@ from roadwork_assets.core.calibration.policies import check_calibration_capacity
 from roadwork_assets.core.data.balance import SourceBalance, source_sample_weights
 from roadwork_assets.core.data.dedup import check_split_leakage
 from roadwork_assets.core.data.ingest import ingest_images
+from roadwork_assets.core.data.source_stamp import source_stamp
 from roadwork_assets.core.data.sources import SOURCE_COLUMN, SourceSpec, load_sources
 from roadwork_assets.core.data.splits import (
     check_split_sizes,
@@ -45,6 +46,7 @@ MANIFEST_COLUMNS = ["item_id", "uri", "label", "group_id", "source", "group_key"
 DEFAULT_SOURCE = "default"  # the generated default dataset's source name
 LEAKAGE_CHECK = "no_cross_split_leakage"
 SHAPE_CHECK = "split_shape"
+SOURCE_STAMP_KEY = "source_stamp"  # `roadwork run` re-reads the source when it changes
 
 
 @dg.asset(
@@ -76,6 +78,8 @@ def source_images(
         spec, kind = dataset.spec, "user dataset (ROADWORK_DATA)"
         specs = dataset.sources()
     context.log.info(f"reading {kind}: " + ", ".join(f"{s.name}={s.path}" for s in specs))
+    # before reading: a file added meanwhile counts as new at the next `roadwork run`
+    stamp_before = source_stamp(*(s.path for s in specs))
     records = load_sources(specs, cache_dir=reg.source_cache_dir)
     ingested, quarantined = ingest_images(records, progress=progress)
     data_version = frame_fingerprint(ingested, ["item_id", "label", "pixel_sha256"])
@@ -98,6 +102,7 @@ def source_images(
             "per_source": table_md(_per_source_counts(ingested, specs)),
             "quarantined": table_md(quarantined),
             "data_version": data_version,
+            SOURCE_STAMP_KEY: dg.MetadataValue.text(stamp_before),
         },
     )
 
