@@ -351,6 +351,24 @@ class PriceOfGuarantee(BaseModel):
     fnr_served: float | None
 
 
+class SourceMetrics(BaseModel):
+    """One source's share of val_test (several sources in ROADWORK_DATA): the served
+    decision (emitted probability > 0.5, as the overall numbers) and the exit policy's
+    (a deferred positive is not a miss). Counts over the sources sum to the report's."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str
+    n_images: int
+    n_positive: int
+    accuracy: float
+    mcc: float
+    fnr: RateWithInterval
+    fpr: RateWithInterval
+    confusion_matrix: list[list[int]] = Field(description="rows: true 0/1, cols: pred 0/1")
+    policy_fnr: RateWithInterval
+    policy_defer_rate: float
+
+
 class TestReport(BaseModel):
     """Final evaluation on val_test only.
 
@@ -365,8 +383,9 @@ class TestReport(BaseModel):
     __test__ = False  # not a pytest class
     model_config = ConfigDict(extra="forbid")
     # 2: the validator simulation; 3: the four-row comparison, cascade serving, the price
-    # of the guarantee (a v2 report is refused with 're-materialize test_report')
-    schema_version: Literal[3] = 3
+    # of the guarantee; 4: per_source (an older report is refused with 're-materialize
+    # test_report')
+    schema_version: Literal[4] = 4
     split: Literal["val_test"] = "val_test"
     n_images: int
     n_positive: int
@@ -404,6 +423,9 @@ class TestReport(BaseModel):
         default_factory=dict, description="comparison rows left out, and why")
     cascade: CascadeServing | None = Field(None, description="cascade bundles only")
     price_of_guarantee: PriceOfGuarantee | None = None
+    per_source: list[SourceMetrics] = Field(
+        default_factory=list, description="every served metric per source of val_test "
+        "(split_manifest's source column), one row per source, sorted by name")
     provenance: Provenance
 
     def row(self, name: str) -> ServedRowMetrics:

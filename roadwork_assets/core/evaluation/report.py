@@ -24,10 +24,16 @@ from roadwork_assets.contracts.schemas import (
     CascadeServing,
     Provenance,
     RateWithInterval,
+    SourceMetrics,
     TestReport,
 )
 from roadwork_assets.contracts.validator_schemas import ValidatorSimulation
-from roadwork_assets.core.calibration.metrics import classification_report, reliability_bins
+from roadwork_assets.core.calibration.metrics import (
+    classification_report,
+    mcc,
+    rate_with_ci,
+    reliability_bins,
+)
 from roadwork_assets.core.calibration.policies import apply_policy
 from roadwork_assets.core.evaluation.comparison import (
     Comparison,
@@ -148,11 +154,13 @@ def evaluate_bundle_policy(
     validator: ValidatorSimulation | None = None,
     stage2_logits: np.ndarray | None = None,
     stage1_policy: PolicyParams | None = None,
+    sources: np.ndarray | None = None,
 ) -> tuple[TestReport, dict[str, np.ndarray]]:
     """Return the report and the arrays the plots need. ``validator``: the validator
     simulation of the same bundle (``core.evaluation.validator_rows``), carried as is.
     A cascade ``policy`` needs ``stage2_logits`` (pooled, [N, 2] or [N, 1, 2]);
-    ``stage1_policy`` (the ``thresholds`` softmax policy) adds its stage1_served row."""
+    ``stage1_policy`` (the ``thresholds`` softmax policy) adds its stage1_served row.
+    ``sources`` (one name per image, aligned with ``labels``) adds ``per_source``."""
     _check_finite("val_test logits", view_logits)
     if stage2_logits is not None:
         _check_finite("multiview_logits[val_test]", np.asarray(stage2_logits))
@@ -192,9 +200,46 @@ def evaluate_bundle_policy(
         cascade=cascade_serving(policy, comp.stage) if cascade else None,
         price_of_guarantee=price_of_guarantee(
             comp.rows, "cascade_served" if cascade else "stage1_served", validator),
+        per_source=(per_source_metrics(sources, labels, arrays["emitted"], arrays["decision"])
+                    if sources is not None else []),
         provenance=provenance,
     )
     return report, arrays
+
+
+def per_source_metrics(sources: np.ndarray, labels: np.ndarray, emitted: np.ndarray,
+                       decisions: np.ndarray) -> list[SourceMetrics]:
+    """The served and policy numbers of each source's images.
+
+    Served: pred = emitted > 0.5 (as ``classification_report`` at 0.5 for the overall
+    row, so the confusion matrices sum to the overall one); FNR = FN / positives and
+    FPR = FP / negatives with exact Clopper-Pearson 95 % intervals; MCC and accuracy
+    of the same decisions. Policy: FNR counts a positive as missed only when the policy
+    says negative (a deferral is not a miss), defer rate = share of deferrals.
+    """
+    src = np.asarray(sources).astype(str)
+    y = np.asarray(labels).astype(np.int64).ravel()
+    if src.shape != y.shape:
+        raise BadInputError(f"per-source metrics: {src.size} source names for {y.size} "
+                            "images: re-materialize split_manifest[val_test] and logits[val_test]")
+    pred = (np.asarray(emitted, dtype=np.float64).ravel() > 0.5).astype(np.int64)
+    dec = np.asarray(decisions).astype(np.int64).ravel()
+    rows = []
+    for name in sorted(set(src.tolist())):
+        m = src == name
+        ys, ps, ds = y[m], pred[m], dec[m]
+        pos, neg = ys == 1, ys == 0
+        tn, fp = int(np.sum(neg & (ps == 0))), int(np.sum(neg & (ps == 1)))
+        fn, tp = int(np.sum(pos & (ps == 0))), int(np.sum(pos & (ps == 1)))
+        rows.append(SourceMetrics(
+            source=name, n_images=int(m.sum()), n_positive=int(pos.sum()),
+            accuracy=float(np.mean(ys == ps)), mcc=mcc(ys, ps),
+            fnr=_rate(rate_with_ci(fn, int(pos.sum()))),
+            fpr=_rate(rate_with_ci(fp, int(neg.sum()))),
+            confusion_matrix=[[tn, fp], [fn, tp]],
+            policy_fnr=_rate(rate_with_ci(int(np.sum(pos & (ds == 0))), int(pos.sum()))),
+            policy_defer_rate=float(np.mean(ds == -1))))
+    return rows
 
 
 def plot_reliability(calibrated: np.ndarray, labels: np.ndarray, dest: Path) -> Path:
@@ -219,3 +264,38 @@ def plot_reliability(calibrated: np.ndarray, labels: np.ndarray, dest: Path) -> 
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return dest
+
+
+def sources_of(manifest: Any, item_ids: np.ndarray) -> np.ndarray | None:
+    """Each logits row's source, looked up by item id in split_manifest[val_test]; None
+    when the manifest predates the source column. A logits item absent from the
+    manifest is refused (the two come from different assignments)."""
+    if "source" not in getattr(manifest, "columns", ()):
+        return None
+    ids = np.asarray(item_ids).astype(str)
+    by_id = manifest.set_index(manifest["item_id"].astype(str))["source"]
+    found = by_id.reindex(ids)
+    if found.isna().any():
+        missing = ids[found.isna().to_numpy()][:5].tolist()
+        raise ArtifactIntegrityError(
+            f"logits[val_test] hold item(s) {missing} that split_manifest[val_test] does not: "
+            "re-materialize embeddings[val_test] and logits[val_test]")
+    return found.astype(str).to_numpy()
+
+
+def per_source_markdown(report: TestReport) -> str:
+    """The per-source table for the Dagster UI (served row; policy FNR beside it)."""
+    if not report.per_source:
+        return "_one source (no source column in split_manifest[val_test])_"
+
+    def rate(r: RateWithInterval) -> str:
+        if not r.n:
+            return "n/a"
+        return f"{r.errors}/{r.n} = {r.value:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]"
+
+    lines = ["| source | n | positives | MCC | accuracy | FNR (95% CP) | FPR (95% CP) | "
+             "policy FNR | defer rate |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {s.source} | {s.n_images} | {s.n_positive} | {s.mcc:.3f} | {s.accuracy:.3f} | "
+              f"{rate(s.fnr)} | {rate(s.fpr)} | {rate(s.policy_fnr)} | "
+              f"{s.policy_defer_rate:.3f} |" for s in report.per_source]
+    return "\n".join(lines)

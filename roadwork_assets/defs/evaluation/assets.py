@@ -29,7 +29,9 @@ from roadwork_assets.core.evaluation.report import (
     check_same_model,
     check_same_stage2,
     evaluate_bundle_policy,
+    per_source_markdown,
     plot_reliability,
+    sources_of,
     stage1_policy_for,
 )
 from roadwork_assets.core.evaluation.validator_rows import (
@@ -180,6 +182,7 @@ def _report_metadata(report, plot: Path, sim) -> dict[str, dg.MetadataValue]:
         "fpr": dg.MetadataValue.float(report.fpr.value or 0.0),
         "policy_fnr": dg.MetadataValue.float(report.policy_fnr.value or 0.0),
         "policy_defer_rate": dg.MetadataValue.float(report.policy_defer_rate),
+        "per_source": dg.MetadataValue.md(per_source_markdown(report)),
         "confusion_matrix": dg.MetadataValue.md(
             "| true \\ pred | none | roadwork |\n|---|---|---|\n"
             f"| none | {cm[0][0]} | {cm[0][1]} |\n| roadwork | {cm[1][0]} | {cm[1][1]} |"),
@@ -249,6 +252,7 @@ def test_report(
             settings=(loaded.manifest.provenance.settings
                       or getattr(loaded.policy.provenance, "settings", None))),
         validator=sim, stage2_logits=stage2, stage1_policy=stage1_policy,
+        sources=sources_of(manifest, test["item_ids"]),
     )
     if stage1_reason and "stage1_served" in report.skipped_rows:
         report.skipped_rows["stage1_served"] = stage1_reason

@@ -109,7 +109,7 @@ def test_price_of_the_guarantee_is_reference_minus_served(cascade_report):
 def test_report_is_schema_3_and_a_v2_report_is_refused_clearly(cascade_report):
     report, _ = cascade_report
     raw = json.loads(report.model_dump_json())
-    assert raw["schema_version"] == 3
+    assert raw["schema_version"] == 4
     assert validate_artifact(raw, TestReport, "test_report") == report
     with pytest.raises(ArtifactIntegrityError, match=r"schema_version 2 is not supported.*re-materialize"):
         validate_artifact(raw | {"schema_version": 2}, TestReport, "test_report")
