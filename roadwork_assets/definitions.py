@@ -14,7 +14,9 @@ from roadwork_assets.defs.data.assets import (
     split_assignment,
     split_manifest,
 )
+from roadwork_assets.defs.automation import automation
 from roadwork_assets.defs.evaluation.assets import test_report
+from roadwork_assets.defs.evaluation.drift_asset import drift
 from roadwork_assets.defs.export.assets import bundle
 from roadwork_assets.defs.io_manager import RegistryIOManager
 from roadwork_assets.defs.leakage_audit import assert_graph_obeys_policy
@@ -51,6 +53,7 @@ ALL_ASSETS = [
     cascade_policy,
     bundle,
     test_report,
+    drift,
 ]
 
 
@@ -80,7 +83,10 @@ def resources_from_env() -> dict[str, object]:
 
 def build_definitions(resources: dict[str, object] | None = None) -> dg.Definitions:
     """Definitions over ALL_ASSETS; refuses a graph whose partition mappings leak."""
-    built = dg.Definitions(assets=ALL_ASSETS, resources=resources or resources_from_env())
+    resources = resources or resources_from_env()
+    # jobs / schedules / sensors: the retrain triggers (defs/automation)
+    built = dg.Definitions(assets=ALL_ASSETS, resources=resources,
+                           **automation(ALL_ASSETS, resources))
     assert_graph_obeys_policy(built)
     return built
 

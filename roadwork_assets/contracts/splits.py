@@ -152,6 +152,8 @@ SPLIT_READ_POLICY: dict[str, ReadRule] = {
         "both stages' calibrators on val_calib part A, the one lambda on part B", "val_calib"),
     "bundle": _rule(ROLE_EXPORT, "packages fitted artifacts; reads no partition"),
     "test_report": _rule(ROLE_FINAL_EVALUATION, "held-out evaluation", "val_test"),
+    "drift": _rule(ROLE_FINAL_EVALUATION,
+                   "val_test is the reference incoming images are compared with", "val_test"),
 }
 
 

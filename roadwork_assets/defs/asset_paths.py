@@ -32,6 +32,7 @@ FIXED: dict[str, Callable[[ArtifactRegistry], Path]] = {
     **{name: (lambda reg, kind=kind: reg.policy(kind)) for kind, name in POLICY_ASSET_NAMES.items()},
     "bundle": lambda reg: reg.latest_bundle_pointer,
     "test_report": lambda reg: reg.test_report,
+    "drift": lambda reg: reg.root / "drift" / "report.json",
 }
 
 

@@ -30,6 +30,7 @@ def test_derived_reads_match_policy_table_exactly(graph):
     for fitted in ("thresholds", "gate_params", "conformal_sets", "cascade_policy"):
         assert derived[fitted] == {None: {"val_calib"}}
     assert derived["test_report"] == {None: {"val_test"}}
+    assert derived["drift"] == {None: {"val_test"}}  # its reference: val_test, read only
     for per_split in ("embeddings", "logits", "multiview_views", "multiview_logits"):
         assert derived[per_split] == {s: {s} for s in SPLITS}
     for reads_none in ("source_images", "bundle"):
