@@ -330,13 +330,19 @@ def load_bundle(directory: Path, *, check_onnx: bool = True) -> Bundle:
     check_lineage(directory, manifest, policy, checkpoint)
     stage2 = check_stage2_lineage(directory, manifest, policy)
     model = rebuild_model(directory, manifest, checkpoint)
-    checked = check_probe(directory, manifest, policy, model, check_onnx)
     mv = None
     if stage2 is not None:
         from roadwork_assets.core.training.multiview import stage2_model
 
         mv = stage2_model(model, stage2)
-        checked = check_stage2_probe(directory, manifest, policy, mv, check_onnx) and checked
+    if manifest.precision != "fp32":  # INT8: ORT serves, the probe holds ORT's outputs
+        from roadwork_assets.core.export.int8_bundle import check_int8_probe
+
+        checked = check_int8_probe(directory, manifest, policy, model, mv, check_onnx)
+    else:
+        checked = check_probe(directory, manifest, policy, model, check_onnx)
+        if mv is not None:
+            checked = check_stage2_probe(directory, manifest, policy, mv, check_onnx) and checked
     return Bundle(directory=directory, manifest=manifest, policy=policy,
                   checkpoint=checkpoint, model=model, onnx_checked=checked,
                   stage2=stage2, stage2_model=mv)

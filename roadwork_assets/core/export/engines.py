@@ -87,13 +87,21 @@ class TorchEngine:
 
 
 class OnnxEngine:
+    """``per_image``: run every image alone (batch 1), whatever ``batch_size`` says. A
+    dynamically quantized network needs it: each activation's int8 scale comes from the
+    min/max of the whole input tensor, batch included, so an image's scores would depend
+    on the images batched with it (measured: up to 3% of a logit on the tiny test model)."""
+
     name = "onnx"
 
-    def __init__(self, directory: Path, cascade: bool, threads: int | None = None) -> None:
+    def __init__(self, directory: Path, cascade: bool, threads: int | None = None,
+                 per_image: bool = False) -> None:
         self.session = ort_session(directory / ONNX_FILE, threads)
         self.stage2_session = ort_session(directory / STAGE2_ONNX_FILE, threads) if cascade else None
+        self.per_image = per_image
 
     def view_logits(self, images_uint8: np.ndarray, n_views: int, batch_size: int) -> np.ndarray:
+        batch_size = 1 if self.per_image else batch_size
         out = np.empty((len(images_uint8), n_views, 2), dtype=np.float32)
         for start, batch in _batches(images_uint8, batch_size):
             for v, view in enumerate(make_views(batch, n_views)):
@@ -102,6 +110,7 @@ class OnnxEngine:
         return out
 
     def stage2_logits(self, images_uint8: np.ndarray, batch_size: int) -> np.ndarray:
+        batch_size = 1 if self.per_image else batch_size
         out = np.empty((len(images_uint8), 2), dtype=np.float32)
         for start, batch in _batches(images_uint8, batch_size):
             out[start:start + len(batch)] = self.stage2_session.run(
@@ -154,6 +163,9 @@ def choose_engine(requested: str, bundle: Any, torch_engine: TorchEngine,
     ``timing_images`` random images says it is faster, else torch)."""
     if requested not in ENGINES:
         raise RoadworkError(f"engine {requested!r} is not one of {', '.join(ENGINES)}")
+    precision = getattr(bundle.manifest, "precision", "fp32")
+    if precision != "fp32":
+        return _quantized_choice(requested, bundle, device, precision)
     if requested == "torch":
         return EngineChoice(torch_engine, "asked for torch")
     why_not = onnx_unavailable(bundle, device)
@@ -174,3 +186,22 @@ def choose_engine(requested: str, bundle: Any, torch_engine: TorchEngine,
     return EngineChoice(winner, f"auto: {winner.name} (stage 1 on {timing_images} images: "
                         f"torch {t_torch * 1e3:.1f} ms, onnx {t_onnx * 1e3:.1f} ms)",
                         t_torch, t_onnx)
+
+
+def _quantized_choice(requested: str, bundle: Any, device: torch.device,
+                      precision: str) -> EngineChoice:
+    """A quantized bundle's policy was certified on ONNX Runtime's scores of its quantized
+    files, so only that engine serves it: torch would serve the fp32 checkpoint's scores."""
+    if requested == "torch":
+        raise RoadworkError(f"this bundle is {precision}: its policy was certified on the "
+                            "quantized ONNX model's scores, which torch does not compute; use "
+                            "--engine onnx or auto, or serve the fp32 bundle it names "
+                            f"(source_bundle_id {bundle.manifest.source_bundle_id})")
+    why_not = onnx_unavailable(bundle, device)
+    if why_not is not None:
+        raise RoadworkError(f"this {precision} bundle is served by ONNX Runtime only, which "
+                            f"cannot serve it: {why_not}")
+    # batch 1, as certified: a dynamically quantized image's scores depend on its batch
+    return EngineChoice(OnnxEngine(bundle.directory, is_cascade(bundle.policy), per_image=True),
+                        f"{requested}: onnx ({precision} bundle: ONNX Runtime only, one image "
+                        "per call)")
