@@ -9,12 +9,13 @@ from pathlib import Path
 import dagster as dg
 
 from roadwork_assets.core.artifacts import ArtifactRegistry
+from roadwork_assets.defs.automation import automation
 from roadwork_assets.defs.data.assets import (
     source_images,
     split_assignment,
     split_manifest,
 )
-from roadwork_assets.defs.automation import automation
+from roadwork_assets.defs.data.label_queue_asset import label_queue
 from roadwork_assets.defs.evaluation.assets import test_report
 from roadwork_assets.defs.evaluation.drift_asset import drift
 from roadwork_assets.defs.export.assets import bundle
@@ -54,6 +55,7 @@ ALL_ASSETS = [
     bundle,
     test_report,
     drift,
+    label_queue,
 ]
 
 

@@ -35,6 +35,7 @@ ROLE_INFERENCE = "inference"
 ROLE_POLICY_FITTING = "policy fitting"
 ROLE_EXPORT = "export"
 ROLE_FINAL_EVALUATION = "final evaluation"
+ROLE_ACTIVE_LEARNING = "active learning"
 
 # Splits whose content an asset of a role may never carry, directly or through any
 # asset derived from them. A new asset (multi-view checkpoint, cascade policy,
@@ -45,6 +46,8 @@ NEVER_CARRY_BY_ROLE: dict[str, frozenset[str]] = {
     ROLE_MODEL_FITTING: frozenset({"val_calib", "val_test"}),
     ROLE_POLICY_FITTING: frozenset({"val_test"}),
     ROLE_EXPORT: frozenset({"val_test"}),
+    # what gets labelled next must not depend on the held-out test set
+    ROLE_ACTIVE_LEARNING: frozenset({"val_test"}),
 }
 
 # Splits whose *content* (images, labels, scores of their images) a role may never carry.
@@ -154,6 +157,8 @@ SPLIT_READ_POLICY: dict[str, ReadRule] = {
     "test_report": _rule(ROLE_FINAL_EVALUATION, "held-out evaluation", "val_test"),
     "drift": _rule(ROLE_FINAL_EVALUATION,
                    "val_test is the reference incoming images are compared with", "val_test"),
+    "label_queue": _rule(ROLE_ACTIVE_LEARNING,
+                         "ranks an unlabelled pool with the bundle; reads no split partition"),
 }
 
 

@@ -33,6 +33,7 @@ FIXED: dict[str, Callable[[ArtifactRegistry], Path]] = {
     "bundle": lambda reg: reg.latest_bundle_pointer,
     "test_report": lambda reg: reg.test_report,
     "drift": lambda reg: reg.root / "drift" / "report.json",
+    "label_queue": lambda reg: reg.root / "label_queue" / "tasks.json",
 }
 
 

@@ -33,7 +33,7 @@ def test_derived_reads_match_policy_table_exactly(graph):
     assert derived["drift"] == {None: {"val_test"}}  # its reference: val_test, read only
     for per_split in ("embeddings", "logits", "multiview_views", "multiview_logits"):
         assert derived[per_split] == {s: {s} for s in SPLITS}
-    for reads_none in ("source_images", "bundle"):
+    for reads_none in ("source_images", "bundle", "label_queue"):
         assert derived[reads_none] == {None: set()}
     # the splitter reads the full table: every split, and it is the only one allowed to
     assert derived["split_assignment"] == {None: set(SPLITS)}

@@ -49,11 +49,13 @@ def fit_adapters(
     select_x: np.ndarray,
     select_y: np.ndarray,
     log: Any = None,
+    source_weights: np.ndarray | None = None,
 ) -> tuple[TrainResult, dict[str, Any]]:
     """Train adapters + head, select the epoch on val_select, merge; returns the result
     (its model merged, plain timm) and the adapter record for the checkpoint."""
     attached = attach_adapters(model, cfg)
-    result = fit_end_to_end(model, cfg, train_x, train_y, select_x, select_y, log=log)
+    result = fit_end_to_end(model, cfg, train_x, train_y, select_x, select_y, log=log,
+                            source_weights=source_weights)
     probe = to_float(torch.from_numpy(np.ascontiguousarray(select_x[:_MERGE_PROBE_IMAGES])))
     with torch.no_grad():
         adapted = result.model.eval()(probe)

@@ -104,6 +104,9 @@ def compute_embeddings(manifest: pd.DataFrame, cfg: TrainerConfig, dest: Path,
             data_version=np.array(data_version),
             assignment_version=np.array(assignment_version),
             code_version=np.array(code_version()),
+            # train draw weights of dataset.source_balance (core.data.balance), when set
+            **({"sample_weight": manifest["sample_weight"].to_numpy(np.float64)}
+               if "sample_weight" in manifest else {}),
         )
     n_pos = int((manifest["label"] == 1).sum())
     return {"kind": kind, "shape": list(shape), "dtype": str(np.dtype(dtype)),
@@ -174,18 +177,21 @@ def train_checkpoint(
         )
     model = build_model(cfg)
     adapter = None
+    source_w = caches["train"].get("sample_weight")  # dataset.source_balance, when set
     if cfg.mode == "frozen":
-        result = fit_linear_probe(model, cfg, train_x, train_y, sel_x, sel_y, log=log)
+        result = fit_linear_probe(model, cfg, train_x, train_y, sel_x, sel_y, log=log,
+                                  source_weights=source_w)
     elif cfg.mode in ADAPTER_MODES:  # lora / dora / explora: adapters, merged (core.training.adapters)
         adapted = {}
         if cfg.mode == "explora":
             state, adapted = adapted_state_for(adapted_backbone, cfg, next(iter(assignment)))
             model.backbone.load_state_dict(state)
-        result, adapter = fit_adapters(model, cfg, train_x, train_y, sel_x, sel_y, log=log)
+        result, adapter = fit_adapters(model, cfg, train_x, train_y, sel_x, sel_y, log=log,
+                                       source_weights=source_w)
         adapter.update(adapted)
     else:
         result = fit_end_to_end(model, cfg, train_x, train_y, sel_x, sel_y, log=log,
-                                progress=progress)
+                                progress=progress, source_weights=source_w)
     save_checkpoint(
         dest,
         model_state_dict=result.model.state_dict(),

@@ -141,14 +141,17 @@ def mix_batch(x: torch.Tensor, t: torch.Tensor, *, mixup_alpha: float, cutmix_al
 
 def sample_weights(labels: np.ndarray, *, class_balanced: bool,
                    hard_negatives: np.ndarray | None = None,
-                   hard_negative_factor: float = 1.0) -> np.ndarray:
+                   hard_negative_factor: float = 1.0,
+                   base: np.ndarray | None = None) -> np.ndarray:
     """Per-example draw weights (sum 1). Class-balanced: each class gets half the mass.
-    Hard negatives (a boolean mask of train false positives) get ``factor`` x weight."""
+    Hard negatives (a boolean mask of train false positives) get ``factor`` x weight.
+    ``base``: per-example weights to start from (source balance, core.data.balance);
+    class balance then uses each class's base mass, so both hold at once."""
     y = np.asarray(labels).astype(np.int64)
-    w = np.ones(y.size, dtype=np.float64)
+    w = np.ones(y.size, dtype=np.float64) if base is None else np.asarray(base, np.float64)
     if class_balanced:
-        counts = np.bincount(y, minlength=2).astype(np.float64)
-        w = 1.0 / np.maximum(counts[y], 1)
+        mass = np.bincount(y, weights=w, minlength=2)
+        w = w / np.maximum(mass[y], 1e-12)
     if hard_negatives is not None and hard_negative_factor != 1.0:
         w = np.where(np.asarray(hard_negatives, bool) & (y == 0), w * hard_negative_factor, w)
     return w / w.sum()

@@ -281,6 +281,7 @@ def fit_end_to_end(
     select_y: np.ndarray,
     log: Any = None,
     progress: Progress = no_progress,
+    source_weights: np.ndarray | None = None,
 ) -> TrainResult:
     torch.manual_seed(cfg.seed)
     loop = _make_loop(model, cfg, train_y)
@@ -296,7 +297,8 @@ def fit_end_to_end(
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
         weights = sample_weights(train_y, class_balanced=cfg.sampler == "class_balanced",
-                                 hard_negatives=hard, hard_negative_factor=cfg.hard_negative_factor)
+                                 hard_negatives=hard, hard_negative_factor=cfg.hard_negative_factor,
+                                 base=source_weights)
         train_loss = _train_epoch(loop, train_x, ys, epoch_indices(weights, loop.gen), epoch)
         scored = loop.ema.model if loop.ema is not None else model
         sel_logits = predict_view_logits(scored, select_views, n_views=1,
@@ -348,6 +350,7 @@ def fit_linear_probe(
     select_emb: np.ndarray,
     select_y: np.ndarray,
     log: Any = None,
+    source_weights: np.ndarray | None = None,
 ) -> TrainResult:
     """L2 logistic regression on frozen embeddings; C swept on val_select NLL.
 
@@ -367,7 +370,8 @@ def fit_linear_probe(
     history = []
     for i, c in enumerate(cfg.probe_cs, start=1):
         clf = LogisticRegression(C=c, max_iter=2000, class_weight="balanced")
-        clf.fit((xtr - mu) / sd, ytr)
+        clf.fit((xtr - mu) / sd, ytr,
+                sample_weight=None if source_weights is None else np.repeat(source_weights, v))
         z = clf.decision_function((xsel - mu) / sd)
         metrics = _selection_metrics(np.stack([np.zeros_like(z), z], axis=1), select_y)
         row = {"epoch": i, "C": c, **{f"val_select_{k}": val for k, val in metrics.items()}}

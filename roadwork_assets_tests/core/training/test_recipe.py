@@ -250,3 +250,24 @@ def test_pipeline_records_the_recipe_and_stores_mc_dropout_variance(tmp_path):
                    override=cfg.model_copy(update={"mc_dropout_passes": 8}))
     var = read_npz(tmp_path / "b.npz")["mc_dropout_var"]
     assert var.shape == (6,) and np.all(var > 0)
+
+
+def test_source_weights_and_class_balance_hold_together():
+    """dataset.source_balance=equal over a 9:1 source mix, with the class-balanced
+    sampler: each source gets half the draws and each class half the draws."""
+    from roadwork_assets.core.data.balance import SourceBalance, source_sample_weights
+
+    src = np.array(["big"] * 900 + ["small"] * 100)
+    y = np.array(([0] * 600 + [1] * 300) + ([0] * 50 + [1] * 50))
+    base = source_sample_weights(src, SourceBalance(mode="equal"))
+    w = sample_weights(y, class_balanced=False, base=base)
+    assert w[src == "small"].sum() == pytest.approx(0.5)
+    w = sample_weights(y, class_balanced=True, base=base)
+    assert w[y == 1].sum() == pytest.approx(0.5)
+    draws = torch.multinomial(torch.from_numpy(w), 200_000, replacement=True,
+                              generator=torch.Generator().manual_seed(0)).numpy()
+    assert y[draws].mean() == pytest.approx(0.5, abs=0.01)
+    # within a class the sources keep their balanced ratio: positives 300 big vs 50 small
+    # at per-image weights 1/900 vs 1/100 -> small holds 50/100 / (300/900 + 50/100) = 0.6
+    pos = draws[y[draws] == 1]
+    assert (src[pos] == "small").mean() == pytest.approx(0.6, abs=0.01)
