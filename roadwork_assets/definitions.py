@@ -19,6 +19,7 @@ from roadwork_assets.defs.data.label_queue_asset import label_queue
 from roadwork_assets.defs.evaluation.assets import test_report
 from roadwork_assets.defs.evaluation.drift_asset import drift
 from roadwork_assets.defs.export.assets import bundle
+from roadwork_assets.defs.export.int8_asset import bundle_int8
 from roadwork_assets.defs.io_manager import RegistryIOManager
 from roadwork_assets.defs.leakage_audit import assert_graph_obeys_policy
 from roadwork_assets.defs.policy.assets import policy_assets
@@ -53,6 +54,7 @@ ALL_ASSETS = [
     *policy_assets,
     cascade_policy,
     bundle,
+    bundle_int8,
     test_report,
     drift,
     label_queue,

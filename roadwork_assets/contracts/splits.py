@@ -154,6 +154,10 @@ SPLIT_READ_POLICY: dict[str, ReadRule] = {
         ROLE_POLICY_FITTING,
         "both stages' calibrators on val_calib part A, the one lambda on part B", "val_calib"),
     "bundle": _rule(ROLE_EXPORT, "packages fitted artifacts; reads no partition"),
+    "bundle_int8": _rule(
+        ROLE_POLICY_FITTING,
+        "re-certifies the bundle's policy on the INT8 network's own val_calib scores "
+        "(val_calib images, labels and fp32 logits), never val_test", "val_calib"),
     "test_report": _rule(ROLE_FINAL_EVALUATION, "held-out evaluation", "val_test"),
     "drift": _rule(ROLE_FINAL_EVALUATION,
                    "val_test is the reference incoming images are compared with", "val_test"),

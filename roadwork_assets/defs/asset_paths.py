@@ -31,6 +31,7 @@ FIXED: dict[str, Callable[[ArtifactRegistry], Path]] = {
     "multiview_checkpoint": lambda reg: reg.multiview_checkpoint,
     **{name: (lambda reg, kind=kind: reg.policy(kind)) for kind, name in POLICY_ASSET_NAMES.items()},
     "bundle": lambda reg: reg.latest_bundle_pointer,
+    "bundle_int8": lambda reg: reg.root / "bundles_int8" / "LATEST",  # optional INT8 copies
     "test_report": lambda reg: reg.test_report,
     "drift": lambda reg: reg.root / "drift" / "report.json",
     "label_queue": lambda reg: reg.root / "label_queue" / "tasks.json",

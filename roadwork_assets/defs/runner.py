@@ -52,7 +52,9 @@ def stages(defs: dg.Definitions) -> tuple[Stage, ...]:
         key for assets_def in defs.assets or [] for key in assets_def.keys)}
     out: list[Stage] = []
     for level in graph.toposorted_asset_keys_by_level:
-        keys = sorted((k for k in level if graph.get(k).is_materializable),
+        # optional assets (tag roadwork/optional: bundle_int8) are materialized on request only
+        keys = sorted((k for k in level if graph.get(k).is_materializable
+                       and graph.get(k).tags.get("roadwork/optional") != "true"),
                       key=lambda k: (order.get(k, len(order)), k.to_user_string()))
         kinds = [False, True] if not out or not out[-1].partitioned else [True, False]
         for partitioned in kinds:  # the kind of the stage before first: it may extend it

@@ -82,7 +82,9 @@ class Int8Fit:
     policy_config: Any  # PolicyFitConfig
     cascade_config: Any = None  # CascadeConfig (cascade only); latencies replaced if None
     data_version: str = ""
-    latency_source: str = "configured"  # cascade: "measured" (INT8 ORT, batch 1) | "configured"
+    # cascade: (stage 1 s, stage 2 s) as configured, None where the INT8 network's ORT
+    # batch-1 latency is measured instead; None: cascade_config's latencies as given
+    configured_latency: tuple[float | None, float | None] | None = None
     settings: dict[str, Any] = field(default_factory=dict)  # settings_record of the asset
 
 
@@ -139,17 +141,33 @@ def _refit(fp32: Any, fit: Int8Fit, scores: CalibScores, staging: Path,
            names: list[str]) -> Any:
     """The fp32 policy's kind, fitted on the INT8 scores, bound to the INT8 files."""
     kind = fp32.policy.kind
-    policy = refit_policy(kind, scores, fit.policy_config, fit.cascade_config)
+    cascade_config, source = _latencies(fit, staging, fp32.manifest.img_size)
+    policy = refit_policy(kind, scores, fit.policy_config, cascade_config)
     update: dict[str, Any] = {}
     if kind == "cascade":
         update["stage2_sha256"] = fp32.policy.stage2_sha256  # the same stage2.json
-        update["latency_source"] = fit.latency_source
+        update["latency_source"] = source
     record = {n: file_sha256(staging / n) for n in names}
     settings = {**fit.settings, INT8_SETTINGS: {
         "sha256": "".join(record[n] for n in names), "values": record}}
     update["provenance"] = make_provenance(
         fit.data_version, fp32.manifest.provenance.checkpoint_sha256, settings=settings)
     return policy.model_copy(update=update)
+
+
+def _latencies(fit: Int8Fit, staging: Path, img_size: int) -> tuple[Any, str]:
+    """The cascade settings with each stage's latency: configured, or the INT8 file's
+    ORT batch-1 median on this machine (what serving it costs)."""
+    if fit.cascade_config is None or fit.configured_latency is None:
+        return fit.cascade_config, "configured"
+    from roadwork_assets.core.export.quantize import ort_latency
+
+    c1, c2 = fit.configured_latency
+    lat1 = c1 if c1 is not None else ort_latency(staging / ONNX_FILE, img_size)
+    lat2 = c2 if c2 is not None else ort_latency(staging / STAGE2_ONNX_FILE, img_size)
+    config = fit.cascade_config.model_copy(update={"latency_stage1_s": lat1,
+                                                   "latency_stage2_s": lat2})
+    return config, "measured" if None in (c1, c2) else "configured"
 
 
 def _write_probe(src: Path, staging: Path, policy: Any, engine: OnnxEngine,

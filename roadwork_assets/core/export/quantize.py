@@ -174,3 +174,45 @@ def check_guarantee(params: Any) -> None:
             f"quantized model's val_calib scores has CRC bound {bound:.4g} > alpha = "
             f"{alpha:g}, so its FNR guarantee no longer holds. Serve the fp32 bundle, add "
             "calibration data, or raise alpha")
+
+
+def decoder(uris: Sequence[str], item_ids: Sequence[str], img_size: int):
+    """``load_batch(start, stop)`` -> uint8 [k, 3, S, S]: the images decoded and resized as
+    the embeddings cache decodes them (``decode_image`` + ``to_model_array``)."""
+    from roadwork_assets.core.data.images import decode_image
+    from roadwork_assets.core.data.transforms import to_model_array
+
+    def load_batch(start: int, stop: int) -> np.ndarray:
+        return np.stack([to_model_array(decode_image(Path(uris[i]), str(item_ids[i])), img_size)
+                         for i in range(start, stop)])
+
+    return load_batch
+
+
+def served_metrics(policy: Any, view_logits: Any, stage2_logits: Any, labels: Any
+                   ) -> dict[str, float]:
+    """What ``policy`` serves on these scores, binarised at 0.5 as the validator does
+    (np.round: a deferral is emitted as roadwork): accuracy, MCC, FNR, FPR, and the share
+    of images stage 2 decided."""
+    from roadwork_assets.core.calibration.metrics import _mcc_from_counts
+    from roadwork_assets.core.export.cascade_serving import served_outputs
+
+    z2 = None if stage2_logits is None else np.asarray(stage2_logits, dtype=np.float64)
+    _, prob, stage = served_outputs(policy, np.asarray(view_logits, dtype=np.float64), z2)
+    pred, y = np.round(prob).astype(int), np.asarray(labels).astype(int)
+    tp, tn = int(((pred == 1) & (y == 1)).sum()), int(((pred == 0) & (y == 0)).sum())
+    fp, fn = int(((pred == 1) & (y == 0)).sum()), int(((pred == 0) & (y == 1)).sum())
+    return {"accuracy": (tp + tn) / max(len(y), 1),
+            "mcc": float(_mcc_from_counts(tp, tn, fp, fn)),
+            "fnr": fn / max(tp + fn, 1), "fpr": fp / max(fp + tn, 1),
+            "stage2_rate": float(np.mean(stage == 2))}
+
+
+def ort_latency(onnx_path: Path, img_size: int, repeats: int = 15) -> float:
+    """Median seconds of one ONNX Runtime call on one image (batch 1), as served."""
+    from roadwork_assets.core.export.engines import ort_session
+    from roadwork_assets.core.models.latency import median_seconds
+
+    session = ort_session(Path(onnx_path))
+    x = np.random.default_rng(0).random((1, 3, img_size, img_size), dtype=np.float32)
+    return median_seconds(lambda: session.run(["logits"], {"images": x}), repeats=repeats)
