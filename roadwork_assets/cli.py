@@ -158,6 +158,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     predictor = BundlePredictor.from_dir(resolve_bundle_dir(args.bundle), device=args.device,
                                          check_onnx=not args.skip_onnx_check,
                                          engine=args.engine)
+    manifest = predictor.bundle.manifest
+    if manifest.precision != "fp32":  # say it: scores differ from the fp32 bundle's
+        print(f"roadwork predict: bundle {manifest.bundle_id} is {manifest.precision} "
+              f"(from fp32 bundle {manifest.source_bundle_id}); engine: "
+              f"{predictor.engine_reason}", file=sys.stderr)
     failed = 0
     for result in predictor.predict_each([Path(p) for p in args.images]):
         print(json.dumps(result.as_dict()), flush=True)
