@@ -96,6 +96,8 @@ class MappedRows:
     rows asked for (``x[a:b]``, ``x[index_array]``, ``x[:, 0]``...); ``np.asarray(x)``
     reads it whole (only for arrays known to be small)."""
 
+    release_bytes = _RELEASE_BYTES  # copied-out bytes after which mapped pages are dropped
+
     def __init__(self, path: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> None:
         self.path, self.shape, self.dtype = Path(path), tuple(shape), np.dtype(dtype)
         self.ndim = len(self.shape)
@@ -117,7 +119,7 @@ class MappedRows:
             key = key.numpy()
         out = np.array(self._mm[key])
         self._copied += out.nbytes
-        if self._copied >= _RELEASE_BYTES:
+        if self._copied >= self.release_bytes:
             self.release()
         return out
 
