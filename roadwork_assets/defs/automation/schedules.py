@@ -6,7 +6,7 @@ import os
 import dagster as dg
 
 from roadwork_assets.contracts.errors import BadInputError
-from roadwork_assets.defs.automation.jobs import TRIGGER_TAG, active_retrain
+from roadwork_assets.defs.automation.jobs import RETRAIN_JOB, TRIGGER_TAG, active_retrain
 
 CRON_ENV, TZ_ENV = "ROADWORK_RETRAIN_CRON", "ROADWORK_RETRAIN_TZ"
 DEFAULT_CRON = "0 3 * * 0"  # Sundays 03:00: a quiet hour for a multi-hour rebuild
@@ -38,7 +38,7 @@ def _schedule(job: dg.JobDefinition, cron: str, timezone: str) -> dg.ScheduleDef
         if busy:
             return dg.SkipReason(f"retrain run {busy} is still queued or running")
         tick = context.scheduled_execution_time
-        return dg.RunRequest(run_key=f"weekly-{tick.isoformat() if tick else 'now'}",
+        return dg.RunRequest(run_key=f"weekly-{tick.isoformat() if tick else 'now'}", job_name=RETRAIN_JOB,
                              tags={TRIGGER_TAG: "schedule"})
 
     return weekly_retrain

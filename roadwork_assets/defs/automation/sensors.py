@@ -22,7 +22,7 @@ import dagster as dg
 
 from roadwork_assets.contracts.errors import BadInputError
 from roadwork_assets.core.data.watch import SourceSnapshot, snapshot_source
-from roadwork_assets.defs.automation.jobs import TRIGGER_TAG, active_retrain
+from roadwork_assets.defs.automation.jobs import RETRAIN_JOB, TRIGGER_TAG, active_retrain
 from roadwork_assets.defs.evaluation.drift_asset import VERDICT_KEY
 from roadwork_assets.defs.resources import DatasetSource
 
@@ -64,7 +64,7 @@ def build_new_data_sensor(job: dg.JobDefinition) -> dg.SensorDefinition:
         if busy:
             return dg.SkipReason(f"{change}; waiting: retrain run {busy} is queued or running")
         context.update_cursor(now.to_cursor())
-        return dg.RunRequest(run_key=f"new-data-{now.digest[:16]}",
+        return dg.RunRequest(run_key=f"new-data-{now.digest[:16]}", job_name=RETRAIN_JOB,
                              tags={TRIGGER_TAG: "new data", "roadwork/change": change[:200]})
 
     return new_data
@@ -98,7 +98,7 @@ def build_drift_sensor(job: dg.JobDefinition) -> dg.SensorDefinition:
         reasons = meta["reasons"].value if "reasons" in meta else []
         incoming = meta["incoming_version"].value if "incoming_version" in meta else "?"
         return dg.RunRequest(
-            run_key=f"drift-{incoming}-{_data_digest(dataset)}",
+            run_key=f"drift-{incoming}-{_data_digest(dataset)}", job_name=RETRAIN_JOB,
             tags={TRIGGER_TAG: "drift", "roadwork/drift": "; ".join(reasons)[:200],
                   "roadwork/drift_materialization": str(asset_event.storage_id)})
 
