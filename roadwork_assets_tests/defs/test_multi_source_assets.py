@@ -113,3 +113,23 @@ def test_missing_second_source_is_named(two_sources, tmp_path):
         dg.materialize([source_images],
                        resources=_resources(tmp_path, f"{city}{os.pathsep}{tmp_path / 'gone'}"))
     assert not ArtifactRegistry(tmp_path / "home").quarantine_table.exists()
+
+
+def test_settings_name_the_missing_source_and_refuse_unknown_names(two_sources, tmp_path):
+    """`roadwork run` resolves settings before any asset runs: a missing second source,
+    a holdout_source or source_weights naming no source are one line each."""
+    from roadwork_assets.defs.settings import SettingsError, resolve_settings
+
+    city, natix, _ = two_sources
+    env = {"ROADWORK_DATA": f"{city}{os.pathsep}extra={tmp_path / 'nope'}"}
+    with pytest.raises(SettingsError, match=r"ROADWORK_DATA \(dataset.spec\) = .* \(source "
+                                            r"'extra', entry 2 of 2: .*nope\): no such file"):
+        resolve_settings({}, env)
+    env = {"ROADWORK_DATA": f"{city}{os.pathsep}{natix}"}
+    ok = resolve_settings({"resources": {"dataset": {"config": {"holdout_source": "natix"}}}}, env)
+    assert ok.values["dataset"]["holdout_source"] == "natix"
+    with pytest.raises(SettingsError, match=r"holdout_source = 'nat' .* \['city', 'natix'\]"):
+        resolve_settings({"resources": {"dataset": {"config": {"holdout_source": "nat"}}}}, env)
+    bad = {"source_balance": "weights", "source_weights": {"city": 1.0}}
+    with pytest.raises(SettingsError, match=r"missing \['natix'\]"):
+        resolve_settings({"resources": {"dataset": {"config": bad}}}, env)
