@@ -24,11 +24,14 @@ sources separated by ``os.pathsep`` (``:`` on Linux/macOS, ``;`` on Windows), ea
 optionally named ``name=path`` (default name: the path's last component without its
 suffix). :func:`parse_source_specs` is the one parser (pure string work, no I/O);
 :func:`load_sources` reads each source with :func:`load_source` and concatenates them
-with a ``source`` column (the name). With more than one source, group ids are
-namespaced ``<source>/<group_id>`` (two datasets' ``seq_01`` are different scenes; copies
-of one photo across sources are still merged by content, see ``core.data.splits``), and
-an item id that occurs in more than one source is prefixed ``<source>:`` in each of
-them. One source reads exactly as before, plus the ``source`` column.
+with a ``source`` column (the name). The first source's group ids and item ids stay
+as written; every later source's group ids are namespaced ``<source>/<group_id>`` (two
+datasets' ``seq_01`` are different scenes; copies of one photo across sources are still
+merged by content, see ``core.data.splits``), and a later source's item id that another
+source also has is prefixed ``<source>:``. Keeping the first source as written is what
+lets a second source be added without changing the first one's group ids, which would
+re-split from scratch (``core.data.splits._consistent_previous``). One source reads
+exactly as before, plus the ``source`` column.
 """
 
 from __future__ import annotations
@@ -645,7 +648,7 @@ def load_sources(spec: str | Path | Sequence[str] | Sequence[SourceSpec], cache_
         quarantines.append(q)
         records = records.copy()
         records[SOURCE_COLUMN] = s.name
-        if len(specs) > 1:
+        if s is not specs[0]:
             has = records["group_id"].notna()
             records.loc[has, "group_id"] = s.name + "/" + records.loc[has, "group_id"].astype(str)
         frames.append(records)
@@ -654,7 +657,7 @@ def load_sources(spec: str | Path | Sequence[str] | Sequence[SourceSpec], cache_
     clash = _colliding_ids(pd.concat([out[["item_id", SOURCE_COLUMN]],
                                       quarantine[["item_id", SOURCE_COLUMN]]]))
     for frame in (out, quarantine):
-        hit = frame["item_id"].isin(clash)
+        hit = frame["item_id"].isin(clash) & (frame[SOURCE_COLUMN] != specs[0].name)
         frame.loc[hit, "item_id"] = frame.loc[hit, SOURCE_COLUMN] + ":" + frame.loc[hit, "item_id"]
     _finish(out, "the sources of ROADWORK_DATA")  # refuses ids still repeated
     out["label"] = out["label"].astype(np.int8)

@@ -66,7 +66,7 @@ def test_two_layouts_ingest_together_with_their_source(two_layouts, tmp_path):
     # NATIX quarantines none here: every positive has a description
     assert counts == {"a": 40, "city": 30, "c": 20}
     assert records["item_id"].is_unique
-    # two sources: group ids are namespaced by source; class folders have none
+    # a later source's group ids are namespaced by source; class folders have none
     city = records[records["source"] == "city"]
     assert city["group_id"].str.startswith("city/").all()
     assert records.loc[records["source"] == "a", "group_id"].isna().all()
@@ -76,11 +76,19 @@ def test_two_layouts_ingest_together_with_their_source(two_layouts, tmp_path):
 
 
 def test_one_source_reads_as_before_plus_its_name(two_layouts, tmp_path):
-    _, _, b, _ = two_layouts
+    _, a, b, _ = two_layouts
     records = load_sources(str(b), tmp_path / "cache")
     assert set(records["source"]) == {"manifest"}
-    # group ids untouched with a single source (existing splits keep their keys)
+    # group ids untouched with a single source (existing splits keep their keys) ...
     assert not records["group_id"].str.startswith("manifest/").any()
+    # ... and when a second source is added after it: the previous split is reused
+    ingested = ingest_images(records)[0]
+    first = split_images(ingested, FRACTIONS, seed=0).assignment
+    both = ingest_images(load_sources(f"{b}{SEP}{a}", tmp_path / "cache"))[0]
+    result = split_images(both, FRACTIONS, seed=0, previous=first)
+    assert result.previous_note is None and result.n_kept_from_previous == len(first)
+    again = result.assignment.set_index("item_id")["split"]
+    assert (again.reindex(first["item_id"]).to_numpy() == first["split"].to_numpy()).all()
 
 
 def test_colliding_item_ids_are_prefixed_with_the_source(tmp_path):
@@ -95,9 +103,8 @@ def test_colliding_item_ids_are_prefixed_with_the_source(tmp_path):
     assert records["item_id"].is_unique and len(records) == 18
     two = records[records["source"] == "two"]["item_id"]
     assert two.str.startswith("two:").all()
-    # only the colliding ids are prefixed, in both sources
-    one = records[records["source"] == "one"]["item_id"]
-    assert one.str.startswith("one:").sum() == 6 and (~one.str.contains(":")).sum() == 6
+    # the first source keeps its ids as written (adding a source renames nothing there)
+    assert not records[records["source"] == "one"]["item_id"].str.contains(":").any()
 
 
 def test_missing_second_source_is_named(two_layouts, tmp_path):
