@@ -32,6 +32,7 @@ from roadwork_assets.defs.resources import (
     default_home,
     env_settings,
 )
+from roadwork_assets.defs.tracking import MlflowTracking
 from roadwork_assets.defs.training.adapted_backbone_asset import adapted_backbone
 from roadwork_assets.defs.training.assets import checkpoint, embeddings, logits
 from roadwork_assets.defs.training.multiview_assets import (
@@ -63,12 +64,9 @@ ALL_ASSETS = [
 
 def resources_from_env() -> dict[str, object]:
     """Every resource, with the defaults the environment sets (``env_settings``)."""
-    from dagster_mlflow import mlflow_tracking
-
     home = default_home()
-    tracking_uri = os.environ.get("ROADWORK_MLFLOW_URI") or ArtifactRegistry(
-        Path(home)
-    ).mlflow_tracking_uri
+    registry = ArtifactRegistry(Path(home))
+    tracking_uri = os.environ.get("ROADWORK_MLFLOW_URI") or registry.mlflow_tracking_uri
     env = {group: {k: v for k, (v, _) in fields.items()}
            for group, fields in env_settings().items()}
     # one artifacts resource, shared: assets write where the IO manager reads
@@ -79,9 +77,9 @@ def resources_from_env() -> dict[str, object]:
         "dataset": DatasetSource(**env["dataset"]),
         "trainer": TrainerResource(**env["trainer"]),
         "exit_policy": ExitPolicyResource(),
-        "mlflow": mlflow_tracking.configured(
-            {"experiment_name": "roadwork_assets", "mlflow_tracking_uri": tracking_uri}
-        ),
+        # artifacts under ROADWORK_HOME whatever the tracking URI (a server keeps its own)
+        "mlflow": MlflowTracking(tracking_uri=tracking_uri,
+                                 artifact_root=str(registry.mlflow_artifact_root)),
     }
 
 

@@ -12,8 +12,6 @@ os.environ.setdefault("DAGSTER_TELEMETRY_DISABLED", "1")
 def tiny_resources(root, *, n_images: int = 800, alpha: float = 0.05, epochs: int = 16,
                    bundle_policy: str = "cascade", export_onnx: bool = True) -> dict:
     """Real resources over a tmp root: small generated dataset, short training."""
-    from dagster_mlflow import mlflow_tracking
-
     from roadwork_assets.core.artifacts import ArtifactRegistry
     from roadwork_assets.defs.io_manager import RegistryIOManager
     from roadwork_assets.defs.resources import (
@@ -22,6 +20,7 @@ def tiny_resources(root, *, n_images: int = 800, alpha: float = 0.05, epochs: in
         ExitPolicyResource,
         TrainerResource,
     )
+    from roadwork_assets.defs.tracking import MlflowTracking
 
     root = str(root)
     artifacts = ArtifactRegistryResource(root=root)
@@ -32,10 +31,11 @@ def tiny_resources(root, *, n_images: int = 800, alpha: float = 0.05, epochs: in
         "trainer": TrainerResource(img_size=64, epochs=epochs, batch_size=64, threads=2),
         "exit_policy": ExitPolicyResource(alpha=alpha, bundle_policy=bundle_policy,
                                           export_onnx=export_onnx, cascade_alphas=[0.05, 0.2]),
-        "mlflow": mlflow_tracking.configured({
-            "experiment_name": "roadwork_tests",
-            "mlflow_tracking_uri": ArtifactRegistry(root).mlflow_tracking_uri,
-        }),
+        "mlflow": MlflowTracking(
+            experiment_name="roadwork_tests",
+            tracking_uri=ArtifactRegistry(root).mlflow_tracking_uri,
+            artifact_root=str(ArtifactRegistry(root).mlflow_artifact_root),
+        ),
     }
 
 

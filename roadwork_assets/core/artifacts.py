@@ -390,6 +390,11 @@ class ArtifactRegistry:
     def mlflow_tracking_uri(self) -> str:
         return f"sqlite:///{self.root / 'mlflow' / 'mlflow.db'}"
 
+    @property
+    def mlflow_artifact_root(self) -> Path:
+        # MLflow's default is ./mlruns of whatever folder the process started in
+        return self.root / "mlflow" / "artifacts"
+
 
 def publish_directory(staging: Path, dest: Path) -> None:
     """Move a fully written staging directory to ``dest`` (which must not exist)."""

@@ -71,7 +71,8 @@ def test_training_is_tracked_in_mlflow_sqlite(materialized_root):
     root, _, _ = materialized_root
     client = mlflow.MlflowClient(tracking_uri=ArtifactRegistry(root).mlflow_tracking_uri)
     experiment = client.get_experiment_by_name("roadwork_tests")
-    runs = client.search_runs([experiment.experiment_id])
+    runs = client.search_runs([experiment.experiment_id],  # one run per logging asset
+                              filter_string="attributes.run_name = 'checkpoint'")
     assert runs, "the checkpoint asset logged no MLflow run"
     run = runs[0]
     assert "best_nll" in run.data.metrics

@@ -49,6 +49,7 @@ from roadwork_assets.defs.partitions import FINAL_EVALUATION_SPLITS
 from roadwork_assets.defs.promotion import StagedFiles, materialize_result
 from roadwork_assets.defs.resources import ArtifactRegistryResource, ExitPolicyResource
 from roadwork_assets.defs.split_reads import split_reads_check_spec
+from roadwork_assets.defs.tracking import MlflowTracking, log_report
 
 
 def _shift_text(report) -> str:
@@ -222,6 +223,7 @@ def test_report(
     thresholds: Path,
     artifacts: ArtifactRegistryResource,
     exit_policy: ExitPolicyResource,
+    mlflow: MlflowTracking,
 ):
     reg = artifacts.registry
     loaded = load_bundle(bundle)
@@ -257,7 +259,7 @@ def test_report(
     if stage1_reason and "stage1_served" in report.skipped_rows:
         report.skipped_rows["stage1_served"] = stage1_reason
     dest = asset_path(reg, "test_report")
-    atomic_write_json(staged_path(dest), report)
+    written = atomic_write_json(staged_path(dest), report)
     if report.shift_warning:
         context.log.warning(report.shift_warning)
     plot = plot_reliability(arrays["calibrated"], test["labels"], reg.test_report_plot("reliability"))
@@ -265,4 +267,6 @@ def test_report(
                                         exit_policy.explain_failures)
     return materialize_result(
         context, StagedFiles.at(dest), data_version=report.provenance.data_version,
-        metadata={**_report_metadata(report, plot, sim), **explanations})
+        metadata={**_report_metadata(report, plot, sim), **explanations,
+                  "mlflow_run_id": log_report(mlflow, context, written, dest.name, plots=(plot,),
+                                              params={"validator": versions["validator"]})})

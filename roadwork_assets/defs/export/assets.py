@@ -11,6 +11,7 @@ from roadwork_assets.defs.asset_paths import asset_path
 from roadwork_assets.defs.promotion import LatestBundle, materialize_result
 from roadwork_assets.defs.resources import ArtifactRegistryResource, ExitPolicyResource
 from roadwork_assets.defs.split_reads import split_reads_check_spec
+from roadwork_assets.defs.tracking import MlflowTracking, log_bundle
 
 BUNDLE_CHECK = "one_policy_and_hashes_match"
 ONNX_CHECK = "onnx_matches_torch"
@@ -40,6 +41,7 @@ def bundle(
     context: dg.AssetExecutionContext,
     artifacts: ArtifactRegistryResource,
     exit_policy: ExitPolicyResource,
+    mlflow: MlflowTracking,
 ):
     reg = artifacts.registry
     policy_asset = POLICY_ASSET[exit_policy.bundle_policy]
@@ -67,6 +69,10 @@ def bundle(
         metadata={} if report is None else {
             k: dg.MetadataValue.float(v) for k, v in report.metadata().items()},
     )
+    # registered in MLflow, like `LATEST`, only when it passed its checks
+    run_id, version = log_bundle(mlflow, context, directory,
+                                 register=verified.passed and parity.passed,
+                                 metrics={f"probe.{k}": v for k, v in extra.items()})
     # serving (`LATEST`) switches only to a bundle that passed its checks
     latest = LatestBundle(asset_path(reg, "bundle"), manifest.bundle_id, directory)
     return materialize_result(
@@ -83,5 +89,8 @@ def bundle(
             "code_version": manifest.provenance.code_version,
             **{k: dg.MetadataValue.float(v) for k, v in extra.items()},
             "checkpoint_sha256": manifest.provenance.checkpoint_sha256,
+            "mlflow_run_id": run_id,
+            "mlflow_model_version": dg.MetadataValue.text(
+                f"{mlflow.registered_model} v{version}" if version else "not registered"),
         },
     )

@@ -34,6 +34,7 @@ from roadwork_assets.defs.promotion import StagedFiles, materialize_result
 from roadwork_assets.defs.resources import ArtifactRegistryResource, ExitPolicyResource
 from roadwork_assets.defs.settings import used_settings
 from roadwork_assets.defs.split_reads import split_reads_check_spec
+from roadwork_assets.defs.tracking import MlflowTracking, log_policy
 
 SCHEMA_CHECK = "schema_valid"
 
@@ -115,6 +116,7 @@ def _make_policy_asset(name: str, kind: str, what: str):
         logits: dict[str, dict[str, np.ndarray]],
         artifacts: ArtifactRegistryResource,
         exit_policy: ExitPolicyResource,
+        mlflow: MlflowTracking,
     ):
         calib = logits["val_calib"]
         try:
@@ -135,10 +137,12 @@ def _make_policy_asset(name: str, kind: str, what: str):
             str(calib["data_version"]), checkpoint_sha256=str(calib["checkpoint_sha256"]),
             settings=used_settings(exit_policy=exit_policy))})
         dest = asset_path(artifacts.registry, name)
-        schema = schema_check(atomic_write_json(staged_path(dest), params))
+        written = atomic_write_json(staged_path(dest), params)
+        schema = schema_check(written)
+        run_id = log_policy(mlflow, context, written, dest.name)
         return materialize_result(context, StagedFiles.at(dest), checks=[schema],
                                   data_version=params.provenance.data_version,
-                                  metadata=policy_metadata(params))
+                                  metadata={**policy_metadata(params), "mlflow_run_id": run_id})
 
     return _policy_asset
 

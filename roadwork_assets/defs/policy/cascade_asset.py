@@ -31,8 +31,10 @@ from roadwork_assets.defs.promotion import StagedFiles, materialize_result
 from roadwork_assets.defs.resources import ArtifactRegistryResource, ExitPolicyResource
 from roadwork_assets.defs.settings import used_settings
 from roadwork_assets.defs.split_reads import split_reads_check_spec
+from roadwork_assets.defs.tracking import MlflowTracking, log_policy
 
 NAME = POLICY_ASSET_NAMES["cascade"]
+PLOT_FILES = ("cascade_frontier.png", "cascade_alpha_frontier.png")  # under policies/plots
 
 
 @dg.asset(
@@ -60,6 +62,7 @@ def cascade_policy(
     multiview_logits: dict[str, dict[str, np.ndarray]],
     artifacts: ArtifactRegistryResource,
     exit_policy: ExitPolicyResource,
+    mlflow: MlflowTracking,
 ):
     calib, calib2 = logits["val_calib"], multiview_logits["val_calib"]
     stage2_sha = file_sha256(multiview_checkpoint)
@@ -85,10 +88,15 @@ def cascade_policy(
         settings=used_settings(exit_policy=exit_policy))})
     reg = artifacts.registry
     dest = asset_path(reg, NAME)
-    schema = schema_check(atomic_write_json(staged_path(dest), params))
+    written = atomic_write_json(staged_path(dest), params)
+    schema = schema_check(written)
+    plots = _plots(params, dest)
+    run_id = log_policy(mlflow, context, written, dest.name, plots=tuple(
+        dest.parent / "plots" / f for f in PLOT_FILES) if plots else ())
     return materialize_result(context, StagedFiles.at(dest), checks=[schema],
                               data_version=params.provenance.data_version,
-                              metadata={**policy_metadata(params), **_plots(params, dest)})
+                              metadata={**policy_metadata(params), **plots,
+                                        "mlflow_run_id": run_id})
 
 
 def _plots(params, dest: Path) -> dict[str, dg.MetadataValue]:
@@ -103,7 +111,7 @@ def _plots(params, dest: Path) -> dict[str, dg.MetadataValue]:
     plots = dest.parent / "plots"
     return {
         "frontier_lambda": png_markdown(plot_cascade_frontier(
-            params, plots / "cascade_frontier.png"), "cascade risk-reward-cost frontier"),
+            params, plots / PLOT_FILES[0]), "cascade risk-reward-cost frontier"),
         "frontier_alpha": png_markdown(plot_alpha_frontier(
-            params, plots / "cascade_alpha_frontier.png"), "reward and cost across alpha"),
+            params, plots / PLOT_FILES[1]), "reward and cost across alpha"),
     }

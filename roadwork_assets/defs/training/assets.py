@@ -27,6 +27,7 @@ from roadwork_assets.defs.partitions import MODEL_FITTING_SPLITS, split_partitio
 from roadwork_assets.defs.promotion import StagedFiles, materialize_result
 from roadwork_assets.defs.resources import ArtifactRegistryResource, TrainerResource
 from roadwork_assets.defs.split_reads import split_reads_check_spec
+from roadwork_assets.defs.tracking import MlflowTracking
 
 
 @dg.asset(
@@ -75,9 +76,6 @@ CHECKPOINT_CHECK = "checkpoint_loadable"
     # adapted_backbone: ExPLoRA's backbone, read in mode explora only (else a not-used record)
     ins={"embeddings": dg.AssetIn(partition_mapping=MODEL_FITTING_SPLITS),
          "adapted_backbone": dg.AssetIn()},
-    # dagster-mlflow is a function-style resource, so this asset names all its
-    # resources by key (Dagster forbids mixing keys with typed resource arguments).
-    required_resource_keys={"mlflow", "artifacts", "trainer"},
     code_version=code_version(),
     check_specs=[
         split_reads_check_spec("checkpoint"),
@@ -91,30 +89,27 @@ def checkpoint(
     context: dg.AssetExecutionContext,
     embeddings: dict[str, dict[str, np.ndarray]],
     adapted_backbone: Path,
+    artifacts: ArtifactRegistryResource,
+    trainer: TrainerResource,
+    mlflow: MlflowTracking,
 ):
-    artifacts: ArtifactRegistryResource = context.resources.artifacts
-    trainer: TrainerResource = context.resources.trainer
     cfg = trainer.to_config()
     dest = asset_path(artifacts.registry, "checkpoint")
     staged = staged_path(dest)
-    mlflow = context.resources.mlflow
-    mlflow.log_params({k: v for k, v in cfg.model_dump().items() if v is not None})
+    with mlflow.run(context) as run:
+        run.log(params=cfg.model_dump())
 
-    def log(row: dict[str, float]) -> None:
-        context.log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                  for k, v in row.items()))
-        step = int(row.get("epoch", 0))
-        mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=step)
+        def log(row: dict[str, float]) -> None:
+            context.log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                      for k, v in row.items()))
+            run.log(metrics={k: v for k, v in row.items() if k != "epoch"},
+                    step=int(row.get("epoch", 0)))
 
-    try:
         result = train_checkpoint(embeddings, cfg, staged, log=log,
                                   adapted_backbone=adapted_backbone,
                                   progress=progress_reporter(context))
-        mlflow.log_metrics({f"best_{k}": v for k, v in result.select_metrics.items()})
-        mlflow.set_tag("roadwork.checkpoint_sha256", file_sha256(staged))
-        run_id = mlflow.active_run().info.run_id if mlflow.active_run() else ""
-    finally:
-        mlflow.end_run()  # dagster-mlflow only ends runs on failure; close ours here
+        run.log(metrics={f"best_{k}": v for k, v in result.select_metrics.items()},
+                tags={"roadwork.checkpoint_sha256": file_sha256(staged)})
     loaded = _checkpoint_check(staged)
     return materialize_result(
         context, StagedFiles.at(dest), checks=[loaded],
@@ -128,7 +123,7 @@ def checkpoint(
             "best_metric_name": result.best_metric_name,
             **{f"val_select_{k}": v for k, v in floats(result.select_metrics).items()},
             "history": dg.MetadataValue.md(pd.DataFrame(result.history).round(4).to_markdown(index=False)),
-            "mlflow_run_id": str(run_id),
+            "mlflow_run_id": run.run_id,
         },
     )
 
