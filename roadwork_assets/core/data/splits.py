@@ -189,17 +189,10 @@ def split_images(
                           "prev_key": prev_key})
     fresh_key = table.groupby("comp")["base"].transform("min")
     prior = table[has_prev].groupby("comp")
-    n_prior_splits = prior["prev_split"].nunique().reindex(range(comp.max() + 1 if len(comp) else 0),
-                                                           fill_value=0)
     comp_split = prior["prev_split"].first()
     comp_key = prior["prev_key"].min()
-    n_splits_here = n_prior_splits.to_numpy()[comp] if len(comp) else np.zeros(0, int)
     forced = _holdout_components(out, comp, holdout_source)
-    if forced.any():  # a held-out source's component belongs in val_test and nowhere else
-        elsewhere = prior["prev_split"].agg(lambda v: bool(set(v) - {"val_test"}))
-        clash = elsewhere.reindex(comp, fill_value=False).to_numpy() & forced
-        # (a clash-free one's previous members are all in val_test already)
-        n_splits_here = np.where(clash, 2, n_splits_here)
+    n_splits_here = _prior_splits(prior, comp, forced)
 
     key = fresh_key.to_numpy(dtype=object).copy()
     split = np.empty(len(out), dtype=object)
@@ -223,6 +216,22 @@ def split_images(
     held_rows = _held_out_rows(out, held, comp, table[has_prev])
     assignment = out.loc[~held].reset_index(drop=True)
     return SplitResult(assignment, held_rows, int(has_prev.sum()), note)
+
+
+def _prior_splits(prior, comp: np.ndarray, forced: np.ndarray) -> np.ndarray:
+    """Per row: in how many splits its component's previous members are (0: none). A
+    held-out source's component belongs in val_test and nowhere else, so one with a
+    previous member outside val_test counts as a conflict (2); a clash-free one's previous
+    members are all in val_test already."""
+    if not len(comp):
+        return np.zeros(0, dtype=int)
+    here = prior["prev_split"].nunique().reindex(range(comp.max() + 1), fill_value=0) \
+        .to_numpy()[comp]
+    if forced.any():
+        elsewhere = prior["prev_split"].agg(lambda v: bool(set(v) - {"val_test"}))
+        clash = elsewhere.reindex(comp, fill_value=False).to_numpy() & forced
+        here = np.where(clash, 2, here)
+    return here
 
 
 def _consistent_previous(out: pd.DataFrame, previous: pd.DataFrame | None
