@@ -45,6 +45,20 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / MIB
 
 
+def rss_now_mib() -> dict[str, float]:
+    """Current resident memory by kind (Linux /proc/self/status): anonymous (heap,
+    tensors) vs file-backed (mapped libraries and the memory-mapped cache)."""
+    out = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile"):
+                out[key] = round(int(value.split()[0]) / MIB, 1)
+    except OSError:
+        pass
+    return out
+
+
 def prepare(work: Path, n_max: int, distinct: int, source_size: int) -> Path:
     """``work/files.csv``: n_max image files (hard links onto ``distinct`` scenes)."""
     from roadwork_assets.core.data.synthetic.dataset import generate_default_dataset
@@ -82,6 +96,10 @@ def child(args: argparse.Namespace) -> dict:
     )
 
     n = args.child
+    if args.no_release:  # ablation: keep every mapped page of the cache resident
+        from roadwork_assets.core.data.array_cache import MappedRows
+
+        MappedRows.release_bytes = float("inf")
     frame = pd.read_csv(args.table).iloc[:n]
     cut = int(n * 0.8)
     splits = {"train": frame.iloc[:cut].reset_index(drop=True),
@@ -93,7 +111,7 @@ def child(args: argparse.Namespace) -> dict:
 
     def mark(name: str, t0: float) -> None:
         out["phases"][name] = {"peak_rss_mib": round(peak_rss_mib(), 1),
-                               "seconds": round(time.perf_counter() - t0, 1)}
+                               "seconds": round(time.perf_counter() - t0, 1), **rss_now_mib()}
         print(f"[child {n}] {name}: {out['phases'][name]}", file=sys.stderr, flush=True)
 
     if "embed" in args.phases:
@@ -131,6 +149,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--work", default="/tmp/bench_memory")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--no-release", action="store_true",
+                        help="ablation: never drop the cache's mapped pages while reading")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--table", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -149,12 +169,14 @@ def main() -> None:
                "--work", str(work), "--img-size", str(args.img_size), "--epochs",
                str(args.epochs), "--batch-size", str(args.batch_size), "--device", args.device,
                "--phases", *args.phases]
+        if args.no_release:
+            cmd.append("--no-release")
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
     print(f"\nimg_size {args.img_size}, batch {args.batch_size}, phases {args.phases}, "
-          f"device {args.device}; peak RSS (ru_maxrss of a fresh child process, MiB):")
+          f"device {args.device}{', NO page release' if args.no_release else ''}; peak RSS (ru_maxrss of a fresh child process, MiB):")
     print(f"{'images':>8} {'cache MiB':>10} " + " ".join(f"{p:>14}" for p in args.phases)
           + f" {'peak':>8}")
     for r in results:

@@ -13,9 +13,10 @@ promoted and rejected like every other), with two properties that make them scal
 - read by memory map: an uncompressed member's ``.npy`` bytes lie contiguously in the
   file, so :func:`open_npz` maps them (``np.memmap`` at the member's data offset) and
   hands out a :class:`MappedRows`, whose indexing copies the rows asked for and then
-  drops the mapped pages from this process (``madvise(MADV_DONTNEED)``): a pass over a
-  15 GB cache keeps about one batch resident, not the file. (Mapped pages a process has
-  touched count in its RSS until it unmaps or drops them.)
+  drops the mapped pages from this process (``madvise(MADV_DONTNEED)``; they stay in
+  the OS page cache): a pass over a 15 GB cache keeps about one batch resident, not the
+  file. (Mapped pages a process has touched count in its RSS until it unmaps or drops
+  them; ``bench_memory.py --no-release`` shows the difference.)
 """
 
 from __future__ import annotations
@@ -35,7 +36,11 @@ from roadwork_assets.contracts.errors import ArtifactIntegrityError
 from roadwork_assets.core.artifacts import atomic_path
 
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # zip local file header (30 bytes)
-_RELEASE_BYTES = 64 * 1024**2  # drop mapped pages after this many bytes were copied out
+# Drop the mapped pages after every read: one fault can map far more than the rows read
+# (the kernel maps a whole large folio of the page cache, up to 2 MiB, plus fault-around),
+# so rows scattered over the file (a shuffled epoch) map many MiB per batch. One madvise
+# per batch costs microseconds next to the batch's forward pass.
+_RELEASE_BYTES = 0
 
 
 class RowWriter:
@@ -96,7 +101,7 @@ class MappedRows:
     rows asked for (``x[a:b]``, ``x[index_array]``, ``x[:, 0]``...); ``np.asarray(x)``
     reads it whole (only for arrays known to be small)."""
 
-    release_bytes = _RELEASE_BYTES  # copied-out bytes after which mapped pages are dropped
+    release_bytes = _RELEASE_BYTES  # copied-out bytes after which the mapped pages are dropped
 
     def __init__(self, path: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> None:
         self.path, self.shape, self.dtype = Path(path), tuple(shape), np.dtype(dtype)
