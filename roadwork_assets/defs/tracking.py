@@ -128,6 +128,11 @@ class TrackedRun:
         return self.client.get_run(self.run_id).info.artifact_uri
 
 
+def _is_cwd_default(location: str) -> bool:
+    """MLflow's default artifact location for a SQL store: ``<cwd>/mlruns/<experiment>``."""
+    return "mlruns" in Path(location.removeprefix("file://")).parts
+
+
 def _param_text(value: Any) -> str:
     text = str(value)
     return text if len(text) <= _MAX_PARAM_CHARS else text[:_MAX_PARAM_CHARS - 3] + "..."
@@ -154,13 +159,15 @@ class MlflowTracking(dg.ConfigurableResource):
 
     def experiment_id(self, client) -> str:
         """The experiment, created with the artifact location on first use. One made
-        before artifacts lived under ROADWORK_HOME (``./mlruns`` of some cwd) is renamed
-        aside — MLflow cannot move an experiment's artifact location — and its runs kept."""
+        before artifacts lived under ROADWORK_HOME (MLflow's default ``<cwd>/mlruns``) is
+        renamed aside — MLflow cannot move an experiment's artifact location — and its
+        runs kept. Any other location (a tracking URI shared by several homes: the home
+        that created the experiment) is kept, so homes never rename each other's."""
         from mlflow.exceptions import MlflowException
 
         wanted = self.artifact_location()
         exp = client.get_experiment_by_name(self.experiment_name)
-        if exp is not None and wanted and exp.artifact_location != wanted:
+        if exp is not None and wanted and _is_cwd_default(exp.artifact_location):
             client.rename_experiment(
                 exp.experiment_id, f"{self.experiment_name} (before {exp.experiment_id}: "
                 f"artifacts at {exp.artifact_location})"[:250])

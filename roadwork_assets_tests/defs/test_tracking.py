@@ -92,6 +92,14 @@ def test_an_experiment_with_artifacts_elsewhere_is_renamed_aside_with_its_runs(s
     assert tracking.experiment_id(client) == new  # settled: no second rename
 
 
+def test_an_experiment_another_home_created_is_shared_not_renamed(store, tmp_path):
+    other = tmp_path / "other_home" / "mlflow" / "artifacts"
+    client = _tracking(store, "shared").client()
+    made = client.create_experiment("shared", artifact_location=other.as_uri())
+    assert _tracking(store, "shared").experiment_id(client) == made
+    assert client.get_experiment(made).name == "shared"
+
+
 def test_a_server_uri_keeps_the_servers_artifact_store():
     assert MlflowTracking(tracking_uri="http://mlflow:5000",
                           artifact_root="/x").artifact_location() is None
