@@ -7,6 +7,8 @@
                                    decision, stage (JPEG, PNG, WebP; any size); default
                                    bundle: the latest under ROADWORK_HOME; an unreadable
                                    image gets {"path", "error"} and exit code 1
+  roadwork dagster-commands        the `dagster asset materialize` commands (one per stage
+                                   and split) that materialize the whole graph
   roadwork verify DIR              check a bundle: closed, hashes, lineage, ONNX probe
                                    (a cascade's stage 2 too)
   roadwork serve --bundle DIR      HTTP endpoint: POST /predict {"image": base64} ->
@@ -152,6 +154,21 @@ def _run_locked(args: argparse.Namespace, root: Path, settings) -> int:
     return 0
 
 
+def cmd_dagster_commands(args: argparse.Namespace) -> int:
+    import shlex
+
+    from roadwork_assets.defs.settings import resolve_settings
+
+    resolve_settings(_parse_config_json(args.config_json))  # refuse bad settings here
+    from roadwork_assets import definitions
+    from roadwork_assets.defs.runner import dagster_commands
+
+    extra = ["--config-json", args.config_json] if args.config_json else []
+    for cmd in dagster_commands(definitions.defs, extra=extra):
+        print(shlex.join(cmd))
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from roadwork_assets.core.export.predictor import BundlePredictor, FailedImage
 
@@ -242,6 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["debug", "info", "warning", "error", "critical"],
                    help="threshold of the asset log lines on the terminal (default info; "
                    "debug with --verbose); critical shows only the [roadwork] lines")
+    d = sub.add_parser("dagster-commands", help="print the `dagster asset materialize` "
+                       "commands that materialize the whole graph (one per stage, per split "
+                       "for partitioned stages), one shell line each, in order")
+    d.add_argument("--config-json", help="Dagster run config added to every command (checked "
+                   "first, as for run)")
     p = sub.add_parser("predict", help="predict images with a bundle (JSON lines)")
     p.add_argument("--bundle", help="a bundle folder, or a bundles folder / ROADWORK_HOME "
                    "(the bundle its LATEST names); default: the latest bundle under "
@@ -280,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"run": cmd_run, "predict": cmd_predict, "verify": cmd_verify,
-               "serve": cmd_serve}[args.command]
+               "serve": cmd_serve, "dagster-commands": cmd_dagster_commands}[args.command]
     try:
         return handler(args)
     except RoadworkError as exc:

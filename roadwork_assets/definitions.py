@@ -20,6 +20,7 @@ from roadwork_assets.defs.evaluation.assets import test_report
 from roadwork_assets.defs.evaluation.drift_asset import drift
 from roadwork_assets.defs.export.assets import bundle
 from roadwork_assets.defs.export.int8_asset import bundle_int8
+from roadwork_assets.defs.freshness import with_automation
 from roadwork_assets.defs.io_manager import RegistryIOManager
 from roadwork_assets.defs.leakage_audit import assert_graph_obeys_policy
 from roadwork_assets.defs.policy.assets import policy_assets
@@ -87,8 +88,10 @@ def build_definitions(resources: dict[str, object] | None = None) -> dg.Definiti
     """Definitions over ALL_ASSETS; refuses a graph whose partition mappings leak."""
     resources = resources or resources_from_env()
     # jobs / schedules / sensors: the retrain triggers (defs/automation)
-    built = dg.Definitions(assets=ALL_ASSETS, resources=resources,
-                           **automation(ALL_ASSETS, resources))
+    # declarative automation: eager below the roots, run by the daemon (defs/freshness)
+    assets = with_automation(ALL_ASSETS)
+    built = dg.Definitions(assets=assets, resources=resources,
+                           **automation(assets, resources))
     assert_graph_obeys_policy(built)
     return built
 

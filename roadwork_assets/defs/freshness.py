@@ -150,3 +150,24 @@ def _artifact_changed(meta) -> str | None:
     if file_sha256(path) != meta["sha256"].value:
         return f"artifact {path} was edited since it was materialized"
     return None
+
+
+OPTIONAL_TAG = "roadwork/optional"  # materialized on request only (runner.stages skips them)
+
+
+def with_automation(assets: list[dg.AssetsDefinition]) -> list[dg.AssetsDefinition]:
+    """Every asset with an upstream gets ``AutomationCondition.eager()``: once the daemon
+    runs (``dagster dev``; Dagster adds its default automation-condition sensor for
+    these), an asset is re-materialized when an input it reads was materialized anew,
+    and not while one is missing or in progress — so a new ``source_images`` flows down
+    the graph and nothing else reruns. Roots (``source_images``) are left to runs, the
+    retrain schedule and sensors, so opening the UI on a fresh instance starts nothing;
+    optional assets and any asset that sets its own condition are left as they are."""
+
+    def attach(spec: dg.AssetSpec) -> dg.AssetSpec:
+        if (not spec.deps or spec.tags.get(OPTIONAL_TAG) == "true"
+                or spec.automation_condition is not None):
+            return spec
+        return spec.replace_attributes(automation_condition=dg.AutomationCondition.eager())
+
+    return [a.map_asset_specs(attach) for a in assets]

@@ -81,7 +81,8 @@ def materialize_all(
     """Run every stage; raise on the first failed run (a failed blocking check included).
 
     With a ``judge``, asset partitions it finds up to date are skipped (and said so);
-    within a stage, whatever is downstream of a rebuilt asset is rebuilt too."""
+    an up-to-date asset that reads one rebuilt in its stage is judged again after that
+    run (``next_batch``), so it runs only if its input's content changed."""
     job = defs.resolve_implicit_global_asset_job_def()
     graph = defs.resolve_asset_graph()
     plan = stages(defs)
@@ -89,46 +90,86 @@ def materialize_all(
     for n, stage in enumerate(plan, start=1):
         for partition in (splits if stage.partitioned else [None]):
             label = f" [{partition}]" if partition else ""
-            names = stage_selection(stage, partition, graph, judge, say)
-            if not names:
+            pending, ran = list(stage.assets), False
+            while pending:
+                names, pending = next_batch(pending, partition, graph, judge, say)
+                if not names:
+                    break
+                say(f"[roadwork] stage {n}/{len(plan)}: {', '.join(names)}{label}")
+                t0 = time.perf_counter()
+                result = run_stage(job, instance, [dg.AssetKey(x) for x in names], partition,
+                                   run_config, tags={STAGE_TAG: str(n),
+                                                     PID_TAG: str(os.getpid()),
+                                                     HOST_TAG: socket.gethostname()})
+                say(f"[roadwork]   done in {time.perf_counter() - t0:.1f}s "
+                    f"(run {result.run_id})")
+                results.append(result)
+                ran = True
+                if judge is not None:
+                    judge.refresh()
+            if not ran:
                 say(f"[roadwork] stage {n}/{len(plan)}: {', '.join(stage.assets)}{label}: "
                     "up to date, skipped")
-                continue
-            say(f"[roadwork] stage {n}/{len(plan)}: {', '.join(names)}{label}")
-            t0 = time.perf_counter()
-            result = run_stage(job, instance, [dg.AssetKey(x) for x in names], partition,
-                               run_config, tags={STAGE_TAG: str(n), PID_TAG: str(os.getpid()),
-                                                 HOST_TAG: socket.gethostname()})
-            say(f"[roadwork]   done in {time.perf_counter() - t0:.1f}s (run {result.run_id})")
-            results.append(result)
-            if judge is not None:
-                judge.refresh()
     return results
 
 
-def stage_selection(stage: Stage, partition: str | None, graph, judge: FreshnessJudge | None,
-                    say: Callable[[str], None]) -> list[str]:
-    """The stage's assets to run for ``partition``: all without a judge; else those the
-    judge finds out of date and whatever in the stage depends on them (in stage order,
-    which is topological), saying why each runs and which are skipped."""
+def next_batch(pending: list[str], partition: str | None, graph, judge: FreshnessJudge | None,
+               say: Callable[[str], None]) -> tuple[list[str], list[str]]:
+    """(the assets of ``pending`` to run now, those to judge again after that run).
+
+    Without a judge: all of them, in one run. With one: those it finds out of date run;
+    one that is up to date but reads an asset of this batch (or a deferred one) waits
+    for the run, since its input may change; the rest are skipped. ``pending`` is in
+    stage order (topological), and each rebuild reason and each skip is said."""
     if judge is None:
-        return list(stage.assets)
-    chosen: list[str] = []
+        return list(pending), []
+    batch: list[str] = []
+    deferred: list[str] = []
     skipped: list[str] = []
-    for name in stage.assets:
+    for name in pending:
         key = dg.AssetKey(name)
+        reason = judge.why_rebuild(key, partition)
         parents = {p.to_user_string() for p in graph.get(key).parent_keys}
-        rebuilt_parent = sorted(parents & set(chosen))
-        reason = (f"its input {rebuilt_parent[0]} is rebuilt in this stage" if rebuilt_parent
-                  else judge.why_rebuild(key, partition))
-        if reason is None:
-            skipped.append(name)
-        else:
-            chosen.append(name)
+        if reason is not None:
+            batch.append(name)
             say(f"[roadwork]   rebuild {name}{f'[{partition}]' if partition else ''}: {reason}")
-    if skipped and chosen:
+        elif parents & set(batch + deferred):
+            deferred.append(name)
+        else:
+            skipped.append(name)
+    if skipped and batch:
         say(f"[roadwork]   up to date, skipped: {', '.join(skipped)}")
-    return chosen
+    return batch, deferred
+
+
+def dagster_commands(defs: dg.Definitions, *, module: str = "roadwork_assets.definitions",
+                     splits: Sequence[str] = SPLITS, extra: Sequence[str] = ()) -> list[list[str]]:
+    """The `dagster asset materialize` commands that materialize the whole graph, in
+    order: one per stage, once per split for a partitioned stage — the runs `roadwork
+    run --force` makes. (`--select '*'` cannot work: one Dagster run holds one partition,
+    and the graph mixes split-partitioned and unpartitioned assets.)"""
+    out = []
+    for stage in stages(defs):
+        for partition in (splits if stage.partitioned else [None]):
+            cmd = ["dagster", "asset", "materialize", "-m", module,
+                   "--select", ",".join(stage.assets)]
+            out.append(cmd + (["--partition", partition] if partition else []) + list(extra))
+    return out
+
+
+def unmaterialized(defs: dg.Definitions, instance: dg.DagsterInstance,
+                   splits: Sequence[str] = SPLITS) -> list[str]:
+    """Every asset (partition) of the stages (the graph less optional assets) that has no
+    materialization on ``instance``, as ``asset`` or ``asset[split]``; [] when all have."""
+    out = []
+    for stage in stages(defs):
+        for key in map(dg.AssetKey, stage.assets):
+            if stage.partitioned:
+                done = instance.get_materialized_partitions(key)
+                out += [f"{key.to_user_string()}[{s}]" for s in splits if s not in done]
+            elif instance.get_latest_materialization_event(key) is None:
+                out.append(key.to_user_string())
+    return sorted(out)
 
 
 def run_stage(job: dg.JobDefinition, instance: dg.DagsterInstance, keys: list[dg.AssetKey],
