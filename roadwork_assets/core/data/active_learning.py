@@ -8,19 +8,26 @@ Uncertainty u_i of pool image i, from the bundle's own policy on its view logits
   gate is measured against. With one probability, max-prob, margin and entropy rank
   images identically (``core.calibration.uncertainty``), so nothing is lost by it.
 
-Diversity, by greedy maximal marginal relevance (Carbonell & Goldstein 1998) on the
-model's own embeddings e_i (the backbone features the head reads), centred on the pool
-mean and L2-normalised (ê_i), with ũ_i = u_i / max_j u_j:
+Diversity, by a greedy pick that multiplies uncertainty by novelty, on the model's own
+embeddings e_i (the backbone features the head reads), centred on the pool mean and
+L2-normalised (ê_i), with ũ_i = u_i / max_j u_j and the distance to the picks so far
+d_i(S) = min(1, min_{j in S} (1 - ê_i · ê_j)) (d = 1 while S is empty):
 
-    pick  i* = argmax_{i not in S}  (1 - λ) ũ_i - λ max(0, max_{j in S} ê_i · ê_j)
+    pick  i* = argmax_{i not in S}  ũ_i · d_i(S)^β
 
-until k are picked. Twenty frames of one scene embed almost identically, so once one
-is in S the others lose about λ; an unrelated uncertain image loses little. Why MMR on
-embeddings rather than pHash groups (``core.data.similarity``): pHash only joins
+until k are picked. Twenty frames of one scene embed almost identically (d ≈ 0.1 once
+one of them is in S), so each further frame keeps a tenth of its uncertainty, whatever
+that uncertainty is, while an unrelated image keeps it whole. A product, not an additive
+trade-off (MMR's (1 - λ) ũ - λ sim): with an additive term, a scene slightly more
+uncertain than the rest re-enters the queue as soon as the other candidates are a bit
+similar to each other, which the embeddings of an untrained or frozen model often are.
+An image the model is sure of (u = 0) is never worth a label. β = 0 is pure uncertainty
+sampling; larger β weighs novelty more.
+
+Why embeddings rather than pHash groups (``core.data.similarity``): pHash only joins
 near-copies (a few bits apart), while consecutive frames of a moving camera are
 different photos of the same scene; the embedding sees them as the same content, and
-it comes from the forward pass that gives u anyway. λ = 0 is pure uncertainty sampling,
-λ = 1 pure diversity (farthest-point-like).
+it comes from the forward pass that gives u anyway.
 """
 
 from __future__ import annotations
@@ -46,8 +53,9 @@ class ActiveLearningConfig(BaseModel):
     """What label_queue picks and how much it values diversity."""
 
     top_k: int = Field(50, ge=1, description="images exported for labelling")
-    diversity: float = Field(0.5, ge=0.0, le=1.0, description="MMR λ: 0 = uncertainty "
-                             "only, 1 = diversity only")
+    diversity: float = Field(1.0, ge=0.0, le=8.0, description="β, the exponent of the "
+                             "novelty factor: 0 = uncertainty only; larger = fewer similar "
+                             "images")
     batch_size: int = Field(32, ge=1)
     url_root: str = Field("/", description="Label Studio local files: data.image is "
                           "/data/local-files/?d=<path relative to this folder>; set it to "
@@ -74,10 +82,10 @@ def bundle_uncertainty(policy: Any, view_logits: np.ndarray) -> np.ndarray:
     return np.minimum(p, 1.0 - p)
 
 
-def mmr_select(uncertainty, embeddings, top_k: int, diversity: float = 0.5
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """(picked indices in pick order, each pick's largest similarity to the earlier
-    picks) by the MMR rule of the module docstring."""
+def diverse_select(uncertainty, embeddings, top_k: int, diversity: float = 1.0
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(picked indices in pick order, each pick's largest cosine similarity to the
+    earlier picks, 0 for the first) by the rule of the module docstring."""
     u = np.asarray(uncertainty, dtype=np.float64).ravel()
     e = np.asarray(embeddings, dtype=np.float64)
     if e.ndim != 2 or len(e) != len(u):
@@ -90,16 +98,17 @@ def mmr_select(uncertainty, embeddings, top_k: int, diversity: float = 0.5
     e = np.divide(e, norms, out=np.zeros_like(e), where=norms > 0)
     u_tilde = u / u.max() if len(u) and u.max() > 0 else np.zeros_like(u)
     k = min(top_k, len(u))
-    redundancy = np.zeros(len(u))
+    nearest = np.full(len(u), -np.inf)  # largest similarity to a pick so far
     free = np.ones(len(u), dtype=bool)
     picked, sims = [], []
     for _ in range(k):
-        score = np.where(free, (1 - diversity) * u_tilde - diversity * redundancy, -np.inf)
+        novelty = np.clip(1.0 - nearest, 0.0, 1.0) ** diversity
+        score = np.where(free, u_tilde * novelty, -np.inf)
         i = int(np.argmax(score))  # ties: the lower index (the pool's sorted order)
         picked.append(i)
-        sims.append(redundancy[i])
+        sims.append(max(0.0, float(nearest[i])) if picked[1:] else 0.0)
         free[i] = False
-        redundancy = np.maximum(redundancy, np.clip(e @ e[i], 0.0, None))
+        nearest = np.maximum(nearest, e @ e[i])
     return np.asarray(picked, dtype=np.int64), np.asarray(sims)
 
 
@@ -160,9 +169,9 @@ def score_pool(bundle: Any, paths: list[Path], config: ActiveLearningConfig) -> 
 
 
 def label_queue(scores: PoolScores, config: ActiveLearningConfig) -> pd.DataFrame:
-    """The top-k by MMR: rank, path, uncertainty, probability, the model's answer,
+    """The top-k by ``diverse_select``: rank, path, uncertainty, probability, the model's answer,
     similarity to the closest earlier pick, pixel_sha256 and phash."""
-    picked, sims = mmr_select(scores.uncertainty, scores.embeddings, config.top_k,
+    picked, sims = diverse_select(scores.uncertainty, scores.embeddings, config.top_k,
                               config.diversity)
     prob = scores.probability[picked]
     return pd.DataFrame({
