@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -104,10 +105,10 @@ class TrackedRun:
         from mlflow.entities import Metric, Param, RunTag
 
         now = int(time.time() * 1000)
-        ms = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items()
+        ms = [Metric(k, float(v), now, step) for k, v in _keyed(metrics).items()
               if v is not None and math.isfinite(float(v))]
-        ps = [Param(k, _param_text(v)) for k, v in (params or {}).items() if v is not None]
-        ts = [RunTag(k, str(v)) for k, v in (tags or {}).items() if v is not None]
+        ps = [Param(k, _param_text(v)) for k, v in _keyed(params).items() if v is not None]
+        ts = [RunTag(k, str(v)) for k, v in _keyed(tags).items() if v is not None]
         for i in range(0, max(len(ms), len(ps), len(ts)), _MAX_PARAMS):
             self.client.log_batch(self.run_id, metrics=ms[i:i + _MAX_PARAMS],
                                   params=ps[i:i + _MAX_PARAMS], tags=ts[i:i + _MAX_PARAMS])
@@ -126,6 +127,16 @@ class TrackedRun:
     @property
     def artifact_uri(self) -> str:
         return self.client.get_run(self.run_id).info.artifact_uri
+
+
+def _keyed(values: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Keys MLflow accepts (``[\\w.\\- ]``, no leading dot, <= 250 chars): a source or row
+    name from the data (``camera:3/a``) must not fail the asset that logs it."""
+    out = {}
+    for key, value in (values or {}).items():
+        clean = re.sub(r"[^\w.\- ]", "_", str(key)).lstrip(".")[:250] or "_"
+        out[clean] = value
+    return out
 
 
 def _is_cwd_default(location: str) -> bool:
@@ -222,7 +233,8 @@ class MlflowTracking(dg.ConfigurableResource):
                 "exit policy + ONNX (see the bundle_id / manifest_sha256 tags)")
         version = client.create_model_version(
             self.registered_model, source=f"{run.artifact_uri}/bundle", run_id=run.run_id,
-            tags={"bundle_id": bundle_id, **{k: _param_text(v) for k, v in tags.items()}},
+            tags={"bundle_id": bundle_id,
+                  **{k: _param_text(v) for k, v in _keyed(tags).items() if v is not None}},
             description=description)
         return str(version.version)
 
@@ -235,7 +247,7 @@ class MlflowTracking(dg.ConfigurableResource):
         if not found:
             return None
         version = str(found[0].version)
-        for key, value in tags.items():
+        for key, value in _keyed(tags).items():
             client.set_model_version_tag(self.registered_model, version, key, _param_text(value))
         return version
 

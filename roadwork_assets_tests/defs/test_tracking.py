@@ -151,3 +151,14 @@ def test_run_name_with_a_bundle_id(store):
     result = dg.materialize([bundle_like], resources={"mlflow": tracking})
     run_id = result.asset_materializations_for_node("bundle")[0].metadata["mlflow_run_id"].value
     assert tracking.client().get_run(run_id).info.run_name == "bundle:abc"
+
+
+def test_keys_from_the_data_are_made_valid_not_fatal(store):
+    tracking = _tracking(store, "keys")
+    client = tracking.client()
+    run = TrackedRun(client, client.create_run(tracking.experiment_id(client)).info.run_id)
+    run.log(metrics={"val_test.per_source.cam:3/a b.mcc": 0.5, "..hidden": 1.0},
+            params={"source/name": "x"})
+    data = client.get_run(run.run_id).data
+    assert data.metrics == {"val_test.per_source.cam_3_a b.mcc": 0.5, "hidden": 1.0}
+    assert data.params == {"source_name": "x"}
