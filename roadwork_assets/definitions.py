@@ -90,7 +90,11 @@ def build_definitions(resources: dict[str, object] | None = None) -> dg.Definiti
     # jobs / schedules / sensors: the retrain triggers (defs/automation)
     # declarative automation: eager below the roots, run by the daemon (defs/freshness)
     assets = with_automation(ALL_ASSETS)
+    # in-process executor: a run from the UI or `dagster asset materialize` executes its
+    # steps in the run's own process, as `roadwork run` does, instead of one process per
+    # step (the multiprocess default), each importing torch again
     built = dg.Definitions(assets=assets, resources=resources,
+                           executor=dg.in_process_executor,
                            **automation(assets, resources))
     assert_graph_obeys_policy(built)
     return built
