@@ -13,6 +13,10 @@
                                    (a cascade's stage 2 too)
   roadwork serve --bundle DIR      HTTP endpoint: POST /predict {"image": base64} ->
                                    {"prediction": float}; /healthz, /metrics
+  roadwork import-labels EXPORT --out NEW.csv   Label Studio's JSON export (of
+                                   label_queue's tasks) -> a labelled manifest to add to
+                                   ROADWORK_DATA; images already in a split are refused,
+                                   annotator conflicts listed (NEW.refused.csv, ...)
 """
 
 from __future__ import annotations
@@ -237,6 +241,28 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_labels(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from roadwork_assets.core.artifacts import ArtifactRegistry
+    from roadwork_assets.core.data.labelstudio import import_export, write_import
+    from roadwork_assets.defs.resources import default_home
+
+    assignment_path = ArtifactRegistry(Path(default_home())).split_assignment
+    if not assignment_path.exists():
+        raise RoadworkError(f"no split assignment at {assignment_path}: without it no image "
+                            "can be checked against the splits; run `roadwork run` (or set "
+                            "ROADWORK_HOME to the home that has one) first")
+    result = import_export(args.export, pd.read_parquet(assignment_path), url_root=args.url_root)
+    paths = write_import(result, args.out)
+    print(f"[roadwork] {len(result.manifest)} labelled images -> {paths['manifest']} "
+          "(add it to ROADWORK_DATA)")
+    for name, frame in (("refused", result.refused), ("conflicts", result.conflicts),
+                        ("unlabelled", result.unlabelled)):
+        print(f"[roadwork] {len(frame)} {name} -> {paths[name]}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="roadwork", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -296,13 +322,22 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="verify a bundle: closed folder, sha256 hashes, "
                        "lineage, bounds, torch and ONNX on the stored probe batch")
     v.add_argument("bundle_dir", help="the bundle folder to check (bundles/<id>)")
+    i = sub.add_parser("import-labels", help="Label Studio JSON export -> labelled manifest "
+                       "(never relabels an image already in a split)")
+    i.add_argument("export", help="the project's export in Label Studio's 'JSON' format")
+    i.add_argument("--out", required=True, help="the manifest to write (*.csv); refused, "
+                   "conflicting and unlabelled tasks go to <stem>.refused.csv etc. beside it")
+    i.add_argument("--url-root", default="/", help="Label Studio's "
+                   "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT, for tasks that carry only a "
+                   "local-files image URL (default /)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"run": cmd_run, "predict": cmd_predict, "verify": cmd_verify,
-               "serve": cmd_serve, "dagster-commands": cmd_dagster_commands}[args.command]
+               "serve": cmd_serve, "dagster-commands": cmd_dagster_commands,
+               "import-labels": cmd_import_labels}[args.command]
     try:
         return handler(args)
     except RoadworkError as exc:

@@ -216,3 +216,22 @@ def import_export(export: Path | str, assignment: pd.DataFrame, url_root: str = 
         pd.DataFrame(refused, columns=["task", "path", "reason"]),
         pd.DataFrame(conflicts, columns=["task", "path", "annotations"]),
         pd.DataFrame(unlabelled, columns=["task", "path"]))
+
+
+def write_import(result: LabelImport, out: Path | str) -> dict[str, Path]:
+    """The manifest at ``out`` (CSV, the layout ``read_manifest`` reads) and, beside it,
+    ``<stem>.refused.csv``, ``<stem>.conflicts.csv``, ``<stem>.unlabelled.csv``."""
+    from roadwork_assets.core.artifacts import atomic_write_text
+
+    out = Path(out)
+    if out.suffix.lower() != ".csv":
+        raise BadInputError(f"{str(out)!r}: the labelled manifest is written as CSV; name it *.csv")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = {"manifest": out}
+    for name in ("refused", "conflicts", "unlabelled"):
+        paths[name] = out.with_name(f"{out.stem}.{name}.csv")
+    frames = {"manifest": result.manifest, "refused": result.refused,
+              "conflicts": result.conflicts, "unlabelled": result.unlabelled}
+    for name, path in paths.items():
+        atomic_write_text(path, frames[name].to_csv(index=False))
+    return paths

@@ -170,3 +170,28 @@ def test_unreadable_annotated_image_is_refused_not_fatal(world, tmp_path):
     result = import_export(f, assignment)
     assert result.manifest.empty
     assert "cannot be read" in result.refused["reason"].iloc[0]
+
+
+def test_import_labels_command_writes_the_manifest_and_lists(world, tmp_path, monkeypatch, capsys):
+    from roadwork_assets.cli import main
+    from roadwork_assets.core.artifacts import ArtifactRegistry
+
+    pool, assignment, truth = world
+    home = tmp_path / "home"
+    monkeypatch.setenv("ROADWORK_HOME", str(home))
+    export = tmp_path / "export.json"
+    tasks = queue_tasks(_queue(sorted(pool.iterdir())), "m")
+    export.write_text(json.dumps([_annotate(t, n, "roadwork" if truth[t["data"]["roadwork_path"]]
+                                            else "none") for n, t in enumerate(tasks)]))
+    out = tmp_path / "labels" / "new.csv"
+    assert main(["import-labels", str(export), "--out", str(out)]) == 2
+    assert "no split assignment" in capsys.readouterr().err
+    reg = ArtifactRegistry(home)
+    reg.split_assignment.parent.mkdir(parents=True)
+    assignment.to_parquet(reg.split_assignment)
+    assert main(["import-labels", str(export), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "10 labelled images" in printed and "1 refused" in printed
+    assert len(read_manifest(out)) == 10
+    refused = pd.read_csv(out.with_name("new.refused.csv"))
+    assert refused["path"].str.endswith("new_name.png").tolist() == [True]
