@@ -28,6 +28,7 @@ from roadwork_assets.contracts.errors import ArtifactIntegrityError, BadInputErr
 from roadwork_assets.core.artifacts import atomic_torch_save, code_version, combine_versions, file_sha256
 from roadwork_assets.core.data.transforms import load_model_arrays
 from roadwork_assets.core.models.classifier import RoadworkClassifier, create_backbone
+from roadwork_assets.core.progress import Progress, no_progress
 from roadwork_assets.core.training.config import TrainerConfig
 from roadwork_assets.core.training.explora import OBJECTIVE, pretrain_explora
 
@@ -70,8 +71,8 @@ def _train_images(cache: dict[str, np.ndarray], cfg: TrainerConfig) -> np.ndarra
 
 
 def build_adapted_backbone(train_cache: dict[str, np.ndarray], cfg: TrainerConfig, dest: Path,
-                           forbidden_roots: list[Path] = (), log: Any = None
-                           ) -> AdaptedBackboneMeta:
+                           forbidden_roots: list[Path] = (), log: Any = None,
+                           progress: Progress = no_progress) -> AdaptedBackboneMeta:
     """Write the artifact at ``dest``: ExPLoRA's adapted backbone in mode explora, a
     not-used record otherwise."""
     common = {"mode": cfg.mode, "backbone_name": cfg.backbone, "img_size": cfg.img_size,
@@ -92,7 +93,7 @@ def build_adapted_backbone(train_cache: dict[str, np.ndarray], cfg: TrainerConfi
     model = RoadworkClassifier(create_backbone(cfg.backbone, img_size=cfg.img_size,
                                                weights_path=cfg.weights_path,
                                                attn_impl=cfg.attn_impl))
-    result = pretrain_explora(model, images, cfg, log=log)
+    result = pretrain_explora(model, images, cfg, log=log, progress=progress)
     settings = {k: v for k, v in cfg.model_dump().items() if k.startswith(("explora_", "lora_"))}
     meta = AdaptedBackboneMeta(
         used=True, reason="trainer.mode=explora", objective=OBJECTIVE,

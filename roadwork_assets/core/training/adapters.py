@@ -23,6 +23,7 @@ from roadwork_assets.core.models.adapters import (
     trainable_parameters,
 )
 from roadwork_assets.core.models.classifier import RoadworkClassifier
+from roadwork_assets.core.progress import Progress, no_progress
 from roadwork_assets.core.training.config import TrainerConfig
 from roadwork_assets.core.training.trainer import TrainResult, fit_end_to_end
 
@@ -50,12 +51,13 @@ def fit_adapters(
     select_y: np.ndarray,
     log: Any = None,
     source_weights: np.ndarray | None = None,
+    progress: Progress = no_progress,
 ) -> tuple[TrainResult, dict[str, Any]]:
     """Train adapters + head, select the epoch on val_select, merge; returns the result
     (its model merged, plain timm) and the adapter record for the checkpoint."""
     attached = attach_adapters(model, cfg)
     result = fit_end_to_end(model, cfg, train_x, train_y, select_x, select_y, log=log,
-                            source_weights=source_weights)
+                            source_weights=source_weights, progress=progress)
     probe = to_float(torch.from_numpy(np.ascontiguousarray(select_x[:_MERGE_PROBE_IMAGES])))
     with torch.no_grad():
         adapted = result.model.eval()(probe)

@@ -36,9 +36,11 @@ from roadwork_assets.contracts.errors import BadInputError
 from roadwork_assets.core.data.transforms import to_float
 from roadwork_assets.core.models.adapters import merge_adapters
 from roadwork_assets.core.models.classifier import RoadworkClassifier
+from roadwork_assets.core.progress import Progress, no_progress
 from roadwork_assets.core.training.adapters import attach_adapters
 from roadwork_assets.core.training.config import TrainerConfig
 
+PROGRESS_STAGE = "explora epochs"
 OBJECTIVE = "dino_self_distillation"
 STUDENT_TEMP = 0.1
 TEACHER_TEMP = 0.04
@@ -157,7 +159,8 @@ def _ema(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
 
 
 def pretrain_explora(model: RoadworkClassifier, images_uint8: np.ndarray, cfg: TrainerConfig,
-                     log: Callable[[dict[str, float]], None] | None = None) -> ExploraResult:
+                     log: Callable[[dict[str, float]], None] | None = None,
+                     progress: Progress = no_progress) -> ExploraResult:
     """Continue self-supervised pre-training of ``model.backbone`` (pretrained weights
     loaded) on ``images_uint8`` [N, 3, S, S]; returns the merged backbone state."""
     if len(images_uint8) < 2:
@@ -176,6 +179,7 @@ def pretrain_explora(model: RoadworkClassifier, images_uint8: np.ndarray, cfg: T
                                                 pct_start=0.1)
     center = torch.zeros(cfg.explora_prototypes, device=device)
     history: list[dict[str, float]] = []
+    progress(PROGRESS_STAGE, 0, cfg.explora_epochs)
     for epoch in range(1, cfg.explora_epochs + 1):
         student.train()
         t0, total, kl = time.perf_counter(), 0.0, 0.0
@@ -205,6 +209,7 @@ def pretrain_explora(model: RoadworkClassifier, images_uint8: np.ndarray, cfg: T
                "ssl_kl": kl / len(images_uint8),
                "seconds": time.perf_counter() - t0}
         history.append(row)
+        progress(PROGRESS_STAGE, epoch, cfg.explora_epochs)
         if log is not None:
             log(row)
     merge_adapters(model.cpu().eval())

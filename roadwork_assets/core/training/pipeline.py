@@ -180,14 +180,14 @@ def train_checkpoint(
     source_w = caches["train"].get("sample_weight")  # dataset.source_balance, when set
     if cfg.mode == "frozen":
         result = fit_linear_probe(model, cfg, train_x, train_y, sel_x, sel_y, log=log,
-                                  source_weights=source_w)
+                                  source_weights=source_w, progress=progress)
     elif cfg.mode in ADAPTER_MODES:  # lora / dora / explora: adapters, merged (core.training.adapters)
         adapted = {}
         if cfg.mode == "explora":
             state, adapted = adapted_state_for(adapted_backbone, cfg, next(iter(assignment)))
             model.backbone.load_state_dict(state)
         result, adapter = fit_adapters(model, cfg, train_x, train_y, sel_x, sel_y, log=log,
-                                       source_weights=source_w)
+                                       source_weights=source_w, progress=progress)
         adapter.update(adapted)
     else:
         result = fit_end_to_end(model, cfg, train_x, train_y, sel_x, sel_y, log=log,

@@ -212,7 +212,7 @@ def _micro_batch(loop: _Loop, xs: np.ndarray, ys: torch.Tensor, idx: torch.Tenso
     """(augmented images, soft targets, loss normaliser) of one micro-batch. ``xs`` may
     be a memory-mapped cache: only this micro-batch's rows are read."""
     cfg = loop.cfg
-    rows = xs[idx.numpy()]
+    rows = np.asarray(xs[idx.numpy()])  # a memmap's rows, an array's, or a tensor's
     if cfg.augment == "validator":
         raw = validator_augment_batch(rows, seed=cfg.seed, epoch=epoch, indices=idx.tolist())
         xb = to_float(torch.from_numpy(raw))
@@ -351,6 +351,7 @@ def fit_linear_probe(
     select_y: np.ndarray,
     log: Any = None,
     source_weights: np.ndarray | None = None,
+    progress: Progress = no_progress,
 ) -> TrainResult:
     """L2 logistic regression on frozen embeddings; C swept on val_select NLL.
 
@@ -368,6 +369,7 @@ def fit_linear_probe(
     xsel = select_emb[:, 0]
     best: dict[str, Any] = {"nll": math.inf}
     history = []
+    progress("probe C sweep", 0, len(cfg.probe_cs))
     for i, c in enumerate(cfg.probe_cs, start=1):
         clf = LogisticRegression(C=c, max_iter=2000, class_weight="balanced")
         clf.fit((xtr - mu) / sd, ytr,
@@ -376,6 +378,7 @@ def fit_linear_probe(
         metrics = _selection_metrics(np.stack([np.zeros_like(z), z], axis=1), select_y)
         row = {"epoch": i, "C": c, **{f"val_select_{k}": val for k, val in metrics.items()}}
         history.append(row)
+        progress("probe C sweep", i, len(cfg.probe_cs))
         if log is not None:
             log(row)
         if metrics["nll"] < best["nll"]:

@@ -18,6 +18,7 @@ from roadwork_assets.core.training.adapted_backbone import (
     load_adapted_backbone,
 )
 from roadwork_assets.defs.asset_paths import asset_path
+from roadwork_assets.defs.console import progress_reporter
 from roadwork_assets.defs.partitions import TRAIN_ONLY
 from roadwork_assets.defs.promotion import StagedFiles, materialize_result
 from roadwork_assets.defs.resources import ArtifactRegistryResource, DatasetSource, TrainerResource
@@ -57,7 +58,8 @@ def adapted_backbone(
 
     cfg.apply_threads()
     meta = build_adapted_backbone(embeddings["train"], cfg, staged_path(dest),
-                                  forbidden_roots=labelled, log=log)
+                                  forbidden_roots=labelled, log=log,
+                                  progress=progress_reporter(context))
     history = meta.history
     return materialize_result(
         context, StagedFiles.at(dest), checks=[_adapted_check(staged_path(dest))],

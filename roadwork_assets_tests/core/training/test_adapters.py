@@ -168,8 +168,11 @@ def test_merged_checkpoint_loads_and_exports_onnx_without_peft(tmp_path):
                 "data_version": np.array(f"d-{split}"), "assignment_version": np.array("a1")}
 
     dest = tmp_path / "model.pt"
+    calls = []
     train_checkpoint({"train": cache(x[:48], y[:48], "train"),
-                      "val_select": cache(x[48:], y[48:], "val_select")}, cfg, dest)
+                      "val_select": cache(x[48:], y[48:], "val_select")}, cfg, dest,
+                     progress=lambda *c: calls.append(c))
+    assert calls[0] == ("train epochs", 0, 1) and calls[-1] == ("train epochs", 1, 1)  # LoRA too
     script = textwrap.dedent(f"""
         import sys
         sys.modules["peft"] = None  # any peft import now fails

@@ -65,7 +65,9 @@ def test_frozen_dinov2_loads_local_weights_and_never_updates_them(tmp_path, weig
         assert summary["shape"] == [len(part), 2, 384]
         caches[split] = read_npz(dest)
     ckpt = tmp_path / "model.pt"
-    result = train_checkpoint(caches, cfg, ckpt)
+    calls = []
+    result = train_checkpoint(caches, cfg, ckpt, progress=lambda *c: calls.append(c))
+    assert calls == [("probe C sweep", i, 2) for i in range(3)]  # probe_cs=[0.1, 1.0]
     payload = load_checkpoint(ckpt)
     assert payload["mode"] == "frozen" and payload["backbone_name"] == DINO
     # the backbone in the checkpoint is exactly the file's weights (pos_embed resampled

@@ -52,7 +52,10 @@ def test_self_distillation_closes_the_kl_and_trains_one_block_plus_lora(tmp_path
     model = build_classifier(VIT, img_size=IMG, weights_path=weights)
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     x, _ = easy_images(128)
-    result = pretrain_explora(model, x, cfg)
+    calls = []
+    result = pretrain_explora(model, x, cfg, progress=lambda *c: calls.append(c))
+    epochs = cfg.explora_epochs
+    assert calls == [("explora epochs", e, epochs) for e in range(epochs + 1)]
     kl = [row["ssl_kl"] for row in result.history]
     assert kl[-1] < kl[0], result.history  # the student closes on the teacher
     assert result.unfrozen_blocks == [len(model.backbone.blocks) - 1]
