@@ -40,6 +40,13 @@ class TrainerConfig(AdapterSettings):
     n_views: int = Field(2, ge=1, le=4, description="test-time views stored per image")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None = torch default")
+    launcher: Literal["in_process", "torchrun"] = Field(
+        "in_process", description="how the checkpoint step trains: in_process (in the "
+        "Dagster step) or torchrun (an external `torchrun --standalone` process launched "
+        "through Dagster Pipes, DistributedDataParallel over nproc_per_node ranks; gloo on "
+        "CPU, nccl on CUDA; docs/scaling.md)")
+    nproc_per_node: int = Field(1, ge=1, le=64, description="launcher=torchrun: ranks "
+                                "(processes; one GPU each on CUDA) on this node")
     compile: bool = Field(False, description="torch.compile the model for training, embedding "
                           "and logits (core.training.compile)")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune",

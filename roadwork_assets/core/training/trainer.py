@@ -33,6 +33,7 @@ from roadwork_assets.contracts.errors import BadInputError
 from roadwork_assets.core.data.transforms import make_views, to_float
 from roadwork_assets.core.models.classifier import RoadworkClassifier, freeze_backbone
 from roadwork_assets.core.progress import Progress, no_progress
+from roadwork_assets.core.training import distributed
 from roadwork_assets.core.training.augment import (
     light_augment,
     validator_augment_batch,
@@ -192,9 +193,11 @@ def _class_weights(cfg: TrainerConfig, train_y: np.ndarray, device: torch.device
 def _make_loop(model: RoadworkClassifier, cfg: TrainerConfig, train_y: np.ndarray) -> _Loop:
     device = cfg.resolved_device()
     model.to(device)
-    step_model = compiled(model, cfg)
+    # under torchrun: DDP replica (gradients averaged over ranks); else the model itself
+    step_model = compiled(distributed.wrap(model, device), cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(train_y) / (cfg.batch_size * cfg.grad_accum_steps))
+    steps_per_epoch = math.ceil(distributed.shard_len(len(train_y))
+                                / (cfg.batch_size * cfg.grad_accum_steps))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr,
                                                 total_steps=steps_per_epoch * cfg.epochs,
                                                 pct_start=0.15)
@@ -299,7 +302,8 @@ def fit_end_to_end(
         weights = sample_weights(train_y, class_balanced=cfg.sampler == "class_balanced",
                                  hard_negatives=hard, hard_negative_factor=cfg.hard_negative_factor,
                                  base=source_weights)
-        train_loss = _train_epoch(loop, train_x, ys, epoch_indices(weights, loop.gen), epoch)
+        train_loss = _train_epoch(loop, train_x, ys,
+                                  distributed.shard(epoch_indices(weights, loop.gen)), epoch)
         scored = loop.ema.model if loop.ema is not None else model
         sel_logits = predict_view_logits(scored, select_views, n_views=1,
                                          batch_size=cfg.batch_size * 2, device=loop.device,

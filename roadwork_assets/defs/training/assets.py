@@ -28,6 +28,7 @@ from roadwork_assets.defs.promotion import StagedFiles, materialize_result
 from roadwork_assets.defs.resources import ArtifactRegistryResource, TrainerResource
 from roadwork_assets.defs.split_reads import split_reads_check_spec
 from roadwork_assets.defs.tracking import MlflowTracking
+from roadwork_assets.defs.training.torchrun_launch import train_with_torchrun
 
 
 @dg.asset(
@@ -105,9 +106,14 @@ def checkpoint(
             run.log(metrics={k: v for k, v in row.items() if k != "epoch"},
                     step=int(row.get("epoch", 0)))
 
-        result = train_checkpoint(embeddings, cfg, staged, log=log,
-                                  adapted_backbone=adapted_backbone,
-                                  progress=progress_reporter(context))
+        launched: dict[str, object] = {}
+        if cfg.launcher == "torchrun":  # external DDP process through Dagster Pipes
+            result, launched = train_with_torchrun(context, cfg, artifacts.registry, staged,
+                                                   adapted_backbone, log=log)
+        else:
+            result = train_checkpoint(embeddings, cfg, staged, log=log,
+                                      adapted_backbone=adapted_backbone,
+                                      progress=progress_reporter(context))
         run.log(metrics={f"best_{k}": v for k, v in result.select_metrics.items()},
                 tags={"roadwork.checkpoint_sha256": file_sha256(staged)})
     loaded = _checkpoint_check(staged)
@@ -117,6 +123,7 @@ def checkpoint(
         metadata={
             "mode": cfg.mode,
             "backbone": cfg.backbone,
+            **launched,
             "epoch": result.epoch,
             "epochs_run": len(result.history),
             "best_metric": dg.MetadataValue.float(result.best_metric),
