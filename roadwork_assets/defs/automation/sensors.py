@@ -90,7 +90,7 @@ def build_drift_sensor(job: dg.JobDefinition) -> dg.SensorDefinition:
         meta = mat.metadata if mat is not None else {}
         verdict = meta[VERDICT_KEY].value if VERDICT_KEY in meta else None
         if verdict != DRIFTED:
-            return dg.SkipReason(f"drift materialization {asset_event.storage_id}: verdict "
+            return dg.SkipReason(f"drift materialized by run {asset_event.run_id}: verdict "
                                  f"{verdict!r}, no retrain")
         busy = active_retrain(context.instance)
         if busy:  # it ends by re-materializing drift with the new bundle
@@ -100,6 +100,6 @@ def build_drift_sensor(job: dg.JobDefinition) -> dg.SensorDefinition:
         return dg.RunRequest(
             run_key=f"drift-{incoming}-{_data_digest(dataset)}", job_name=RETRAIN_JOB,
             tags={TRIGGER_TAG: "drift", "roadwork/drift": "; ".join(reasons)[:200],
-                  "roadwork/drift_materialization": str(asset_event.storage_id)})
+                  "roadwork/drift_run": str(asset_event.run_id)})
 
     return drift_retrain
