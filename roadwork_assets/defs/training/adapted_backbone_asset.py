@@ -7,9 +7,9 @@ it was not used, in milliseconds, so the default run costs what it did.
 """
 
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
-import numpy as np
 
 from roadwork_assets.contracts.errors import ArtifactIntegrityError
 from roadwork_assets.core.artifacts import code_version, staged_path
@@ -43,7 +43,7 @@ ADAPTED_CHECK = "adapted_backbone_loadable"
 )
 def adapted_backbone(
     context: dg.AssetExecutionContext,
-    embeddings: dict[str, dict[str, np.ndarray]],
+    embeddings: dict[str, dict[str, Any]],  # features memory-mapped (read_embeddings)
     artifacts: ArtifactRegistryResource,
     trainer: TrainerResource,
     dataset: DatasetSource,

@@ -1,6 +1,7 @@
 """Training assets: embeddings[split] -> checkpoint (train + val_select) -> logits[split]."""
 
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import numpy as np
@@ -88,7 +89,7 @@ CHECKPOINT_CHECK = "checkpoint_loadable"
 )
 def checkpoint(
     context: dg.AssetExecutionContext,
-    embeddings: dict[str, dict[str, np.ndarray]],
+    embeddings: dict[str, dict[str, Any]],  # features memory-mapped (read_embeddings)
     adapted_backbone: Path,
     artifacts: ArtifactRegistryResource,
     trainer: TrainerResource,
@@ -168,7 +169,7 @@ LOGITS_CHECK = "logits_finite_and_aligned"
 def logits(
     context: dg.AssetExecutionContext,
     checkpoint: dict,
-    embeddings: dict[str, np.ndarray],
+    embeddings: dict[str, Any],  # features memory-mapped (read_embeddings)
     split_manifest: pd.DataFrame,
     artifacts: ArtifactRegistryResource,
     trainer: TrainerResource,

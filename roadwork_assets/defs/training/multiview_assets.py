@@ -3,6 +3,7 @@ of the stage-1 model, ten forward passes per image, computed once) -> multiview_
 (aggregator fit on train views, chosen on val_select) -> multiview_logits[split]."""
 
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import numpy as np
@@ -43,7 +44,7 @@ _ALIGNED = "finite; one row per split_manifest item, same order and labels"
 def multiview_views(
     context: dg.AssetExecutionContext,
     checkpoint: dict,
-    embeddings: dict[str, np.ndarray],
+    embeddings: dict[str, Any],  # features memory-mapped (read_embeddings)
     split_manifest: pd.DataFrame,
     artifacts: ArtifactRegistryResource,
 ):
