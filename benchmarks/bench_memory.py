@@ -14,6 +14,8 @@ with the dataset, through the same core functions the Dagster assets call:
   manager hands them over (``read_embeddings``: memory-mapped), val_select scored every
   epoch, checkpoint written;
 - ``logits``: ``compute_logits`` of both splits from that checkpoint.
+- ``legacy_embed`` (for contrast, alone): what ``compute_embeddings`` did before the
+  streaming cache: ``load_model_arrays`` of the whole split, then ``atomic_write_npz``.
 
 The child reports ``ru_maxrss`` (peak resident set, file-backed mapped pages included)
 after each step; the parent prints them for every size and the ratio largest/smallest.
@@ -114,6 +116,20 @@ def child(args: argparse.Namespace) -> dict:
                                "seconds": round(time.perf_counter() - t0, 1), **rss_now_mib()}
         print(f"[child {n}] {name}: {out['phases'][name]}", file=sys.stderr, flush=True)
 
+    if "legacy_embed" in args.phases:
+        from roadwork_assets.core.artifacts import atomic_write_npz
+        from roadwork_assets.core.data.transforms import load_model_arrays
+
+        t0 = time.perf_counter()
+        for split, part in splits.items():
+            whole = load_model_arrays(part["uri"].tolist(), part["item_id"].tolist(),
+                                      args.img_size)
+            atomic_write_npz(reg.embeddings(split), features=whole,
+                             labels=part["label"].to_numpy())
+            del whole
+        mark("legacy_embed", t0)
+        out["peak_rss_mib"] = round(peak_rss_mib(), 1)
+        return out
     if "embed" in args.phases:
         t0 = time.perf_counter()
         for split, part in splits.items():
@@ -142,7 +158,7 @@ def main() -> None:
     parser.add_argument("--source-size", type=int, default=320)
     parser.add_argument("--distinct", type=int, default=1000)
     parser.add_argument("--phases", nargs="+", default=["embed", "train", "logits"],
-                        choices=["embed", "train", "logits"])
+                        choices=["embed", "train", "logits", "legacy_embed"])
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None)
