@@ -187,3 +187,27 @@ def test_new_data_keeps_every_existing_image_in_its_split(tmp_path, instance):
     assert after.loc[before.index].equals(before), "an existing image moved split"
     assert set(after.drop(before.index)) - {"train", "val_select", "val_calib", "val_test"} == set()
     assert os.path.exists(reg.split_assignment)
+
+
+def test_retrain_job_runs_every_stage_as_its_own_run_on_the_instance(tmp_path, instance):
+    """The job's mechanism on a three-asset graph (the full one is the runner's own
+    tests' business): one op that runs each stage, and each split, as a run of the
+    job's instance, and holds the ROADWORK_HOME lock while it does."""
+    from roadwork_assets.core.runlock import LOCK_NAME
+    from roadwork_assets.defs.automation.jobs import build_retrain_job
+    from roadwork_assets.defs.data.assets import split_manifest
+
+    data = _class_folders(tmp_path / "data", 60)
+    resources = dict(_defs(tmp_path, data).resources)
+    graph = dg.Definitions(assets=[source_images, split_assignment, split_manifest],
+                           resources=resources)
+    job = build_retrain_job(lambda: graph)
+    result = job.execute_in_process(instance=instance, tags={TRIGGER_TAG: "test"})
+    assert result.success
+    stage_runs = result.output_for_node("materialize_graph")
+    assert len(stage_runs) == 1 + 4  # source_images + split_assignment, then 4 splits
+    for run_id in stage_runs:
+        assert instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.SUCCESS
+    keys = instance.get_materialized_partitions(dg.AssetKey("split_manifest"))
+    assert keys == {"train", "val_select", "val_calib", "val_test"}
+    assert "dagster job retrain" in (tmp_path / "home" / LOCK_NAME).read_text()
