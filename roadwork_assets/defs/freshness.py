@@ -30,7 +30,7 @@ from roadwork_assets.core.artifacts import ArtifactRegistry, file_sha256, settin
 from roadwork_assets.core.data.source_stamp import source_stamp
 from roadwork_assets.core.data.sources import parse_source_specs
 from roadwork_assets.defs.data.assets import SOURCE_STAMP_KEY
-from roadwork_assets.defs.promotion import SETTINGS_GROUPS, SETTINGS_KEY
+from roadwork_assets.defs.promotion import SETTINGS_KEY
 
 
 @dataclass(frozen=True)
@@ -48,13 +48,6 @@ class Expected:
                    else [registry.default_dataset_dir / "manifest.csv"])
         return cls({g: settings_sha256(dict(v)) for g, v in values.items()},
                    source_stamp(*sources))
-
-    @classmethod
-    def of_resources(cls, resources: Mapping[str, Any]) -> Expected:
-        """From Definitions' resources (tests, `materialize_all` without run config)."""
-        values = {g: {k: getattr(resources[g], k) for k in type(resources[g]).model_fields}
-                  for g in SETTINGS_GROUPS if g in resources}
-        return cls.of(values, resources["artifacts"].registry)
 
 
 class FreshnessJudge:
