@@ -77,6 +77,6 @@ def test_stages_follow_the_asset_graph(tmp_path):
         runner.Stage(("multiview_checkpoint", "thresholds", "gate_params", "conformal_sets"),
                      partitioned=False),
         runner.Stage(("multiview_logits",), partitioned=True),
-        runner.Stage(("cascade_policy", "bundle", "test_report"), partitioned=False),
+        runner.Stage(("cascade_policy", "bundle", "test_report", "drift"), partitioned=False),
     )
     assert runner.stages(TOY_DEFS) == (runner.Stage(("toy", "downstream"), partitioned=False),)
