@@ -14,6 +14,7 @@ policy. Steps run one at a time per process (in-process executor) or one per pro
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import dagster as dg
@@ -62,12 +63,19 @@ def split_reads_check_spec(asset_name: str) -> dg.AssetCheckSpec:
 
 def _definitions_graph(context: dg.AssetExecutionContext):
     """The whole code location's asset graph: a run's job sees only its selection, and
-    taint comes from ancestors that are not in it."""
-    try:
-        return context.repository_def.asset_graph
-    except CheckError:  # execute_in_process / materialize set no repository
-        graph = context.job_def.asset_layer.asset_graph
-        return getattr(graph, "source_asset_graph", graph)
+    taint comes from ancestors that are not in it.
+
+    Two places hold it: the graph the job was resolved from (``source_asset_graph`` of
+    its selection-scoped graph) and the repository's. Neither is always whole:
+    execute_in_process / materialize set no repository, and a job reconstructed on its
+    own in a step process (multiprocess executor over ``dg.reconstructable(job_fn)``)
+    sits in a synthetic repository whose asset graph is empty, which made every load
+    "lineage unknown". The larger of the two is the location's graph."""
+    graph = context.job_def.asset_layer.asset_graph
+    candidates = [getattr(graph, "source_asset_graph", graph)]
+    with contextlib.suppress(CheckError):  # execute_in_process sets no repository
+        candidates.append(context.repository_def.asset_graph)
+    return max(candidates, key=lambda g: len(g.get_all_asset_keys()))
 
 
 def split_reads_result(
