@@ -192,3 +192,34 @@ def open_npz(path: Path, mapped: tuple[str, ...], what: str, fix: str) -> dict[s
         ) from exc
     return out
 
+
+
+class ConcatRows:
+    """Several row arrays (``MappedRows`` or ndarrays with one row shape) read as one:
+    ``x[index_array]`` gathers the rows from whichever part holds them, never
+    concatenating the parts in memory."""
+
+    def __init__(self, parts: list[Any]) -> None:
+        shapes = {tuple(p.shape[1:]) for p in parts}
+        if len(shapes) != 1:
+            raise ValueError(f"parts have different row shapes {sorted(shapes)}")
+        self._parts = parts
+        self._ends = np.cumsum([len(p) for p in parts])
+        self.shape = (int(self._ends[-1]), *shapes.pop())
+        self.dtype = np.result_type(*[p.dtype for p in parts])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if hasattr(key, "numpy"):
+            key = key.numpy()
+        idx = np.arange(len(self))[key]
+        out = np.empty((*np.shape(idx), *self.shape[1:]), dtype=self.dtype)
+        part_of = np.searchsorted(self._ends, idx, side="right")
+        for p, part in enumerate(self._parts):
+            hit = np.flatnonzero(part_of == p)
+            if len(hit):
+                start = self._ends[p] - len(part)
+                out[hit] = part[idx[hit] - start]
+        return out

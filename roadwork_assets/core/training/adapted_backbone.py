@@ -11,8 +11,11 @@ split assignment (another assignment's train split may hold this one's val image
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +29,13 @@ from roadwork_assets.contracts.adaptation_schemas import (
 )
 from roadwork_assets.contracts.errors import ArtifactIntegrityError, BadInputError, LeakageError
 from roadwork_assets.core.artifacts import atomic_torch_save, code_version, combine_versions, file_sha256
-from roadwork_assets.core.data.transforms import load_model_arrays
+from roadwork_assets.core.data.array_cache import (
+    ConcatRows,
+    MappedRows,
+    open_npz,
+    streaming_npz,
+)
+from roadwork_assets.core.data.transforms import iter_model_batches
 from roadwork_assets.core.models.classifier import RoadworkClassifier, create_backbone
 from roadwork_assets.core.progress import Progress, no_progress
 from roadwork_assets.core.training.config import TrainerConfig
@@ -87,13 +96,13 @@ def build_adapted_backbone(train_cache: dict[str, np.ndarray], cfg: TrainerConfi
     images = _train_images(train_cache, cfg)
     files = unlabelled_images(cfg.explora_unlabelled_dir, forbidden_roots) \
         if cfg.explora_unlabelled_dir else []
-    if files:
-        extra = load_model_arrays([str(f) for f in files], [f.name for f in files], cfg.img_size)
-        images = np.concatenate([images, extra])
     model = RoadworkClassifier(create_backbone(cfg.backbone, img_size=cfg.img_size,
                                                weights_path=cfg.weights_path,
                                                attn_impl=cfg.attn_impl))
-    result = pretrain_explora(model, images, cfg, log=log, progress=progress)
+    with _unlabelled_rows(files, cfg, dest, progress) as extra:
+        if extra is not None:
+            images = ConcatRows([images, extra])
+        result = pretrain_explora(model, images, cfg, log=log, progress=progress)
     settings = {k: v for k, v in cfg.model_dump().items() if k.startswith(("explora_", "lora_"))}
     meta = AdaptedBackboneMeta(
         used=True, reason="trainer.mode=explora", objective=OBJECTIVE,
@@ -106,6 +115,29 @@ def build_adapted_backbone(train_cache: dict[str, np.ndarray], cfg: TrainerConfi
         history=result.history, **common)
     atomic_torch_save(dest, {**meta.model_dump(), STATE: result.state_dict})
     return meta
+
+
+@contextlib.contextmanager
+def _unlabelled_rows(files: list[Path], cfg: TrainerConfig, dest: Path,
+                     progress: Progress) -> Iterator[MappedRows | None]:
+    """The unlabelled folder decoded once into a temporary memory-mapped cache beside
+    ``dest`` (a folder may hold far more images than fit in memory); removed on exit,
+    and by ``collect_dead_leftovers`` if this process is killed (its name holds the pid)."""
+    if not files:
+        yield None
+        return
+    tmp = Path(dest).with_name(f".{Path(dest).name}.tmp-{os.getpid()}-unlabelled.npz")
+    try:
+        with streaming_npz(tmp) as out, \
+                out.rows("features", (len(files), 3, cfg.img_size, cfg.img_size), np.uint8) as rows:
+            for _, batch in iter_model_batches([str(f) for f in files], [f.name for f in files],
+                                               cfg.img_size, batch_size=cfg.batch_size,
+                                               progress=progress, stage="decode unlabelled"):
+                rows.write(batch)
+        yield open_npz(tmp, ("features",), "explora unlabelled images",
+                       "rerun adapted_backbone")["features"]
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_adapted_backbone(path: Path) -> tuple[AdaptedBackboneMeta, dict[str, torch.Tensor]]:

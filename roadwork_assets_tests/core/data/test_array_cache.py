@@ -228,3 +228,18 @@ def test_killed_writer_leaves_no_cache_only_a_collectable_temporary(tmp_path):
     left = list(dest.parent.iterdir())
     assert len(left) == 1 and left[0].name.startswith(".train.npz.tmp-")
     assert collect_dead_leftovers(tmp_path) == left and not any(dest.parent.iterdir())
+
+
+def test_concatenated_rows_gather_across_parts_like_one_array(tmp_path):
+    from roadwork_assets.core.data.array_cache import ConcatRows
+
+    a = np.arange(5 * 4, dtype=np.uint8).reshape(5, 4)
+    with streaming_npz(tmp_path / "b.npz") as out, out.rows("features", (3, 4), np.uint8) as rows:
+        rows.write(100 + np.arange(12, dtype=np.uint8).reshape(3, 4))
+    b = open_npz(tmp_path / "b.npz", ("features",), "b", "rebuild")["features"]
+    both = ConcatRows([a, b])
+    whole = np.concatenate([a, np.asarray(b)])
+    assert len(both) == 8 and both.shape == (8, 4)
+    order = torch.randperm(8, generator=torch.Generator().manual_seed(0))
+    assert np.array_equal(both[order], whole[order.numpy()])
+    assert np.array_equal(both[3:7], whole[3:7])
