@@ -140,23 +140,28 @@ def test_checkpoint_like_asset_reading_thresholds_is_refused(tmp_path, monkeypat
 
 
 def test_bundle_depending_on_anything_tainted_by_val_test_is_refused(tmp_path):
-    @dg.asset(name="bundle", deps=["checkpoint", "thresholds", "drift"])
+    @dg.asset(name="bundle", deps=["checkpoint", "thresholds", "test_peek"])
     def bundle():
         return None
 
-    @dg.asset(name="drift", deps=[dg.AssetDep("logits", partition_mapping=FINAL_EVALUATION_SPLITS)])
-    def drift():
+    # not named "drift": the real drift asset (final evaluation, reads val_test) exists
+    @dg.asset(name="test_peek",
+              deps=[dg.AssetDep("logits", partition_mapping=FINAL_EVALUATION_SPLITS)])
+    def test_peek():
         return None
 
     assets = [a for a in ALL_ASSETS if "bundle" not in {k.to_user_string() for k in a.keys}]
-    g = dg.Definitions(assets=[*assets, bundle, drift],
+    g = dg.Definitions(assets=[*assets, bundle, test_peek],
                        resources=tiny_resources(tmp_path)).resolve_asset_graph()
     problems = audit_taint(g)
-    assert problems == [
-        ("asset 'bundle' input 'drift' carries split 'val_test' (taint: drift <- "
-         "logits[val_test]); export may never see ['val_test'], not even through a derived "
-         "asset: remove that input, or re-derive it without 'val_test'")
-    ]
+    assert problems[0] == (
+        "asset 'bundle' input 'test_peek' carries split 'val_test' (taint: test_peek <- "
+        "logits[val_test]); export may never see ['val_test'], not even through a derived "
+        "asset: remove that input, or re-derive it without 'val_test'")
+    # and every reader of the bundle that may never see val_test is refused with it
+    readers = {p.split("'")[1] for p in problems[1:]}
+    assert "label_queue" in readers  # (and bundle_int8, whose policy row forbids it too)
+    assert all("input 'bundle' carries split 'val_test'" in p for p in problems[1:])
 
 
 # ----------------------------------------------------------------------------- run time
