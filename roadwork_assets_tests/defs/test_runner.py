@@ -77,6 +77,7 @@ def test_stages_follow_the_asset_graph(tmp_path):
         runner.Stage(("multiview_checkpoint", "thresholds", "gate_params", "conformal_sets"),
                      partitioned=False),
         runner.Stage(("multiview_logits",), partitioned=True),
-        runner.Stage(("cascade_policy", "bundle", "test_report", "drift"), partitioned=False),
+        runner.Stage(("cascade_policy", "bundle", "test_report", "drift", "label_queue"),
+                     partitioned=False),
     )
     assert runner.stages(TOY_DEFS) == (runner.Stage(("toy", "downstream"), partitioned=False),)
