@@ -22,13 +22,20 @@ from pydantic import Field
 from roadwork_assets.contracts.errors import InsufficientDataError
 from roadwork_assets.core.artifacts import (
     atomic_write_json,
+    atomic_write_npz,
     code_version,
     combine_versions,
     frame_fingerprint,
+    read_npz,
     staged_path,
 )
 from roadwork_assets.core.evaluation.drift import DriftConfig, DriftDetector, DriftReport
-from roadwork_assets.core.evaluation.drift_inputs import list_images, score_images, subsample
+from roadwork_assets.core.evaluation.drift_inputs import (
+    ScoredImages,
+    list_images,
+    score_images,
+    subsample,
+)
 from roadwork_assets.core.export.bundle import load_bundle
 from roadwork_assets.core.export.predictor import BundlePredictor
 from roadwork_assets.defs.asset_paths import asset_path
@@ -89,16 +96,36 @@ def _report_metadata(report: DriftReport) -> dict[str, dg.MetadataValue]:
     return out
 
 
+def _reference(context, predictor, paths: list[str], folder: Path,
+               key: dict[str, str]) -> ScoredImages:
+    """val_test scored by this bundle: computed once per (bundle, val_test, code) and
+    kept beside the report, since every drift check of one bundle compares with it."""
+    name = f"reference-{combine_versions({**key, 'code': code_version()})[:16]}.npz"
+    cache = folder / name
+    if cache.exists():
+        data = read_npz(cache)
+        return ScoredImages(data["scores"], data["embeddings"])
+    reference = score_images(predictor, paths)
+    if reference.failed:
+        context.log.warning(f"{len(reference.failed)} val_test image(s) unreadable, left "
+                            f"out of the reference, e.g. {next(iter(reference.failed.items()))}")
+    atomic_write_npz(cache, scores=reference.scores, embeddings=reference.embeddings)
+    for old in folder.glob("reference-*.npz"):  # another bundle's: never read again
+        if old.name != name:
+            old.unlink(missing_ok=True)
+    return reference
+
+
 def _not_checked(context, dest: Path, why: str, thresholds: dict) -> dg.MaterializeResult:
     context.log.info(f"drift not checked: {why}")
     atomic_write_json(staged_path(dest), {VERDICT_KEY: NOT_CHECKED, "why": why})
     check = dg.AssetCheckResult(check_name=DRIFT_CHECK, passed=True,
                                 severity=dg.AssetCheckSeverity.WARN,
                                 description=f"not checked: {why}")
-    return materialize_result(
-        context, StagedFiles.at(dest), data_version=None, checks=[check],
+    return _with_warning(materialize_result(
+        context, StagedFiles.at(dest), data_version=None,
         metadata={VERDICT_KEY: NOT_CHECKED, "why": why,
-                  "thresholds": dg.MetadataValue.json(thresholds)})
+                  "thresholds": dg.MetadataValue.json(thresholds)}), check)
 
 
 @dg.asset(
@@ -139,7 +166,10 @@ def drift(
     incoming = score_images(predictor, incoming_paths)
     for path, why in list(incoming.failed.items())[:10]:
         context.log.warning(f"incoming image skipped: {path}: {why}")
-    reference = score_images(predictor, reference_paths)
+    reference = _reference(context, predictor, reference_paths,
+                           dest.parent, key={"bundle": loaded.manifest.bundle_id,
+                                             "val_test": frame_fingerprint(manifest),
+                                             "max_images": str(config.max_images)})
     try:
         report = DriftDetector(cfg).fit(reference.scores, reference.embeddings).compare(
             incoming.scores, incoming.embeddings)
@@ -160,8 +190,8 @@ def drift(
     version = combine_versions({"bundle": loaded.manifest.bundle_id,
                                 "split_manifest[val_test]": frame_fingerprint(manifest),
                                 "incoming": incoming_version})
-    return materialize_result(
-        context, StagedFiles.at(dest), data_version=version, checks=[check],
+    result = materialize_result(
+        context, StagedFiles.at(dest), data_version=version,
         metadata={VERDICT_KEY: report.verdict,
                   "reasons": dg.MetadataValue.json(report.reasons()),
                   **_report_metadata(report),
@@ -170,3 +200,13 @@ def drift(
                   "incoming_version": incoming_version,
                   "bundle_id": loaded.manifest.bundle_id,
                   "thresholds": dg.MetadataValue.json(thresholds)})
+    return _with_warning(result, check)
+
+
+def _with_warning(result: dg.MaterializeResult, check: dg.AssetCheckResult
+                  ) -> dg.MaterializeResult:
+    """Add the WARN check after promotion: ``materialize_result`` sets aside an artifact
+    whose checks fail, and a drift verdict is a finding to report, not a bad artifact."""
+    return dg.MaterializeResult(value=result.value, metadata=result.metadata,
+                                check_results=[*result.check_results, check],
+                                data_version=result.data_version)
