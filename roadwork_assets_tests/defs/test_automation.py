@@ -211,3 +211,24 @@ def test_retrain_job_runs_every_stage_as_its_own_run_on_the_instance(tmp_path, i
     keys = instance.get_materialized_partitions(dg.AssetKey("split_manifest"))
     assert keys == {"train", "val_select", "val_calib", "val_test"}
     assert "dagster job retrain" in (tmp_path / "home" / LOCK_NAME).read_text()
+
+
+def test_several_sources_are_watched_each_and_a_change_in_the_second_fires(tmp_path, instance):
+    first = _class_folders(tmp_path / "city", 3)
+    second = _class_folders(tmp_path / "rural", 2, seed=5)
+    spec = f"city={first}{os.pathsep}rural={second}"
+    defs = _defs(tmp_path, spec)
+    look = _tick(defs, instance, None)
+    assert look.run_requests == [] and "10 files, 10 rows recorded" in look.skip_message
+    assert "city: class folders + rural: class folders" in look.skip_message
+    assert _tick(defs, instance, look.cursor).run_requests == []
+
+    _images(second / "roadwork", ["late.png"], seed=9)  # only the second source changes
+    fired = _tick(defs, instance, look.cursor)
+    (request,) = fired.run_requests
+    assert request.tags["roadwork/change"].startswith("+1 files (10 -> 11)")
+
+    gone = _defs(tmp_path, f"city={first}{os.pathsep}rural={tmp_path / 'missing'}")
+    skipped = _tick(gone, instance, fired.cursor)
+    assert skipped.run_requests == [] and skipped.cursor == fired.cursor
+    assert "source 'rural'" in skipped.skip_message and "does not exist" in skipped.skip_message

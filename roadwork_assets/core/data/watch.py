@@ -1,7 +1,9 @@
 """What a data source holds now, in a few numbers: how a new-data sensor tells that
 ``ROADWORK_DATA`` gained files or rows without reading a single image.
 
-A snapshot is (layout, n_files, n_rows, digest). The digest is the sha256 of the sorted
+A snapshot is (layout, n_files, n_rows, digest). With several sources in
+``ROADWORK_DATA`` (:func:`snapshot_sources`) the counts are summed and the digest covers
+every source's name and digest, so a change in any one of them is a change. The digest is the sha256 of the sorted
 entries, each entry one file of the source:
 
 - class folders (``roadwork/``, ``none/``): every visible image file, as
@@ -29,7 +31,11 @@ from pydantic import BaseModel, ConfigDict
 
 from roadwork_assets.contracts.errors import BadInputError
 from roadwork_assets.core.artifacts import file_sha256
-from roadwork_assets.core.data.sources import CLASS_FOLDERS, IMAGE_EXTENSIONS
+from roadwork_assets.core.data.sources import (
+    CLASS_FOLDERS,
+    IMAGE_EXTENSIONS,
+    parse_source_specs,
+)
 
 
 class SourceSnapshot(BaseModel):
@@ -135,3 +141,26 @@ def snapshot_source(spec: str | Path) -> SourceSnapshot:
     if path.suffix.lower() == ".parquet":
         return _parquet([path], path.parent, "parquet file")
     raise BadInputError(f"data source {str(path)!r} is not a folder, .csv or .parquet file")
+
+
+def snapshot_sources(spec: str | Path) -> SourceSnapshot:
+    """The snapshot of everything ``ROADWORK_DATA`` names (``core.data.sources``'s
+    ``parse_source_specs``: one path, or several joined by ``os.pathsep``, each optionally
+    ``name=path``). One source gives exactly :func:`snapshot_source`'s snapshot, so a
+    cursor recorded before a second source was added still compares."""
+    specs = parse_source_specs(spec)
+    if not specs:
+        raise BadInputError("ROADWORK_DATA names no source: nothing to watch")
+    if len(specs) == 1:
+        return snapshot_source(specs[0].path)
+    parts = []
+    for s in specs:
+        try:
+            parts.append((s.name, snapshot_source(s.path)))
+        except BadInputError as exc:
+            raise BadInputError(f"source {s.name!r} of ROADWORK_DATA: {exc}") from exc
+    return SourceSnapshot(
+        layout=" + ".join(f"{name}: {snap.layout}" for name, snap in parts),
+        n_files=sum(snap.n_files for _, snap in parts),
+        n_rows=sum(snap.n_rows for _, snap in parts),
+        digest=_digest([(name, snap.digest) for name, snap in parts]))

@@ -21,7 +21,7 @@ import os
 import dagster as dg
 
 from roadwork_assets.contracts.errors import BadInputError
-from roadwork_assets.core.data.watch import SourceSnapshot, snapshot_source
+from roadwork_assets.core.data.watch import SourceSnapshot, snapshot_sources
 from roadwork_assets.defs.automation.jobs import RETRAIN_JOB, TRIGGER_TAG, active_retrain
 from roadwork_assets.defs.evaluation.drift_asset import VERDICT_KEY
 from roadwork_assets.defs.resources import DatasetSource
@@ -48,7 +48,7 @@ def build_new_data_sensor(job: dg.JobDefinition) -> dg.SensorDefinition:
             return dg.SkipReason("ROADWORK_DATA is not set: the generated default dataset "
                                  "never changes, nothing to watch")
         try:
-            now = snapshot_source(dataset.spec)
+            now = snapshot_sources(dataset.spec)
         except BadInputError as exc:
             return dg.SkipReason(f"cannot read the source, cursor kept: {exc}")
         before = SourceSnapshot.from_cursor(context.cursor)
@@ -74,7 +74,7 @@ def _data_digest(dataset: DatasetSource) -> str:
     if not dataset.spec:
         return "generated"
     try:
-        return snapshot_source(dataset.spec).digest[:16]
+        return snapshot_sources(dataset.spec).digest[:16]
     except BadInputError:
         return "unreadable"
 
