@@ -117,13 +117,16 @@ def materialize_result(
     data_version: str | None,
     metadata: Mapping[str, Any],
     checks: Sequence[dg.AssetCheckResult] = (),
+    reads: tuple[dict[str, object], dg.AssetCheckResult] | None = None,
 ) -> dg.MaterializeResult:
     """The end of every asset: its split-read check first, then ``checks``; promotion
     if all pass; one result with the path as value (the IO manager checks it), the
     asset's metadata plus path, reads and promotion metadata, ``data_version`` (the
     lineage version the artifact records) and the settings fingerprint; Dagster's data
-    version is the artifact's content (``content_version``)."""
-    reads_meta, reads_check = split_reads_result(context)
+    version is the artifact's content (``content_version``). ``reads``: the step's
+    ``split_reads_result``, when the asset needed its verdict earlier (it drains the
+    step's ledger, so it can be taken once)."""
+    reads_meta, reads_check = reads if reads is not None else split_reads_result(context)
     all_checks = [reads_check, *checks]
     path, promo = publish(context, artifact, all_checks)
     lineage = {"data_version": data_version} if data_version else {}

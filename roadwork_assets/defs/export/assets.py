@@ -10,7 +10,7 @@ from roadwork_assets.core.export.bundle import build_bundle, verify_bundle
 from roadwork_assets.defs.asset_paths import asset_path
 from roadwork_assets.defs.promotion import LatestBundle, materialize_result
 from roadwork_assets.defs.resources import ArtifactRegistryResource, ExitPolicyResource
-from roadwork_assets.defs.split_reads import split_reads_check_spec
+from roadwork_assets.defs.split_reads import split_reads_check_spec, split_reads_result
 from roadwork_assets.defs.tracking import MlflowTracking, log_bundle
 
 BUNDLE_CHECK = "one_policy_and_hashes_match"
@@ -69,15 +69,18 @@ def bundle(
         metadata={} if report is None else {
             k: dg.MetadataValue.float(v) for k, v in report.metadata().items()},
     )
-    # registered in MLflow, like `LATEST`, only when it passed its checks
+    # registered in MLflow, like `LATEST`, only when it passed its checks, the
+    # split-read check included (taken here, before registering)
+    reads = split_reads_result(context)
     run_id, version = log_bundle(mlflow, context, directory,
-                                 register=verified.passed and parity.passed,
+                                 register=verified.passed and parity.passed
+                                 and reads[1].passed,
                                  metrics={f"probe.{k}": v for k, v in extra.items()})
     # serving (`LATEST`) switches only to a bundle that passed its checks
     latest = LatestBundle(asset_path(reg, "bundle"), manifest.bundle_id, directory)
     return materialize_result(
         context, latest, data_version=manifest.provenance.data_version,
-        checks=[verified, parity],
+        checks=[verified, parity], reads=reads,
         metadata={
             "bundle_id": manifest.bundle_id,
             "bundle_dir": dg.MetadataValue.path(str(directory)),
