@@ -28,7 +28,7 @@ from roadwork_assets_tests.core.export.conftest import IMG
 from roadwork_assets_tests.core.export.test_cascade_bundle import forge
 
 
-def _calib_images(n: int = 400) -> np.ndarray:
+def _calib_images(n: int = 240) -> np.ndarray:
     return np.concatenate([probe_images_uint8(8, IMG, seed=s) for s in range(1, n // 8 + 1)])
 
 
@@ -166,7 +166,7 @@ def test_forged_probe_logits_are_refused_by_ort_rerun(int8, tmp_path):
 
 def test_failed_recertification_refuses_the_int8_bundle(int8, tmp_path):
     """alpha = 0.001 needs (0 + 1)/(n + 1) <= 0.001, i.e. 999 units with roadwork; the
-    threshold part has about a hundred: no lambda certifies, so nothing is published."""
+    threshold part has a few dozen: no lambda certifies, so nothing is published."""
     fp32, images, labels, _ = int8
     out = tmp_path / "bundles_int8"
     with pytest.raises(GuaranteeNotMet, match=r"no certified lambda at alpha = 0\.001"):
