@@ -26,6 +26,7 @@ from roadwork_assets.defs.partitions import split_partitions
 from roadwork_assets.defs.policy.assets import policy_assets
 from roadwork_assets.defs.resources import ArtifactRegistryResource, ExitPolicyResource
 from roadwork_assets.defs.split_reads import drain_reads
+from roadwork_assets.defs.tracking import MlflowTracking
 from roadwork_assets_tests.core.calibration.test_unfitted_policies import (
     _checkpoint,
     _few_negatives,
@@ -50,7 +51,10 @@ def _materialize(root, bundle_policy):
         selection=["thresholds", "gate_params", "conformal_sets", "bundle"],
         resources={"io_manager": RegistryIOManager(artifacts=artifacts), "artifacts": artifacts,
                    "exit_policy": ExitPolicyResource(alpha=0.05, bundle_policy=bundle_policy,
-                                                     export_onnx=False)},
+                                                     export_onnx=False),
+                   "mlflow": MlflowTracking(
+                       tracking_uri=ArtifactRegistry(root).mlflow_tracking_uri,
+                       artifact_root=str(ArtifactRegistry(root).mlflow_artifact_root))},
         raise_on_error=False,
     )
 
