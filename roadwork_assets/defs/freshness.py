@@ -27,8 +27,8 @@ import dagster as dg
 from dagster._core.definitions.data_version import StaleStatus
 
 from roadwork_assets.core.artifacts import ArtifactRegistry, file_sha256, settings_sha256
+from roadwork_assets.core.data.multi_source import parse_source_specs
 from roadwork_assets.core.data.source_stamp import source_stamp
-from roadwork_assets.core.data.sources import parse_source_specs
 from roadwork_assets.defs.data.assets import SOURCE_STAMP_KEY
 from roadwork_assets.defs.promotion import SETTINGS_KEY
 

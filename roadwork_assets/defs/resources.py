@@ -18,8 +18,8 @@ from pydantic import Field
 from roadwork_assets.core.artifacts import ArtifactRegistry
 from roadwork_assets.core.calibration.cascade import CascadeConfig
 from roadwork_assets.core.calibration.policy_config import PolicyFitConfig
+from roadwork_assets.core.data.multi_source import SourceSpec, parse_source_specs
 from roadwork_assets.core.data.similarity import NearDuplicateRule
-from roadwork_assets.core.data.sources import SourceSpec, parse_source_specs
 from roadwork_assets.core.data.splits import DEFAULT_FRACTIONS
 from roadwork_assets.core.training.config import DEFAULT_FROZEN_BACKBONE, TrainerConfig
 

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from roadwork_assets.contracts.errors import BadInputError, RoadworkError
 from roadwork_assets.core.artifacts import settings_record, settings_sha256
-from roadwork_assets.core.data.sources import parse_source_specs
+from roadwork_assets.core.data.multi_source import parse_source_specs
 from roadwork_assets.core.training.adapter_config import PRETRAINED_MODES
 from roadwork_assets.defs.resources import (
     DatasetSource,

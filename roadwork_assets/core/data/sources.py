@@ -18,20 +18,7 @@ silently: ``df.attrs["quarantine"]`` holds a list of ``{"item_id", "uri", "reaso
 dicts (plain dicts, so pandas can copy and compare attrs), read with
 :func:`source_quarantine`; :func:`~roadwork_assets.core.data.ingest.ingest_images`
 carries them into its quarantine table.
-
-Several sources at once (:func:`load_sources`): ``ROADWORK_DATA`` may name several
-sources separated by ``os.pathsep`` (``:`` on Linux/macOS, ``;`` on Windows), each
-optionally named ``name=path`` (default name: the path's last component without its
-suffix). :func:`parse_source_specs` is the one parser (pure string work, no I/O);
-:func:`load_sources` reads each source with :func:`load_source` and concatenates them
-with a ``source`` column (the name). The first source's group ids and item ids stay
-as written; every later source's group ids are namespaced ``<source>/<group_id>`` (two
-datasets' ``seq_01`` are different scenes; copies of one photo across sources are still
-merged by content, see ``core.data.splits``), and a later source's item id that another
-source also has is prefixed ``<source>:``. Keeping the first source as written is what
-lets a second source be added without changing the first one's group ids, which would
-re-split from scratch (``core.data.splits._consistent_previous``). One source reads
-exactly as before, plus the ``source`` column.
+Several sources at once: :mod:`roadwork_assets.core.data.multi_source`.
 """
 
 from __future__ import annotations
@@ -43,7 +30,6 @@ import posixpath
 import re
 import tempfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from numbers import Integral, Real
 from pathlib import Path
 
@@ -58,12 +44,8 @@ __all__ = [
     "GROUP_COLUMNS",
     "IMAGE_EXTENSIONS",
     "RECORD_COLUMNS",
-    "SOURCE_COLUMN",
-    "SourceSpec",
     "load_source",
-    "load_sources",
     "parse_labels",
-    "parse_source_specs",
     "read_class_folders",
     "read_manifest",
     "read_natix_parquet",
@@ -72,13 +54,12 @@ __all__ = [
 ]
 
 RECORD_COLUMNS = ("item_id", "uri", "label", "group_id")
-SOURCE_COLUMN = "source"  # added by load_sources: the name of the source a record came from
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 GROUP_COLUMNS = ("group_id", "scene_id", "sequence_id")  # first present wins
 CLASS_FOLDERS = {"roadwork": 1, "none": 0}
 NATIX_REQUIRED = ("label", "scene_description", "id")
 _MAX_LISTED = 10
-_LAYOUTS = (
+LAYOUTS_HELP = (
     "Accepted sources: (1) a folder with subfolders roadwork/ and/or none/ holding "
     "images; (2) a .csv or .parquet manifest with columns path, label and optionally "
     "group_id (or scene_id / sequence_id), paths relative to the manifest's folder; "
@@ -151,7 +132,7 @@ def _parse_one_label(value: object) -> int | None:
 # --------------------------------------------------------------------------- helpers
 
 
-def _finish(records: pd.DataFrame, where: str, quarantine: list[dict] | None = None) -> pd.DataFrame:
+def finish_records(records: pd.DataFrame, where: str, quarantine: list[dict] | None = None) -> pd.DataFrame:
     duplicated = records["item_id"][records["item_id"].duplicated(keep=False)]
     if len(duplicated):
         names = sorted(set(duplicated))
@@ -241,7 +222,7 @@ def read_class_folders(root: Path | str) -> pd.DataFrame:
             f"skipped) found under {', '.join(str(root / n) for n in present)}: put the "
             "images there."
         )
-    return _finish(pd.DataFrame(rows, columns=list(RECORD_COLUMNS)), str(root))
+    return finish_records(pd.DataFrame(rows, columns=list(RECORD_COLUMNS)), str(root))
 
 
 # --------------------------------------------------------------------------- manifest
@@ -298,7 +279,7 @@ def read_manifest(path: Path | str) -> pd.DataFrame:
     base = path.parent
     uris = [str(p if (p := Path(raw)).is_absolute() else (base / p).resolve()) for raw in raw_paths]
     records = pd.DataFrame({"item_id": item_ids, "uri": uris, "label": labels, "group_id": groups})
-    return _finish(records, f"manifest {str(path)!r}")
+    return finish_records(records, f"manifest {str(path)!r}")
 
 
 def _refuse_repeated_paths(column: pd.Series, path: Path) -> None:
@@ -333,7 +314,7 @@ def _parquet_files(path_or_dir: Path) -> list[Path]:
         files = _visible_parquet(path_or_dir)
         if not files:
             raise BadInputError(
-                f"folder {str(path_or_dir)!r} holds no .parquet files (hidden ones skipped). {_LAYOUTS}"
+                f"folder {str(path_or_dir)!r} holds no .parquet files (hidden ones skipped). {LAYOUTS_HELP}"
             )
         return files
     if not path_or_dir.is_file():
@@ -489,7 +470,7 @@ def read_natix_parquet(path_or_dir: Path | str, extract_dir: Path | str) -> pd.D
             + ("its only row was" if total_rows == 1 else f"all {total_rows} rows were")
             + f" set aside (e.g. {first['item_id']}: {first['reason']})."
         )
-    return _finish(pd.DataFrame(rows, columns=list(RECORD_COLUMNS)), f"NATIX source {str(source)!r}", quarantine)
+    return finish_records(pd.DataFrame(rows, columns=list(RECORD_COLUMNS)), f"NATIX source {str(source)!r}", quarantine)
 
 
 def _refuse_repeated_natix_ids(ids: pd.DataFrame, source: Path) -> None:
@@ -528,14 +509,14 @@ def load_source(spec: str | Path | None, cache_dir: Path | str) -> pd.DataFrame:
     path = Path(spec).expanduser().resolve()
     extract_dir = Path(cache_dir) / "natix_images"
     if not path.exists():
-        raise BadInputError(f"source {str(path)!r} does not exist. {_LAYOUTS}")
+        raise BadInputError(f"source {str(path)!r} does not exist. {LAYOUTS_HELP}")
     if path.is_dir():
         if any((path / name).is_dir() for name in CLASS_FOLDERS):
             return read_class_folders(path)
         files = _visible_parquet(path)
         if files and _schema_kind(files[0]) == "natix":
             return read_natix_parquet(path, extract_dir)
-        raise BadInputError(f"folder {str(path)!r} matches no accepted layout. {_LAYOUTS}")
+        raise BadInputError(f"folder {str(path)!r} matches no accepted layout. {LAYOUTS_HELP}")
     suffix = path.suffix.lower()
     if suffix == ".csv":
         return read_manifest(path)
@@ -548,9 +529,9 @@ def load_source(spec: str | Path | None, cache_dir: Path | str) -> pd.DataFrame:
         present = ", ".join(pq.read_schema(path).names)
         raise BadInputError(
             f"parquet file {str(path)!r} has neither a 'path' column (manifest) nor an "
-            f"image column (NATIX); columns present: {present}. {_LAYOUTS}"
+            f"image column (NATIX); columns present: {present}. {LAYOUTS_HELP}"
         )
-    raise BadInputError(f"source {str(path)!r} is not a folder, .csv or .parquet file. {_LAYOUTS}")
+    raise BadInputError(f"source {str(path)!r} is not a folder, .csv or .parquet file. {LAYOUTS_HELP}")
 
 
 def _schema_kind(file: Path) -> str | None:
@@ -564,108 +545,3 @@ def _schema_kind(file: Path) -> str | None:
     # whose error names that column and its type
     named = any("image" in name.lower() for name in schema.names)
     return "natix" if _image_column(schema) is not None or named else None
-
-
-# ------------------------------------------------------------------- several sources
-
-_SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-
-@dataclass(frozen=True)
-class SourceSpec:
-    """One entry of ``ROADWORK_DATA``: a source's name and its path (as written)."""
-
-    name: str
-    path: str
-
-
-def _default_name(path: str) -> str:
-    stem = Path(path.rstrip("/\\")).name
-    stem = Path(stem).stem if Path(stem).suffix.lower() in (".csv", ".parquet") else stem
-    cleaned = re.sub(r"[^A-Za-z0-9_.-]", "_", stem).lstrip("._-") or "source"
-    return cleaned[:64]
-
-
-def parse_source_specs(spec: str | Path | Sequence[str] | None) -> list[SourceSpec]:
-    """``ROADWORK_DATA``'s value as a list of named sources, in the order written.
-
-    ``spec`` is one path, or several joined by ``os.pathsep``, or a list of entries;
-    an entry is ``path`` or ``name=path`` (name: letters, digits, ``_ . -``, at most 64
-    characters, starting with a letter or digit). Empty entries (a trailing separator)
-    are ignored. Two entries with one name are refused with the fix (name them). No
-    file is touched: this is what a sensor uses to list the sources it watches.
-    ``None`` -> ``[]`` (the caller's generated default dataset).
-    """
-    if spec is None:
-        return []
-    entries = [str(spec)] if isinstance(spec, (str, Path)) else [str(e) for e in spec]
-    parts = [p.strip() for e in entries for p in e.split(os.pathsep) if p.strip()]
-    out: list[SourceSpec] = []
-    for part in parts:
-        name, sep, rest = part.partition("=")
-        # "name=path" only when the left side is a valid name and the whole entry is not
-        # itself an existing path (a folder may contain "=" in its name)
-        if sep and rest and _SOURCE_NAME.match(name) and not Path(part).expanduser().exists():
-            out.append(SourceSpec(name, rest.strip()))
-        else:
-            out.append(SourceSpec(_default_name(part), part))
-    names = [s.name for s in out]
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        same = [s.path for s in out if s.name in repeated]
-        raise BadInputError(
-            f"ROADWORK_DATA names {len(out)} sources but {', '.join(map(repr, repeated))} "
-            f"is the name of more than one ({', '.join(same)}): give each its own name "
-            f"with name=path, e.g. a={same[0]}{os.pathsep}b={same[1]}")
-    return out
-
-
-def load_sources(spec: str | Path | Sequence[str] | Sequence[SourceSpec], cache_dir: Path | str
-                 ) -> pd.DataFrame:
-    """Read every source of ``spec`` (see :func:`parse_source_specs`) into one table.
-
-    The records of :func:`load_source` plus ``source`` (the source's name). A source
-    that does not exist is refused naming it (and which entry of ``ROADWORK_DATA`` it
-    is), before anything is read. Quarantined rows of every source are carried, their
-    item ids made unique the same way as the records'.
-    """
-    specs = (list(spec) if isinstance(spec, (list, tuple)) and spec
-             and isinstance(spec[0], SourceSpec) else parse_source_specs(spec))
-    if not specs:
-        raise BadInputError("ROADWORK_DATA names no source: set it to a folder, manifest or "
-                            "NATIX parquet (several separated by " + repr(os.pathsep) + ")")
-    for k, s in enumerate(specs):
-        if not Path(s.path).expanduser().exists():
-            raise BadInputError(
-                f"source {s.name!r} (entry {k + 1} of {len(specs)} in ROADWORK_DATA) does not "
-                f"exist: {str(Path(s.path).expanduser())!r}. Fix the path or remove the entry. "
-                + _LAYOUTS)
-    frames, quarantines = [], []
-    for s in specs:
-        records = load_source(s.path, cache_dir)
-        q = source_quarantine(records)
-        q.insert(0, SOURCE_COLUMN, s.name)
-        quarantines.append(q)
-        records = records.copy()
-        records[SOURCE_COLUMN] = s.name
-        if s is not specs[0]:
-            has = records["group_id"].notna()
-            records.loc[has, "group_id"] = s.name + "/" + records.loc[has, "group_id"].astype(str)
-        frames.append(records)
-    out = pd.concat(frames, ignore_index=True)
-    quarantine = pd.concat(quarantines, ignore_index=True)
-    clash = _colliding_ids(pd.concat([out[["item_id", SOURCE_COLUMN]],
-                                      quarantine[["item_id", SOURCE_COLUMN]]]))
-    for frame in (out, quarantine):
-        hit = frame["item_id"].isin(clash) & (frame[SOURCE_COLUMN] != specs[0].name)
-        frame.loc[hit, "item_id"] = frame.loc[hit, SOURCE_COLUMN] + ":" + frame.loc[hit, "item_id"]
-    _finish(out, "the sources of ROADWORK_DATA")  # refuses ids still repeated
-    out["label"] = out["label"].astype(np.int8)
-    out.attrs["quarantine"] = quarantine[["item_id", "uri", "reason"]].to_dict("records")
-    return out
-
-
-def _colliding_ids(ids: pd.DataFrame) -> set[str]:
-    """Item ids that occur in more than one source."""
-    per_id = ids.drop_duplicates().groupby("item_id")[SOURCE_COLUMN].nunique()
-    return set(per_id.index[per_id > 1])

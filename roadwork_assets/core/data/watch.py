@@ -31,11 +31,8 @@ from pydantic import BaseModel, ConfigDict
 
 from roadwork_assets.contracts.errors import BadInputError
 from roadwork_assets.core.artifacts import file_sha256
-from roadwork_assets.core.data.sources import (
-    CLASS_FOLDERS,
-    IMAGE_EXTENSIONS,
-    parse_source_specs,
-)
+from roadwork_assets.core.data.multi_source import parse_source_specs
+from roadwork_assets.core.data.sources import CLASS_FOLDERS, IMAGE_EXTENSIONS
 
 
 class SourceSnapshot(BaseModel):

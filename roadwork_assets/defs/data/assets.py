@@ -18,8 +18,8 @@ from roadwork_assets.core.calibration.policies import check_calibration_capacity
 from roadwork_assets.core.data.balance import SourceBalance, source_sample_weights
 from roadwork_assets.core.data.dedup import check_split_leakage
 from roadwork_assets.core.data.ingest import ingest_images
+from roadwork_assets.core.data.multi_source import SOURCE_COLUMN, SourceSpec, load_sources
 from roadwork_assets.core.data.source_stamp import source_stamp
-from roadwork_assets.core.data.sources import SOURCE_COLUMN, SourceSpec, load_sources
 from roadwork_assets.core.data.splits import (
     check_split_sizes,
     split_counts,

@@ -15,12 +15,12 @@ from roadwork_assets.contracts.errors import BadInputError
 from roadwork_assets.core.data.balance import SourceBalance, source_sample_weights
 from roadwork_assets.core.data.dedup import check_split_leakage
 from roadwork_assets.core.data.ingest import ingest_images
-from roadwork_assets.core.data.similarity import NearDuplicateRule
-from roadwork_assets.core.data.sources import (
+from roadwork_assets.core.data.multi_source import (
     SourceSpec,
     load_sources,
     parse_source_specs,
 )
+from roadwork_assets.core.data.similarity import NearDuplicateRule
 from roadwork_assets.core.data.splits import split_images, split_shape_report
 from roadwork_assets_tests.awkward_data import (
     generate_awkward,
