@@ -12,6 +12,7 @@ from roadwork_assets.contracts.splits import SPLITS
 from roadwork_assets.core.artifacts import ArtifactRegistry, read_npz
 from roadwork_assets.core.export.bundle import load_bundle
 from roadwork_assets.core.training.checkpoint import load_checkpoint
+from roadwork_assets.defs.freshness import OPTIONAL_TAG
 
 
 def test_every_asset_and_check_succeeded(materialized_root):
@@ -23,8 +24,11 @@ def test_every_asset_and_check_succeeded(materialized_root):
             materialized.add(event.asset_key.to_user_string())
         for ev in result.get_asset_check_evaluations():
             assert ev.passed, (ev.asset_key, ev.check_name, ev.description)
-    every = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
+    graph = defs.resolve_asset_graph()
+    every = {k.to_user_string() for k in graph.get_all_asset_keys()
+             if graph.get(k).tags.get(OPTIONAL_TAG) != "true"}
     assert materialized == every
+    assert "bundle_int8" not in every  # optional: materialized on request only
 
 
 def test_artifacts_exist_and_metrics_are_sane(materialized_root):
