@@ -28,7 +28,7 @@ import dagster as dg
 from roadwork_assets.contracts.errors import RoadworkError
 from roadwork_assets.contracts.splits import SPLITS
 from roadwork_assets.core.artifacts import pid_alive
-from roadwork_assets.defs.freshness import FreshnessJudge
+from roadwork_assets.defs.freshness import OPTIONAL_TAG, FreshnessJudge
 
 STAGE_TAG, PID_TAG, HOST_TAG = "roadwork/stage", "roadwork/pid", "roadwork/host"
 
@@ -54,7 +54,7 @@ def stages(defs: dg.Definitions) -> tuple[Stage, ...]:
     for level in graph.toposorted_asset_keys_by_level:
         # optional assets (tag roadwork/optional: bundle_int8) are materialized on request only
         keys = sorted((k for k in level if graph.get(k).is_materializable
-                       and graph.get(k).tags.get("roadwork/optional") != "true"),
+                       and graph.get(k).tags.get(OPTIONAL_TAG) != "true"),
                       key=lambda k: (order.get(k, len(order)), k.to_user_string()))
         kinds = [False, True] if not out or not out[-1].partitioned else [True, False]
         for partitioned in kinds:  # the kind of the stage before first: it may extend it

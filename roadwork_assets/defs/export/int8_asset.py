@@ -28,6 +28,7 @@ from roadwork_assets.core.export.quantize import (
     served_metrics,
 )
 from roadwork_assets.defs.asset_paths import asset_path
+from roadwork_assets.defs.freshness import OPTIONAL_TAG
 from roadwork_assets.defs.partitions import POLICY_FITTING_SPLITS
 from roadwork_assets.defs.promotion import LatestBundle, materialize_result
 from roadwork_assets.defs.resources import ArtifactRegistryResource, ExitPolicyResource
@@ -36,7 +37,6 @@ from roadwork_assets.defs.split_reads import split_reads_check_spec
 
 NAME = "bundle_int8"
 INT8_CHECK = "int8_bundle_verifies"
-OPTIONAL_TAG = "roadwork/optional"  # runner.stages leaves such assets out of `roadwork run`
 
 
 @dg.asset(
