@@ -20,6 +20,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from roadwork_assets.contracts.errors import BadInputError
+
 
 def active() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -44,7 +46,13 @@ def init_from_env() -> torch.device | None:
     if "WORLD_SIZE" not in os.environ or active():
         return None
     if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank, n_gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local_rank >= n_gpus:  # else cuda:k fails deep inside set_device / nccl
+            raise BadInputError(
+                f"torchrun started local rank {local_rank} but this node has {n_gpus} "
+                f"GPU(s): set trainer.nproc_per_node <= {n_gpus} (one rank per GPU), or "
+                "hide the GPUs (CUDA_VISIBLE_DEVICES='') to train the ranks on CPU with gloo")
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)  # torch.device("cuda") now means this rank's GPU
         dist.init_process_group(backend="nccl")
         return device

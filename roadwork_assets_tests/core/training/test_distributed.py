@@ -66,3 +66,20 @@ def test_outside_torchrun_everything_is_the_identity(monkeypatch):
     assert distributed.wrap(model, torch.device("cpu")) is model
     assert distributed.shard(order) is order and distributed.shard_len(5) == 5
     assert (distributed.rank(), distributed.world_size(), distributed.backend()) == (0, 1, "none")
+
+
+def test_more_ranks_than_gpus_is_refused_naming_the_setting(monkeypatch):
+    from roadwork_assets.contracts.errors import BadInputError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    try:
+        distributed.init_from_env()
+    except BadInputError as exc:
+        assert "local rank 1" in str(exc) and "1 GPU(s)" in str(exc)
+        assert "trainer.nproc_per_node <= 1" in str(exc)
+    else:
+        raise AssertionError("a rank without a GPU must be refused")
+    assert not distributed.active()  # refused before any process group was started
