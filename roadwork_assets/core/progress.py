@@ -48,7 +48,9 @@ def progress_line(stage: str, done: int, total: int, elapsed_s: float) -> str:
         tail = f"ETA {format_duration((total - done) / rate)}"
     else:
         tail = "ETA ?"
-    return f"{stage}: {done}/{total}{pct} {rate:.1f}/s {tail}"
+    # slow stages (training epochs) read better as time per item than as 0.0/s
+    speed = (f"{format_duration(1 / rate)}/item" if 0 < rate < 0.1 else f"{rate:.1f}/s")
+    return f"{stage}: {done}/{total}{pct} {speed} {tail}"
 
 
 @dataclass

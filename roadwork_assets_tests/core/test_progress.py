@@ -59,6 +59,9 @@ def test_a_reused_stage_name_restarts_its_clock_and_stages_are_independent():
 
 def test_line_format():
     assert progress_line("train epochs", 3, 10, 30.0) == "train epochs: 3/10 (30%) 0.1/s ETA 1m10s"
+    # slower than one item per 10 s: time per item, never "0.0/s"
+    assert progress_line("train epochs", 4, 14, 300.0) == (
+        "train epochs: 4/14 (29%) 1m15s/item ETA 12m30s")
     assert format_duration(7322) == "2h02m"
 
 
