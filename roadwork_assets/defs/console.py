@@ -27,9 +27,10 @@ from roadwork_assets.core.progress import ProgressReporter
 # MLflow's tracking-store setup ("Creating initial MLflow database tables...",
 # "Experiment ... does not exist. Creating a new experiment.") and alembic's migrations
 QUIET_LOGGERS = ("mlflow.store.db.utils", "mlflow.tracking.fluent", "alembic")
-# dagster_mlflow's hook, resource and MlFlow class are all marked beta; the message names
-# them, so this matches those and no other BetaWarning
-MLFLOW_BETA_MESSAGE = r".*(mlflow|MlFlow)"
+# BetaWarnings that are not the user's to act on: dagster_mlflow's hook, resource and
+# MlFlow class (named in the message), and the one Dagster 1.13's own @sensor decorator
+# raises for the `owners` argument it passes itself (every sensor, owners unset)
+QUIET_BETA_MESSAGE = r".*(mlflow|MlFlow|Parameter `owners` of initializer `SensorDefinition)"
 
 
 def progress_reporter(context, every_s: float = 5.0) -> ProgressReporter:
@@ -97,14 +98,14 @@ def with_console(defs: dg.Definitions) -> dg.Definitions:
 
 @contextlib.contextmanager
 def quiet_terminal(verbose: bool) -> Iterator[None]:
-    """Hide the MLflow BetaWarnings and database INFO lines (unless ``verbose``); every
+    """Hide the MLflow / sensor-owners BetaWarnings and MLflow database INFO lines (unless ``verbose``); every
     other warning is shown as usual. Restores the warning filters and logger levels."""
     if verbose:
         yield
         return
     levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=MLFLOW_BETA_MESSAGE,
+        warnings.filterwarnings("ignore", message=QUIET_BETA_MESSAGE,
                                 category=dg.BetaWarning)
         for name in QUIET_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)

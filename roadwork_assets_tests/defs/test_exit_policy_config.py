@@ -7,7 +7,8 @@ from roadwork_assets.defs.resources import ExitPolicyResource
 
 RENAMED = {"calib_fit_fraction": "fit_fraction", "softmax_mode": "mode"}
 BUNDLE_ONLY = {"bundle_policy", "export_onnx"}
-REPORT_ONLY = {"validator_images", "validator_flips", "validator_seed"}  # test_report's
+REPORT_ONLY = {"validator_images", "validator_flips", "validator_seed",  # test_report's
+               "explain_failures"}
 CASCADE_ONLY = {"latency_budget_s", "latency_stage1_s", "latency_stage2_s", "cascade_alphas"}
 
 
