@@ -121,7 +121,9 @@ def _run_locked(args: argparse.Namespace, root: Path, settings) -> int:
     for path in collect_dead_leftovers(root):
         print(f"[roadwork] removed {path.relative_to(root)}: left by a run that is gone")
     t0 = time.perf_counter()
-    defs = with_console(definitions.defs)
+    # `definitions.defs` took ROADWORK_HOME when the module was first imported, which in a
+    # long-lived process (a notebook, the test suite) may be another home
+    defs = with_console(definitions.current_definitions())
     job = defs.resolve_implicit_global_asset_job_def()
     run_config = settings.run_config(set(job.resource_defs))
     # Dagster's own event log (every event, and a stack trace for any failure) stays in

@@ -101,3 +101,15 @@ def build_definitions(resources: dict[str, object] | None = None) -> dg.Definiti
 
 
 defs = build_definitions()
+
+
+def current_definitions() -> dg.Definitions:
+    """``defs``, unless the environment's ROADWORK_HOME is no longer the home ``defs`` was
+    built for (a long-lived process: a notebook, the test suite); then a fresh build, so
+    `roadwork run` writes where it says it does."""
+    built = globals()["defs"]
+    artifacts = built.resources.get("artifacts") if built.resources else None
+    if isinstance(artifacts, ArtifactRegistryResource) and \
+            Path(artifacts.root).expanduser() != Path(default_home()).expanduser():
+        return build_definitions()
+    return built
