@@ -70,18 +70,28 @@ def test_cache_is_a_memory_mapped_npz_of_every_row(tmp_path):
             "backbone", "img_size", "n_views", "weights_sha256"} <= set(plain)
 
 
-def test_writing_a_split_never_holds_the_whole_split(tmp_path):
-    frame = _frame(tmp_path / "img", 64)
-    whole_bytes = 64 * 3 * 48 * 48
+def _write_peak(tmp_path: Path, n: int) -> int:
+    frame = _frame(tmp_path / f"img{n}", n)
     tracemalloc.start()
     try:
-        compute_embeddings(frame, _cfg(img_size=48, batch_size=4), tmp_path / "t.npz",
+        compute_embeddings(frame, _cfg(img_size=48, batch_size=4), tmp_path / f"t{n}.npz",
                            "train", "dv", "a1")
-        peak = tracemalloc.get_traced_memory()[1]
+        return tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    # batches of 4 images (27 KiB each): two in flight plus bookkeeping, not 432 KiB
-    assert peak < 0.5 * whole_bytes, (peak, whole_bytes)
+
+
+def test_writing_a_split_never_holds_the_whole_split(tmp_path):
+    """Peak Python allocations while writing 64 vs 256 images: batches of 4 (27 KiB each,
+    two in flight) plus bookkeeping, the same at both sizes; the whole 256-image split
+    would be 1.7 MiB. (A fixed fraction of a small split was flaky: bookkeeping alone
+    reached 0.51 of 64 images on CI.)"""
+    small, large = _write_peak(tmp_path, 64), _write_peak(tmp_path, 256)
+    whole_large = 256 * 3 * 48 * 48
+    assert large < 0.25 * whole_large, (large, whole_large)
+    # 4x the images, well under 4x the memory (the old path: 4x); the manifest table
+    # and per-item lists still grow a little with N
+    assert large < 1.6 * small, (small, large)
 
 
 def test_a_pass_over_the_memmap_keeps_about_one_batch_resident(tmp_path):
