@@ -52,7 +52,6 @@ from roadwork_assets.contracts.policy_schemas import (
     parse_policy_artifact,
 )
 from roadwork_assets.contracts.schemas import (
-    BundleFile,
     BundleManifest,
     Provenance,
 )
@@ -78,6 +77,7 @@ from roadwork_assets.core.export.bundle_checks import (
     check_lineage,
     check_probe,
     content_id,
+    describe_file,
     read_manifest,
     read_policy,
     rebuild_model,
@@ -116,11 +116,6 @@ class Bundle:
     # cascade bundles only: stage 2's artifact (stage2.json) and network over `model`
     stage2: Any = None  # contracts.multiview_schemas.MultiviewCheckpoint
     stage2_model: Any = None  # core.models.multiview.MultiviewModel (eval mode)
-
-
-def _describe(directory: Path, name: str) -> BundleFile:
-    path = directory / name
-    return BundleFile(path=name, sha256=file_sha256(path), size_bytes=path.stat().st_size)
 
 
 def _fitted_policy(policy_path: Path, policy_asset: str) -> PolicyParams:
@@ -217,7 +212,7 @@ def build_bundle(
         if export_onnx_model:
             extra = stages.export_onnx_and_judge(staging)
             files.update(onnx=ONNX_FILE, **({"stage2_onnx": STAGE2_ONNX_FILE} if stage2 else {}))
-        described = {role: _describe(staging, name) for role, name in files.items()}
+        described = {role: describe_file(staging, name) for role, name in files.items()}
         bundle_id = content_id(described)
         manifest = BundleManifest(
             bundle_id=bundle_id,

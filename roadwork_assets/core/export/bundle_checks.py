@@ -254,3 +254,9 @@ def check_probe(directory: Path, manifest: BundleManifest, policy: PolicyParams,
         raise refuse(directory, f"{ONNX_FILE} does not serve what {CHECKPOINT_FILE} serves on "
                       f"the probe batch in {PROBE_FILE}: {report.summary()}; {REBUILD}")
     return True
+
+
+def describe_file(directory: Path, name: str) -> BundleFile:
+    """A manifest entry for ``directory / name``: its path, sha256 and size."""
+    path = directory / name
+    return BundleFile(path=name, sha256=file_sha256(path), size_bytes=path.stat().st_size)

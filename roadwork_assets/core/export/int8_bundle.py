@@ -50,6 +50,7 @@ from roadwork_assets.core.export.bundle_checks import (
     REBUILD,
     _probe_arrays,
     content_id,
+    describe_file,
     refuse,
 )
 from roadwork_assets.core.export.cascade_serving import (
@@ -186,9 +187,7 @@ def _write_probe(src: Path, staging: Path, policy: Any, engine: OnnxEngine,
 
 def _manifest(source: BundleManifest, staging: Path, policy: Any,
               quantized: dict[str, dict[str, Any]], config: QuantizeConfig) -> BundleManifest:
-    from roadwork_assets.core.export.bundle import _describe
-
-    described = {role: _describe(staging, f.path) for role, f in source.files.items()}
+    described = {role: describe_file(staging, f.path) for role, f in source.files.items()}
     return source.model_copy(update={
         "bundle_id": content_id(described), "files": described, "precision": PRECISION_INT8,
         "source_bundle_id": source.bundle_id,
