@@ -24,7 +24,11 @@ import sys
 import time
 
 from roadwork_assets_tests.integration.test_run_safety import TINY
-from roadwork_assets_tests.integration.test_webserver import BIN, _free_port, _graphql
+from roadwork_assets_tests.integration.test_webserver import (
+    BIN,
+    _free_port,
+    wait_for_asset_nodes,
+)
 
 DAGSTER_YAML = """telemetry:
   enabled: false
@@ -139,21 +143,5 @@ def test_materialize_all_backfill_through_graphql_completes(tmp_path):
 
 
 def _wait_for_asset_keys(proc: subprocess.Popen, port: int) -> list[list[str]]:
-    import urllib.request
-
-    deadline = time.time() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=5):
-                break
-        except OSError:
-            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-            assert time.time() < deadline, "webserver did not come up in 180 s"
-            time.sleep(1)
-    while time.time() < deadline:  # the code location loads after the server is up
-        nodes = _graphql(port, "{ assetNodes { assetKey { path } isMaterializable } }").get(
-            "data", {}).get("assetNodes")
-        if nodes:
-            return [n["assetKey"]["path"] for n in nodes if n["isMaterializable"]]
-        time.sleep(1)
-    raise AssertionError("the code location did not load in 180 s")
+    nodes = wait_for_asset_nodes(proc, port, "isMaterializable")
+    return [n["assetKey"]["path"] for n in nodes if n["isMaterializable"]]

@@ -28,6 +28,28 @@ def _graphql(port: int, query: str) -> dict:
         return json.loads(resp.read())
 
 
+def wait_for_asset_nodes(proc: subprocess.Popen, port: int, fields: str,
+                         timeout_s: float = 180) -> list[dict]:
+    """The webserver's ``assetNodes { assetKey { path } <fields> }`` once it is up and
+    its code location has loaded (the location loads after the server answers)."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=5):
+                break
+        except OSError:
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert time.time() < deadline, f"webserver did not come up in {timeout_s:.0f} s"
+            time.sleep(1)
+    while time.time() < deadline:
+        nodes = _graphql(port, f"{{ assetNodes {{ assetKey {{ path }} {fields} }} }}").get(
+            "data", {}).get("assetNodes")
+        if nodes:
+            return nodes
+        time.sleep(1)
+    raise AssertionError(f"the code location did not load in {timeout_s:.0f} s")
+
+
 def test_webserver_serves_the_asset_graph(tmp_path):
     port = _free_port()
     env = dict(os.environ, DAGSTER_HOME=str(tmp_path), ROADWORK_HOME=str(tmp_path / "home"),
@@ -36,22 +58,8 @@ def test_webserver_serves_the_asset_graph(tmp_path):
         [str(BIN / "dagster-webserver"), "-m", "roadwork_assets.definitions", "-h", "127.0.0.1",
          "-p", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=5):
-                    break
-            except OSError:
-                assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-                assert time.time() < deadline, "webserver did not come up in 180 s"
-                time.sleep(1)
-        data = None
-        while time.time() < deadline:  # the code location loads after the server is up
-            data = _graphql(port, "{ assetNodes { assetKey { path } isPartitioned } }")
-            if data.get("data", {}).get("assetNodes"):
-                break
-            time.sleep(1)
-        nodes = {n["assetKey"]["path"][-1]: n["isPartitioned"] for n in data["data"]["assetNodes"]}
+        data = wait_for_asset_nodes(proc, port, "isPartitioned")
+        nodes = {n["assetKey"]["path"][-1]: n["isPartitioned"] for n in data}
         assert nodes["split_manifest"] and nodes["logits"] and nodes["embeddings"]
         assert not nodes["checkpoint"] and not nodes["test_report"]
         assert {"source_images", "thresholds", "gate_params", "conformal_sets", "bundle"} <= set(nodes)
