@@ -224,16 +224,8 @@ def check_probe(directory: Path, manifest: BundleManifest, policy: PolicyParams,
     what torch does, within ``onnx_parity``'s fp32 tolerance. True if ONNX was checked.
     A cascade's stage 1 is judged on what it serves (p1 and its exit); its stage 2 in
     ``stage2_checks.check_stage2_probe``."""
-    probe = _probe_arrays(directory, manifest, policy)
-    images, stored = probe["images"], probe["logits"].astype(np.float64)
+    images, stored, _ = stored_probe(directory, manifest, policy, REBUILD)
     v = manifest.n_views
-    stage2 = probe["stage2_logits"].astype(np.float64) if is_cascade(policy) else None
-    decision, prob, stage = served_outputs(policy, stored, stage2)
-    if not (np.array_equal(decision, probe["decision"])
-            and np.allclose(prob, probe["probability"], rtol=0, atol=1e-9)
-            and (stage2 is None or np.array_equal(stage, probe["stage"]))):
-        raise refuse(directory, f"the served outputs stored in {PROBE_FILE} do not follow from "
-                      f"{POLICY_FILE} applied to its logits; {REBUILD}")
     z_torch, tol = torch_probe_logits(model, images, v)
     again = judge_served(policy, z_torch, stored, tol, serve=stage1_served)
     if not again.passed:
@@ -260,3 +252,20 @@ def describe_file(directory: Path, name: str) -> BundleFile:
     """A manifest entry for ``directory / name``: its path, sha256 and size."""
     path = directory / name
     return BundleFile(path=name, sha256=file_sha256(path), size_bytes=path.stat().st_size)
+
+
+def stored_probe(directory: Path, manifest: BundleManifest, policy: Any, rebuild: str
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The probe's (images, stage-1 logits, stage-2 logits or None), refused (with the
+    ``rebuild`` hint) unless its stored decisions, probabilities and stages follow from
+    the policy applied to its own logits."""
+    probe = _probe_arrays(directory, manifest, policy)
+    z1 = probe["logits"].astype(np.float64)
+    z2 = probe["stage2_logits"].astype(np.float64) if is_cascade(policy) else None
+    decision, prob, stage = served_outputs(policy, z1, z2)
+    if not (np.array_equal(decision, probe["decision"])
+            and np.allclose(prob, probe["probability"], rtol=0, atol=1e-9)
+            and (z2 is None or np.array_equal(stage, probe["stage"]))):
+        raise refuse(directory, f"the served outputs stored in {PROBE_FILE} do not follow from "
+                     f"{POLICY_FILE} applied to its logits; {rebuild}")
+    return probe["images"], z1, z2

@@ -48,10 +48,10 @@ from roadwork_assets.core.export.bundle_checks import (
     POLICY_FILE,
     PROBE_FILE,
     REBUILD,
-    _probe_arrays,
     content_id,
     describe_file,
     refuse,
+    stored_probe,
 )
 from roadwork_assets.core.export.cascade_serving import (
     is_cascade,
@@ -202,15 +202,7 @@ def check_int8_probe(directory: Path, manifest: BundleManifest, policy: Any, mod
                      stage2_model: Any, check_onnx: bool) -> bool:
     """The INT8 checks of ``load_bundle`` (module docstring). True if ONNX Runtime ran."""
     _check_policy_names_files(directory, manifest, policy)
-    probe = _probe_arrays(directory, manifest, policy)  # present and shaped
-    images, z1 = probe["images"], probe["logits"].astype(np.float64)
-    z2 = probe["stage2_logits"].astype(np.float64) if is_cascade(policy) else None
-    decision, prob, stage = served_outputs(policy, z1, z2)
-    if not (np.array_equal(decision, probe["decision"])
-            and np.allclose(prob, probe["probability"], rtol=0, atol=1e-9)
-            and (z2 is None or np.array_equal(stage, probe["stage"]))):
-        raise refuse(directory, f"the served outputs stored in {PROBE_FILE} do not follow from "
-                     f"{POLICY_FILE} applied to its logits; {REBUILD_INT8}")
+    images, z1, z2 = stored_probe(directory, manifest, policy, REBUILD_INT8)
     if not check_onnx:
         return False
     engine = _engine(directory, manifest, policy)
