@@ -33,8 +33,11 @@ PARITY_OPT_LEVEL = "ORT_ENABLE_BASIC"
 _PROB_SLACK = 1e-12  # float64 arithmetic inside the policy (calibrator, remap)
 
 
-def export_onnx(model: RoadworkClassifier, img_size: int, dest: Path) -> Path:
-    """Write ``model`` as ONNX: input ``images`` float [B, 3, S, S] in [0, 1] -> ``logits``.
+def export_onnx(model: nn.Module, img_size: int, dest: Path,
+                output_name: str = "logits") -> Path:
+    """Write ``model`` as ONNX: input ``images`` float [B, 3, S, S] in [0, 1] ->
+    ``output_name`` (``logits``; the embedding step's backbone export names it
+    ``features``, ``core.training.embed_engine``).
 
     The spatial size is fixed (StreetVision serves 224x224; ViT position embeddings are
     fixed too); the batch dimension is dynamic. PEFT adapters must be merged first.
@@ -48,7 +51,7 @@ def export_onnx(model: RoadworkClassifier, img_size: int, dest: Path) -> Path:
             (example,),
             dynamo=True,
             input_names=["images"],
-            output_names=["logits"],
+            output_names=[output_name],
             dynamic_shapes=({0: batch},),
             external_data=False,
             verbose=False,

@@ -55,6 +55,12 @@ class TrainerConfig(AdapterSettings):
                                     "running the break in Python")
     compile_dynamic: bool | None = Field(None, description="None: torch decides (dynamic after "
                                          "a shape change); True/False force it")
+    embed_engine: Literal["auto", "torch", "onnx"] = Field(
+        "auto", description="frozen mode's embedding step (the backbone's features of every "
+        "view): torch, onnx (ONNX Runtime on the CPU, refused unless its features match "
+        "torch's within fp32 rounding on a probe batch), or auto (ONNX Runtime when the "
+        "device is the CPU, compile is off, it matches and a short timing says it is "
+        "faster; else torch). compile is a torch-engine option (core.training.embed_engine)")
     attn_impl: Literal["sdpa", "eager", "triton"] = Field(
         "sdpa", description="triton: core.models.triton_attention in timm ViT/EVA attention "
         "(CUDA; on CPU it needs TRITON_INTERPRET=1, else SDPA with a warning)")

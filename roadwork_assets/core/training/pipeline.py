@@ -38,6 +38,7 @@ from roadwork_assets.core.training.adapter_config import ADAPTER_MODES, PRETRAIN
 from roadwork_assets.core.training.adapters import fit_adapters
 from roadwork_assets.core.training.checkpoint import save_checkpoint
 from roadwork_assets.core.training.config import TrainerConfig
+from roadwork_assets.core.training.embed_engine import choose_embedder, no_embedding_metadata
 from roadwork_assets.core.training.trainer import (
     TrainResult,
     fit_end_to_end,
@@ -45,7 +46,6 @@ from roadwork_assets.core.training.trainer import (
     head_view_logits,
     mc_dropout_variance,
     predict_view_logits,
-    view_embedder,
 )
 
 
@@ -76,8 +76,7 @@ def compute_embeddings(manifest: pd.DataFrame, cfg: TrainerConfig, dest: Path,
     n = len(manifest)
     if cfg.mode == "frozen":
         model = build_model(cfg)
-        embed = view_embedder(model, n_views=cfg.n_views, device=cfg.resolved_device(),
-                              compile_settings=cfg)
+        embed = choose_embedder(model, cfg, n_images=n)  # torch or ONNX Runtime (trainer.embed_engine)
         kind, stage = "backbone_features", "decode + embed"
         shape, dtype = (n, cfg.n_views, model.num_features), np.float32
     else:
@@ -110,7 +109,8 @@ def compute_embeddings(manifest: pd.DataFrame, cfg: TrainerConfig, dest: Path,
         )
     n_pos = int((manifest["label"] == 1).sum())
     return {"kind": kind, "shape": list(shape), "dtype": str(np.dtype(dtype)),
-            "n_positive": n_pos, "n_negative": int(n - n_pos)}
+            "n_positive": n_pos, "n_negative": int(n - n_pos),
+            "embed_engine": no_embedding_metadata(cfg.mode) if embed is None else embed.metadata()}
 
 
 def read_embeddings(path: Path, split: str) -> dict[str, Any]:

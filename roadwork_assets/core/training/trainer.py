@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,11 +146,15 @@ def embed_views(model: RoadworkClassifier, images_uint8: np.ndarray, *, n_views:
 
 
 def view_embedder(model: RoadworkClassifier, *, n_views: int, device: torch.device,
-                  compile_settings: CompileSettings | TrainerConfig | None = None):
+                  compile_settings: CompileSettings | TrainerConfig | None = None,
+                  features: Callable[[torch.Tensor], torch.Tensor] | None = None):
     """``embed(batch)``: uint8 [b, 3, S, S] -> [b, V, D] float32 features, one (compiled)
-    model for every batch of a stream (``compute_embeddings``)."""
+    model for every batch of a stream (``compute_embeddings``, through
+    ``core.training.embed_engine``). ``features``: the float-views -> features function
+    (an ONNX Runtime session's); default ``model.features`` under ``compile_settings``.
+    Both engines share this loop, so they see the same uint8 -> float views."""
     model.eval().to(device)
-    fn = compiled(model.features, compile_settings)
+    fn = features or compiled(model.features, compile_settings)
     return lambda batch: _map_views(lambda x: fn(x.to(device)), batch, n_views,
                                     max(1, len(batch)), model.num_features)
 

@@ -53,8 +53,11 @@ def _images(tmp_path, n=24):
 def test_frozen_dinov2_loads_local_weights_and_never_updates_them(tmp_path, weights_file):
     from safetensors.torch import load_file
 
+    # embed_engine=torch: the end of this test compares the cache with torch's own forward
+    # at 1e-4; ONNX Runtime's features are checked in test_embed_engine.py
     cfg = TrainerConfig(mode="frozen", backbone=DINO, weights_path=str(weights_file),
-                        img_size=56, n_views=2, batch_size=8, threads=2, probe_cs=[0.1, 1.0])
+                        img_size=56, n_views=2, batch_size=8, threads=2, probe_cs=[0.1, 1.0],
+                        embed_engine="torch")
     frame = _images(tmp_path)
     caches = {}
     for split, part in (("train", frame.iloc[:16]), ("val_select", frame.iloc[16:])):
