@@ -134,8 +134,10 @@ def test_onnx_cache_is_torch_cache_within_fp32_rounding(pipelines, vit_weights):
 
 def test_probe_trained_on_onnx_features_decides_like_torch(pipelines):
     """Same C selected, same val_select metrics, same val_test decisions on every view;
-    P(roadwork) within 1e-3 (measured gap: about 1e-6; the probe's sklearn solver stops
-    at a gradient tolerance of 1e-4, so more than fp32 noise separates two fits)."""
+    P(roadwork) within 1e-3 (measured: 1.2e-5, logits 2.3e-5; the probe's sklearn solver
+    stops at a gradient tolerance of 1e-4, so more than fp32 noise separates two fits).
+    A random ViT on awkward scenes is a weak probe (val_select AUROC ~0.45): the point is
+    that both engines' features train the same one."""
     rt, ro = pipelines["torch"]["result"], pipelines["onnx"]["result"]
     assert rt.epoch == ro.epoch
     for k, v in rt.select_metrics.items():
