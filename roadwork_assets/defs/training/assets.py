@@ -64,6 +64,7 @@ def embeddings(
             "n_positive": summary["n_positive"],
             "n_negative": summary["n_negative"],
             "backbone": trainer.backbone,
+            **summary["embed_engine"],  # engine that embedded + img/s (core.training.embed_engine)
             "data_version": data_version,
             "assignment_version": assignment_version,
         },
