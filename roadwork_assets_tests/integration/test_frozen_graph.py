@@ -93,6 +93,16 @@ def test_frozen_vit_graph_ends_in_a_verified_bundle(tmp_path, backbone):
         for ev in result.get_asset_check_evaluations():
             checks[(ev.asset_key.to_user_string(), ev.check_name)] = ev
             assert ev.passed, (ev.asset_key, ev.check_name, ev.description)
+    # the embedding step ran the faster engine of auto's timing, ORT only when it matched
+    embedded = [e.materialization for r in results for e in r.get_asset_materialization_events()
+                if e.asset_key == dg.AssetKey("embeddings")]
+    assert len(embedded) >= 4  # every split (and shard)
+    for mat in embedded:
+        emb = {k: v.value for k, v in mat.metadata.items()}
+        rates = {e: emb[f"embed_{e}_img_per_s"] for e in ("torch", "onnx")}
+        assert emb["embed_engine"] == max(rates, key=rates.get), emb
+        assert emb["embed_onnx_tolerance_ratio"] <= 1 and emb["embed_img_per_s"] > 0
+    print(f"embeddings engines: {sorted(str(m.metadata['embed_engine'].value) for m in embedded)}")
     parity = checks[("bundle", "onnx_matches_torch")]
     print(f"frozen {backbone} graph materialized in {seconds:.1f}s; {parity.description}")
     meta = {k: v.value for k, v in parity.metadata.items()}
