@@ -7,6 +7,9 @@
                                    decision, stage (JPEG, PNG, WebP; any size); default
                                    bundle: the latest under ROADWORK_HOME; an unreadable
                                    image gets {"path", "error"} and exit code 1
+  roadwork ui [--port 3000]        Dagster's webserver + daemon (as `dagster dev`), with
+                                   backfills ("Materialize all") advancing every second
+                                   instead of every 30 s
   roadwork dagster-commands        the `dagster asset materialize` commands (one per stage
                                    and split) that materialize the whole graph
   roadwork verify DIR              check a bundle: closed, hashes, lineage, ONNX probe
@@ -175,6 +178,24 @@ def cmd_dagster_commands(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from roadwork_assets.defs.ui import UiConfig, serve_ui
+
+    try:
+        config = UiConfig(host=args.host, port=args.port,
+                          backfill_interval_s=args.backfill_interval,
+                          log_level="info" if args.verbose else "warning")
+    except ValidationError as exc:
+        flags = {"port": "--port", "backfill_interval_s": "--backfill-interval"}
+        raise RoadworkError("; ".join(
+            f"{flags.get(str(e['loc'][0]), e['loc'][0])}: {e['msg']}" for e in exc.errors())
+        ) from None
+    ensure_dagster_home()
+    return serve_ui(config)
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from roadwork_assets.core.export.predictor import BundlePredictor, FailedImage
 
@@ -292,6 +313,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "for partitioned stages), one shell line each, in order")
     d.add_argument("--config-json", help="Dagster run config added to every command (checked "
                    "first, as for run)")
+    u = sub.add_parser("ui", help="start Dagster's webserver and daemon (as `dagster dev` "
+                       "does) on the instance `roadwork run` uses, with backfills that "
+                       "advance every second")
+    u.add_argument("--host", default="127.0.0.1", help="address to listen on (default "
+                   "127.0.0.1)")
+    u.add_argument("--port", type=int, default=3000, help="TCP port (default 3000)")
+    u.add_argument("--backfill-interval", type=float, default=1.0,
+                   help="seconds the backfill daemon sleeps between loops, 0.2-60 "
+                   "(default 1; plain `dagster dev`: 30)")
+    u.add_argument("--verbose", action="store_true",
+                   help="show the webserver's and daemon's INFO lines (default: warnings)")
     p = sub.add_parser("predict", help="predict images with a bundle (JSON lines)")
     p.add_argument("--bundle", help="a bundle folder, or a bundles folder / ROADWORK_HOME "
                    "(the bundle its LATEST names); default: the latest bundle under "
@@ -338,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"run": cmd_run, "predict": cmd_predict, "verify": cmd_verify,
-               "serve": cmd_serve, "dagster-commands": cmd_dagster_commands,
+               "serve": cmd_serve, "dagster-commands": cmd_dagster_commands, "ui": cmd_ui,
                "import-labels": cmd_import_labels}[args.command]
     try:
         return handler(args)
