@@ -14,10 +14,15 @@ In one run, every figure a median of ``--repeats`` timed calls after a warm-up:
    and batch-1 latency, plus the CLI's wall time as a process (bundle load included);
 4. a one-image-at-a-time loop like the reference miner's (decode one JPEG, preprocess,
    one forward) on the ViT, against the batched figure;
-5. bf16 autocast score parity on the bundle: served probabilities fp32 vs bf16.
+5. bf16 autocast score parity on the bundle: served probabilities fp32 vs bf16;
+6. the graph's embedding step (``compute_embeddings``, frozen mode: decode + every view
+   through the backbone) on the same ``--embed-images`` JPEG files with
+   ``trainer.embed_engine`` torch, onnx and auto: the step's img/s (wall, ONNX export,
+   parity probe and auto's timing included; each engine exports afresh), the engine's
+   own img/s (its embed calls only) and both against torch, plus what auto chose and why.
 
     .venv/bin/python benchmarks/bench_throughput.py [--batch 16] [--repeats 3]
-        [--skip-compile] [--bundle DIR] [--json out.json]
+        [--skip-compile] [--bundle DIR] [--embed-images 64] [--json out.json]
 
 Default runtime: a few minutes on 2 cores (torch.compile and the ONNX export dominate).
 """
@@ -248,6 +253,53 @@ def bf16_parity(bundle_dir: Path, n_images: int) -> dict:
             "decision_flips": int((dec16 != dec32).sum()), "n": n_images}
 
 
+def embedding_step(model, n_images: int, batch: int, workdir: Path) -> dict[str, dict]:
+    """``compute_embeddings`` as the embeddings asset runs it, once per ``embed_engine``,
+    on the same JPEG files: wall and engine img/s, and the engine's summary."""
+    import pandas as pd
+    from safetensors.torch import save_file
+
+    from roadwork_assets.core.training import embed_engine
+    from roadwork_assets.core.training.config import TrainerConfig
+    from roadwork_assets.core.training.pipeline import compute_embeddings
+
+    weights = workdir / "vit_embed.safetensors"
+    save_file({k: v.contiguous() for k, v in model.backbone.state_dict().items()}, str(weights))
+    rows = []
+    for i, data in enumerate(jpeg_bytes(n_images, seed=5)):
+        path = workdir / f"embed{i}.jpg"
+        path.write_bytes(data)
+        rows.append({"item_id": f"e{i}", "uri": str(path), "label": i % 2})
+    manifest = pd.DataFrame(rows)
+    out = {}
+    for engine in ("torch", "onnx", "auto"):
+        embed_engine._LAST_EXPORT.clear()  # every engine pays its own export, as a split would
+        cfg = TrainerConfig(mode="frozen", backbone=VIT, weights_path=str(weights), img_size=224,
+                            batch_size=batch, threads=torch.get_num_threads(),
+                            embed_engine=engine)
+        t0 = time.perf_counter()
+        summary = compute_embeddings(manifest, cfg, workdir / f"emb_{engine}.npz", "bench",
+                                     "bench", "bench")
+        wall = time.perf_counter() - t0
+        out[engine] = {"wall_img_per_s": n_images / wall, "wall_s": wall,
+                       **summary["embed_engine"]}
+    return out
+
+
+def embedding_table(figures: dict[str, dict], n_images: int, n_views: int) -> list[str]:
+    base = figures["torch"]
+    lines = [f"embedding step, {n_images} JPEGs x {n_views} views (decode included):",
+             f"{'embed_engine':12s} {'ran':5s} {'step img/s':>10s} {'x torch':>8s} "
+             f"{'engine img/s':>12s} {'x torch':>8s}"]
+    for name, f in figures.items():
+        lines.append(f"{name:12s} {f['embed_engine']:5s} {f['wall_img_per_s']:10.2f} "
+                     f"{f['wall_img_per_s'] / base['wall_img_per_s']:8.2f} "
+                     f"{f['embed_img_per_s']:12.2f} "
+                     f"{f['embed_img_per_s'] / base['embed_img_per_s']:8.2f}")
+    lines.append(f"auto chose: {figures['auto']['embed_engine_reason']}")
+    return lines
+
+
 def vit_table(seconds: dict[str, float], batch: int, gflop: float, pk: dict) -> list[str]:
     base = seconds["eager (no_grad)"]
     lines = [f"{'variant':34s} {'img/s':>7s} {'GFLOP/s':>8s} {'% peak':>7s} {'x eager':>8s}"]
@@ -271,6 +323,8 @@ def main() -> int:
                     help="img_size of the built bundle (TrainerConfig's default 128)")
     ap.add_argument("--predict-images", type=int, default=64)
     ap.add_argument("--miner-images", type=int, default=16)
+    ap.add_argument("--embed-images", type=int, default=64,
+                    help="JPEGs the embedding step embeds per engine (0 skips it)")
     ap.add_argument("--json", help="also write every figure here")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -319,6 +373,10 @@ def main() -> int:
                   f"{par['decision_flips']} decision flips of {par['n']}")
         else:
             print("bf16 autocast parity: skipped (bf16 is not faster on this CPU)")
+        if args.embed_images:
+            emb = result["embedding_step"] = embedding_step(model, args.embed_images,
+                                                            args.batch, workdir)
+            print("\n".join(embedding_table(emb, args.embed_images, 2)), flush=True)
     again = matmul_peak(torch.float32, args.matmul_n, max(args.repeats, 5))
     print(f"matmul peak fp32 again at the end: {again:.1f} GFLOP/s (the table used the first)")
     pk["fp32_gflops_end"] = again
