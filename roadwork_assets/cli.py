@@ -192,7 +192,13 @@ def cmd_ui(args: argparse.Namespace) -> int:
         raise RoadworkError("; ".join(
             f"{flags.get(str(e['loc'][0]), e['loc'][0])}: {e['msg']}" for e in exc.errors())
         ) from None
-    ensure_dagster_home()
+    home = ensure_dagster_home()
+    instance_yaml = home / "dagster.yaml"
+    if "ForkserverRunLauncher" not in (
+            instance_yaml.read_text() if instance_yaml.exists() else ""):
+        print(f"[roadwork] note: {home / 'dagster.yaml'} is not the project's (older, or "
+              "edited): each run from the UI starts a fresh interpreter (~5 s of imports); "
+              f"copy {REPO_DAGSTER_YAML} over it for runs forked from one import")
     return serve_ui(config)
 
 

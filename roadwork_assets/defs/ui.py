@@ -88,6 +88,7 @@ def serve_ui(config: UiConfig, say=print) -> int:
     if not os.environ.get("DAGSTER_HOME"):
         raise RoadworkError("DAGSTER_HOME is not set: roadwork ui needs the instance "
                             "`roadwork run` uses (the CLI sets it)")
+    prepare_instance(Path(os.environ["DAGSTER_HOME"]))
     procs = {"dagster-webserver": subprocess.Popen(webserver_command(config)),
              "dagster-daemon": subprocess.Popen(daemon_command(config))}
     say(f"[roadwork] UI: http://{config.host}:{config.port}  (DAGSTER_HOME="
@@ -108,6 +109,20 @@ def serve_ui(config: UiConfig, say=print) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
         _stop(procs.values())
+
+
+def prepare_instance(dagster_home: Path) -> None:
+    """Create (and migrate) the instance's storage before the webserver and the daemon
+    start: both would otherwise create a new SQLite storage at once, and one of them
+    dies on the other's half-written schema (``UNIQUE constraint failed:
+    alembic_version``). ``dagster dev`` does the same in its parent process."""
+    import dagster as dg
+
+    from roadwork_assets.core.runlock import hold_lock
+
+    with hold_lock(dagster_home, wait=True, what="DAGSTER_HOME", say=lambda _m: None), \
+            dg.DagsterInstance.get():
+        pass
 
 
 def _raise_interrupt(_signum, _frame):
