@@ -40,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -66,6 +67,7 @@ from roadwork_assets.core.training.trainer import view_embedder
 log = logging.getLogger(__name__)
 
 EMBED_ENGINES = ("auto", "torch", "onnx")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # the exporter colours its messages for a terminal
 FEATURES_OUTPUT = "features"
 PROBE_IMAGES = 8
 TIMED_CALLS = 3
@@ -191,23 +193,30 @@ def features_key(model: RoadworkClassifier, img_size: int, threads: int | None) 
     return h.hexdigest()
 
 
-# The last exported backbone's ORT function, by ``features_key``: every split's
-# embeddings step of one in-process run uses the same backbone, so one export serves all
-# of them (7 s for ViT-S/14 at 224 on 2 cores). Never trusted blindly: each
-# ``choose_embedder`` call checks the function against its own torch model first.
-_LAST_EXPORT: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+# The last exported backbone's ORT function (or the export's error), by
+# ``features_key``: every split's embeddings step of one in-process run uses the same
+# backbone, so one export (7 s for ViT-S/14 at 224 on 2 cores), or one failed attempt,
+# serves all of them. Never trusted blindly: each ``choose_embedder`` call checks the
+# function against its own torch model first.
+_LAST_EXPORT: dict[str, Callable[[torch.Tensor], torch.Tensor] | Exception] = {}
 
 
 def ort_features(model: RoadworkClassifier, img_size: int,
                  threads: int | None) -> Callable[[torch.Tensor], torch.Tensor]:
     """``model.features`` exported to ONNX and loaded into an ORT CPU session (reused when
-    this process exported the same backbone last); the export lives in a temporary
-    folder only until the session has read it."""
+    this process exported the same backbone last; a failed export raises its error
+    again); the export lives in a temporary folder only until the session has read it."""
     key = features_key(model, img_size, threads)
     if key not in _LAST_EXPORT:
         _LAST_EXPORT.clear()  # one session held at a time: a backbone's weights each
-        _LAST_EXPORT[key] = _export_ort_features(model, img_size, threads)
-    return _LAST_EXPORT[key]
+        try:
+            _LAST_EXPORT[key] = _export_ort_features(model, img_size, threads)
+        except Exception as exc:  # kept to re-raise for the next split, not swallowed
+            _LAST_EXPORT[key] = exc
+    found = _LAST_EXPORT[key]
+    if isinstance(found, Exception):
+        raise found
+    return found
 
 
 def _export_ort_features(model: RoadworkClassifier, img_size: int,
@@ -265,20 +274,21 @@ def choose_embedder(model: RoadworkClassifier, cfg: TrainerConfig, *, n_images: 
     if n_images == 0:
         return Embedder(torch_fn, "torch", f"{cfg.embed_engine}: torch, no images to embed")
     why_not = _onnx_unavailable(cfg, device)
+    if why_not is not None and cfg.embed_engine == "auto":  # expected here: no warning
+        return Embedder(torch_fn, "torch", f"auto: torch, because {why_not}")
+    if why_not is not None and device.type != "cpu":
+        raise BadInputError(f"trainer.embed_engine='onnx' runs ONNX Runtime on the CPU, but "
+                            f"trainer.device resolves to {device}: set trainer.device='cpu' "
+                            "or trainer.embed_engine='torch' / 'auto'")
     if why_not is not None:
-        if cfg.embed_engine == "onnx" and device.type != "cpu":
-            raise BadInputError(f"trainer.embed_engine='onnx' runs ONNX Runtime on the CPU, but "
-                                f"trainer.device resolves to {device}: set trainer.device='cpu' "
-                                "or trainer.embed_engine='torch' / 'auto'")
-        if cfg.embed_engine == "auto":
-            return Embedder(torch_fn, "torch", f"auto: torch, because {why_not}")
         return _refuse_or_fall_back(cfg, torch_fn, why_not)
     try:
         onnx_fn = view_embedder(model, n_views=cfg.n_views, device=device,
                                 features=ort_features(model, cfg.img_size, cfg.threads))
     except Exception as exc:  # the exporter's many failure types: named, never swallowed
+        first = _ANSI.sub("", str(exc)).splitlines()[0][:300] if str(exc) else ""
         return _refuse_or_fall_back(cfg, torch_fn, f"the ONNX export of {cfg.backbone} failed "
-                                    f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]})")
+                                    f"({type(exc).__name__}: {first})")
     eager_fn = view_embedder(model, n_views=cfg.n_views, device=device) if cfg.compile else torch_fn
     probe = probe_images_uint8(PROBE_IMAGES, cfg.img_size)
     parity = feature_parity(model, eager_fn(probe), onnx_fn(probe), tolerance_scale)

@@ -246,3 +246,42 @@ def test_onnx_is_refused_on_cuda_and_auto_keeps_torch():
         choose_embedder(model, TrainerConfig(img_size=32, device="cuda", embed_engine="onnx"))
     auto = choose_embedder(model, TrainerConfig(img_size=32, device="cuda"))
     assert auto.engine == "torch" and "runs on the CPU" in auto.reason
+
+
+class _Unexportable(torch.nn.Module):
+    """Eigenvalues of a 3x3 Gram matrix: torch computes them, ONNX has no eigvalsh (the
+    exporter's ConversionError, measured with torch 2.14)."""
+
+    num_features = 3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = x.mean(1)[:, :3, :3]
+        return torch.linalg.eigvalsh(g @ g.transpose(-1, -2))
+
+
+def test_a_failed_export_falls_back_or_refuses_naming_it(caplog):
+    from roadwork_assets.core.models.classifier import RoadworkClassifier
+
+    model = RoadworkClassifier(_Unexportable()).eval()
+    with caplog.at_level(logging.WARNING, logger="roadwork_assets.core.training.embed_engine"):
+        auto = choose_embedder(model, TrainerConfig(img_size=16, n_views=1, threads=2))
+    assert auto.engine == "torch" and "the ONNX export of" in auto.reason
+    assert "the ONNX export of" in caplog.text
+    images = probe_images_uint8(2, 16)
+    assert auto(images).shape == (2, 1, 3)  # torch embeds it
+    assert "\x1b[" not in auto.reason  # the exporter's terminal colours are stripped
+    with pytest.raises(EmbedEngineError, match=r"cannot embed: the ONNX export of .* failed "
+                       r"\(ConversionError: Failed to convert"):
+        choose_embedder(model, TrainerConfig(img_size=16, n_views=1, embed_engine="onnx"))
+
+
+def test_without_onnxruntime_auto_is_torch_and_onnx_is_refused(monkeypatch, vit, vit_weights):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` fails
+    auto = choose_embedder(vit, _cfg(vit_weights, "auto"))
+    assert (auto.engine, auto.reason) == ("torch", "auto: torch, because onnxruntime is not "
+                                                   "installed")
+    with pytest.raises(EmbedEngineError, match="onnxruntime is not installed; set "
+                       "trainer.embed_engine='torch'"):
+        choose_embedder(vit, _cfg(vit_weights, "onnx"))
