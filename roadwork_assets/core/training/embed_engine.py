@@ -25,8 +25,9 @@ about u·sqrt(K)·D·rms(f)). A failed check is an error for ``onnx`` and a WARN
 torch for ``auto``, both naming the gap and the tolerance.
 
 Timing (``auto`` only): img/s_e = b / median(t_1..t_R) of R = 3 calls of engine e on
-the b = 8 probe images, every view each (the parity call before them is the warm-up).
-ORT is chosen iff img/s_onnx > img/s_torch.
+the b = 8 probe images, every view each (the parity call before them is the warm-up;
+the two engines' calls alternate, so a shared machine's load falls on both). ORT is
+chosen iff img/s_onnx > img/s_torch.
 
 torch.compile is a torch-engine option: with ``trainer.compile`` on, ``auto`` keeps the
 compiled torch engine without timing (a fair timing would first pay the compile, tens
@@ -41,6 +42,7 @@ import hashlib
 import logging
 import math
 import re
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -60,7 +62,6 @@ from roadwork_assets.core.export.onnx_export import (
     reduction_depth,
 )
 from roadwork_assets.core.models.classifier import RoadworkClassifier
-from roadwork_assets.core.models.latency import median_seconds
 from roadwork_assets.core.training.config import TrainerConfig
 from roadwork_assets.core.training.trainer import view_embedder
 
@@ -259,6 +260,19 @@ def _refuse_or_fall_back(cfg: TrainerConfig, torch_fn: Embed, why: str,
     return Embedder(torch_fn, "torch", f"auto: torch, because {why}", parity=parity)
 
 
+def interleaved_img_per_s(embedders: dict[str, Embed], images: np.ndarray,
+                          repeats: int = TIMED_CALLS) -> dict[str, float]:
+    """img/s of each embedder: len(images) / median of ``repeats`` timed calls, the
+    embedders' calls taken in turn, so that on a shared machine both see the same load."""
+    times: dict[str, list[float]] = {name: [] for name in embedders}
+    for _ in range(repeats):
+        for name, fn in embedders.items():
+            t0 = time.perf_counter()
+            fn(images)
+            times[name].append(time.perf_counter() - t0)
+    return {name: len(images) / statistics.median(t) for name, t in times.items()}
+
+
 def choose_embedder(model: RoadworkClassifier, cfg: TrainerConfig, *, n_images: int | None = None,
                     tolerance_scale: float = 1.0) -> Embedder:
     """The embedder ``cfg.embed_engine`` asks for (module docstring). ``n_images``: how
@@ -299,9 +313,7 @@ def choose_embedder(model: RoadworkClassifier, cfg: TrainerConfig, *, n_images: 
         note = " (compile applies to the torch engine only)" if cfg.compile else ""
         return Embedder(onnx_fn, "onnx", f"asked for onnx{note}; {parity.summary()}",
                         parity=parity)
-    rates = {name: len(probe) / median_seconds(lambda fn=fn: fn(probe), repeats=TIMED_CALLS,
-                                               warmup=0)
-             for name, fn in (("torch", torch_fn), ("onnx", onnx_fn))}
+    rates = interleaved_img_per_s({"torch": torch_fn, "onnx": onnx_fn}, probe)
     winner = "onnx" if rates["onnx"] > rates["torch"] else "torch"
     return Embedder(onnx_fn if winner == "onnx" else torch_fn, winner,
                     f"auto: {winner} ({len(probe)} probe images x {cfg.n_views} view(s): torch "
