@@ -135,7 +135,7 @@ def child(args: argparse.Namespace) -> dict:
         for split, part in splits.items():
             whole = load_model_arrays(part["uri"].tolist(), part["item_id"].tolist(),
                                       args.img_size)
-            atomic_write_npz(reg.embeddings(split), features=whole,
+            atomic_write_npz(reg.embedding_shard(split, 0), features=whole,
                              labels=part["label"].to_numpy())
             del whole
         mark("legacy_embed", t0)
@@ -144,10 +144,10 @@ def child(args: argparse.Namespace) -> dict:
     if "embed" in args.phases:
         t0 = time.perf_counter()
         for split, part in splits.items():
-            compute_embeddings(part, cfg, reg.embeddings(split), split, "bench", "bench")
-        out["cache_mib"] = round(sum(reg.embeddings(s).stat().st_size for s in splits) / 2**20, 1)
+            compute_embeddings(part, cfg, reg.embedding_shard(split, 0), split, "bench", "bench")
+        out["cache_mib"] = round(sum(reg.embedding_shard(s, 0).stat().st_size for s in splits) / 2**20, 1)
         mark("embed", t0)
-    caches = {s: read_embeddings(reg.embeddings(s), s) for s in splits}
+    caches = {s: read_embeddings(reg.embedding_shard(s, 0), s) for s in splits}
     if "train" in args.phases:
         t0 = time.perf_counter()
         train_checkpoint(caches, cfg, reg.checkpoint)

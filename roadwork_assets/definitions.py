@@ -23,6 +23,7 @@ from roadwork_assets.defs.export.int8_asset import bundle_int8
 from roadwork_assets.defs.freshness import with_automation
 from roadwork_assets.defs.io_manager import RegistryIOManager
 from roadwork_assets.defs.leakage_audit import assert_graph_obeys_policy
+from roadwork_assets.defs.partitions import embedding_shards_from_env, shard_count, with_shards
 from roadwork_assets.defs.policy.assets import policy_assets
 from roadwork_assets.defs.policy.cascade_asset import cascade_policy
 from roadwork_assets.defs.resources import (
@@ -84,12 +85,17 @@ def resources_from_env() -> dict[str, object]:
     }
 
 
-def build_definitions(resources: dict[str, object] | None = None) -> dg.Definitions:
-    """Definitions over ALL_ASSETS; refuses a graph whose partition mappings leak."""
+def build_definitions(resources: dict[str, object] | None = None, *,
+                      n_shards: int | None = None) -> dg.Definitions:
+    """Definitions over ALL_ASSETS; refuses a graph whose partition mappings leak.
+
+    ``n_shards``: shards per split of ``embeddings`` (default: ROADWORK_EMBEDDING_SHARDS,
+    else 1), fixed here because a partitions definition is fixed when it loads."""
     resources = resources or resources_from_env()
+    n_shards = embedding_shards_from_env() if n_shards is None else n_shards
     # jobs / schedules / sensors: the retrain triggers (defs/automation)
     # declarative automation: eager below the roots, run by the daemon (defs/freshness)
-    assets = with_automation(ALL_ASSETS)
+    assets = with_automation(with_shards(ALL_ASSETS, n_shards))
     # in-process executor: a run from the UI or `dagster asset materialize` executes its
     # steps in the run's own process, as `roadwork run` does, instead of one process per
     # step (the multiprocess default), each importing torch again
@@ -104,12 +110,21 @@ defs = build_definitions()
 
 
 def current_definitions() -> dg.Definitions:
-    """``defs``, unless the environment's ROADWORK_HOME is no longer the home ``defs`` was
-    built for (a long-lived process: a notebook, the test suite); then a fresh build, so
-    `roadwork run` writes where it says it does."""
+    """``defs``, unless the environment's ROADWORK_HOME (or ROADWORK_EMBEDDING_SHARDS) is
+    no longer the one ``defs`` was built for (a long-lived process: a notebook, the test
+    suite); then a fresh build, so `roadwork run` writes where it says it does."""
     built = globals()["defs"]
     artifacts = built.resources.get("artifacts") if built.resources else None
     if isinstance(artifacts, ArtifactRegistryResource) and \
             Path(artifacts.root).expanduser() != Path(default_home()).expanduser():
         return build_definitions()
+    if definitions_shards(built) != embedding_shards_from_env():
+        return build_definitions()
     return built
+
+
+def definitions_shards(built: dg.Definitions) -> int:
+    """Shards per split of ``embeddings`` in ``built`` (1 when it has no sharded asset)."""
+    graph = built.resolve_asset_graph()
+    return next((n for n in (shard_count(graph.get(k).partitions_def)
+                             for k in graph.get_all_asset_keys()) if n is not None), 1)

@@ -26,6 +26,33 @@ SPLITS: tuple[str, ...] = ("train", "val_select", "val_calib", "val_test")
 # asset computing per-split features/logits reads its own split of its parents.
 SAME_PARTITION = "<same partition>"
 
+# Sharded assets (embeddings) are partitioned by split x shard; Dagster orders a
+# multi-partition's dimensions by name, so their keys read "<shard>|<split>" ("1|train").
+SHARD_SEP = "|"
+
+
+def shard_key(split: str, shard: int) -> str:
+    """The partition key of ``shard`` of ``split`` ("1|train")."""
+    return f"{shard}{SHARD_SEP}{split}"
+
+
+def parse_shard_key(key: str) -> tuple[str, int | None]:
+    """(split, shard) of a partition key; shard None for a plain split key. Anything else
+    is refused, naming the key."""
+    shard, sep, split = str(key).partition(SHARD_SEP)
+    if not sep:
+        shard, split = None, str(key)
+    if split not in SPLITS or (shard is not None and not shard.isdigit()):
+        raise LeakageError(f"partition key {key!r} is neither a split {list(SPLITS)} nor "
+                           f"'<shard>{SHARD_SEP}<split>' (e.g. {shard_key('train', 1)!r})")
+    return split, None if shard is None else int(shard)
+
+
+def split_of(key: str) -> str:
+    """The split a partition key belongs to: the key itself for a split partition, its
+    split dimension for a split x shard key. Leakage rules compare splits, not shards."""
+    return parse_shard_key(key)[0]
+
 
 ROLE_INGESTION = "ingestion"
 ROLE_SPLITTING = "splitting"
@@ -89,10 +116,14 @@ class ReadRule:
                 "rows; use the default carries='inputs'"
             )
 
-    def allows(self, split: str, own_partition: str | None) -> bool:
+    def allows(self, partition: str, own_partition: str | None) -> bool:
+        """May an asset (partition ``own_partition``) read ``partition``? Split x shard
+        keys count as their split, on both sides."""
+        split = split_of(partition)
         if split in self.may_read:
             return True
-        return SAME_PARTITION in self.may_read and own_partition == split
+        return (SAME_PARTITION in self.may_read and own_partition is not None
+                and split_of(own_partition) == split)
 
 
 def _rule(role: str, reason: str, *splits: str, carries: str = CARRIES_INPUTS) -> ReadRule:
@@ -180,7 +211,8 @@ def rule_for(asset_name: str) -> ReadRule:
 def forbidden_reads(
     asset_name: str, reads: set[str] | list[str], own_partition: str | None = None
 ) -> list[str]:
-    """The partitions in `reads` that `asset_name` may not read (sorted)."""
+    """The partitions in `reads` that `asset_name` may not read (sorted), each as read
+    (a shard key stays a shard key, judged by its split)."""
     rule = rule_for(asset_name)
     return sorted(s for s in set(reads) if not rule.allows(s, own_partition))
 

@@ -322,8 +322,15 @@ class ArtifactRegistry:
         return self.root / "split_manifest" / f"{_check_split(split)}.parquet"
 
     # model
-    def embeddings(self, split: str) -> Path:
-        return self.root / "embeddings" / f"{_check_split(split)}.npz"
+    def embeddings_dir(self, split: str) -> Path:
+        """The folder of one split's embedding shards (``shard_<k>.npz``)."""
+        return self.root / "embeddings" / _check_split(split)
+
+    def embedding_shard(self, split: str, shard: int) -> Path:
+        """Shard ``shard`` of a split's embeddings cache (``core.training.shards``)."""
+        if isinstance(shard, bool) or not isinstance(shard, int) or shard < 0:
+            raise ValueError(f"shard must be a non-negative int, got {shard!r}")
+        return self.embeddings_dir(split) / f"shard_{shard}.npz"
 
     @property
     def adapted_backbone(self) -> Path:

@@ -11,16 +11,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 from roadwork_assets.contracts.policy_schemas import POLICY_ASSET_NAMES
-from roadwork_assets.contracts.splits import SPLITS
+from roadwork_assets.contracts.splits import SPLITS, parse_shard_key
 from roadwork_assets.core.artifacts import ArtifactRegistry
 
 # split-partitioned assets: one file per split partition
 PER_SPLIT: dict[str, Callable[[ArtifactRegistry, str], Path]] = {
     "split_manifest": ArtifactRegistry.split_manifest,
-    "embeddings": ArtifactRegistry.embeddings,
     "logits": ArtifactRegistry.logits,
     "multiview_views": ArtifactRegistry.multiview_views,
     "multiview_logits": ArtifactRegistry.multiview_logits,
+}
+# split x shard assets (defs.partitions.embedding_partitions): one file per shard
+PER_SHARD: dict[str, Callable[[ArtifactRegistry, str, int], Path]] = {
+    "embeddings": ArtifactRegistry.embedding_shard,
 }
 # unpartitioned assets: one file each
 FIXED: dict[str, Callable[[ArtifactRegistry], Path]] = {
@@ -40,6 +43,12 @@ FIXED: dict[str, Callable[[ArtifactRegistry], Path]] = {
 
 def asset_path(registry: ArtifactRegistry, asset_name: str, partition: str | None = None) -> Path:
     """Where an asset (partition) lives."""
+    if asset_name in PER_SHARD:
+        split, shard = parse_shard_key(partition) if partition else (None, None)
+        if shard is None:
+            raise ValueError(f"{asset_name} needs a '<shard>|<split>' partition, got "
+                             f"{partition!r}")
+        return PER_SHARD[asset_name](registry, split, shard)
     if asset_name in PER_SPLIT:
         if partition not in SPLITS:
             raise ValueError(f"{asset_name} needs a split partition, got {partition!r}")

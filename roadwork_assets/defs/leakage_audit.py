@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dagster as dg
 
+from roadwork_assets.contracts.errors import LeakageError
 from roadwork_assets.contracts.splits import (
     ALL_SPLITS_ASSETS,
     CARRIES_OWN_SPLIT,
@@ -23,7 +24,9 @@ from roadwork_assets.contracts.splits import (
     SAME_PARTITION,
     SPLIT_READ_POLICY,
     SPLITS,
+    split_of,
 )
+from roadwork_assets.defs.partitions import shard_count
 
 # {split: where it came from}, e.g. {"val_test": "test_report <- logits[val_test] <- ..."}
 Taint = dict[str, str]
@@ -33,7 +36,8 @@ def derived_split_reads(asset_graph) -> dict[str, dict[str | None, set[str]]]:
     """{asset: {own partition or None: split partitions readable from parents}}.
 
     A parent in ALL_SPLITS_ASSETS (unpartitioned, but holding every split's images and
-    labels) counts as all four partitions.
+    labels) counts as all four partitions. A split x shard partition (of a parent, or
+    the asset's own key) counts as its split.
     """
     out: dict[str, dict[str | None, set[str]]] = {}
     for key in asset_graph.get_all_asset_keys():
@@ -47,12 +51,11 @@ def derived_split_reads(asset_graph) -> dict[str, dict[str | None, set[str]]]:
                 for own in own_keys:
                     reads[own] |= set(SPLITS)
                 continue
-            parent_def = asset_graph.get(parent).partitions_def
-            if parent_def is None or set(parent_def.get_partition_keys()) != set(SPLITS):
+            if not _split_keyed(asset_graph.get(parent).partitions_def):
                 continue
             for own in own_keys:
                 result = asset_graph.get_parent_partition_keys_for_child(own, parent, key)
-                reads[own] |= set(result.partitions_subset.get_partition_keys())
+                reads[own] |= {split_of(p) for p in result.partitions_subset.get_partition_keys()}
         out[key.to_user_string()] = reads
     return out
 
@@ -69,7 +72,8 @@ def audit_split_reads(asset_graph) -> list[str]:
             )
             continue
         for own, reads in sorted(by_partition.items(), key=lambda kv: str(kv[0])):
-            allowed = {own if s == SAME_PARTITION else s for s in rule.may_read} - {None}
+            own_split = split_of(own) if own is not None else None
+            allowed = {own_split if s == SAME_PARTITION else s for s in rule.may_read} - {None}
             where = f"asset {asset!r}" + (f" partition {own!r}" if own else "")
             for split in sorted(reads - allowed):
                 problems.append(
@@ -82,6 +86,21 @@ def audit_split_reads(asset_graph) -> list[str]:
                     "(policy table and partition mappings disagree)"
                 )
     return problems
+
+
+def _is_split_key(key: str) -> bool:
+    try:
+        split_of(key)
+    except LeakageError:
+        return False
+    return True
+
+
+def _split_keyed(partitions_def) -> bool:
+    """Partitioned by split, or by split x shard (every key names a split)."""
+    return partitions_def is not None and all(
+        _is_split_key(k) for k in partitions_def.get_partition_keys()) and {
+        split_of(k) for k in partitions_def.get_partition_keys()} == set(SPLITS)
 
 
 def _label(asset: str, partition: str | None) -> str:
@@ -118,8 +137,8 @@ def carried_by_load(carried: dict[str, dict[str | None, Taint]], asset: str,
     label = _label(asset, own)
     taint = {s: c if c.startswith(label) else f"{label} <- {c}"
              for s, c in by_part.get(own, {}).items()}
-    if partition in SPLITS:
-        _shortest(taint, partition, _label(asset, partition))
+    if partition is not None and _is_split_key(partition):
+        _shortest(taint, split_of(partition), _label(asset, partition))
     return taint
 
 
@@ -227,9 +246,57 @@ def tainted_loads(asset_graph, asset: str, own: str | None,
 
 
 def assert_graph_obeys_policy(defs: dg.Definitions) -> None:
-    from roadwork_assets.contracts.errors import LeakageError
-
     graph = defs.resolve_asset_graph()
-    problems = audit_split_reads(graph) + audit_taint(graph)
+    problems = audit_split_reads(graph) + audit_taint(graph) + audit_shard_mappings(graph)
     if problems:
         raise LeakageError("split policy violated by the asset graph:\n  " + "\n  ".join(problems))
+
+
+def _shard_edge_problems(asset_graph, parent, child) -> list[str]:
+    """An edge into or out of a split x shard asset keeps the split and reads whole splits:
+    a partitioned side maps by split (``MultiToSingleDimensionPartitionMapping`` on
+    "split": every shard of its own split, nothing else), an unpartitioned reader names
+    whole splits (``SpecificPartitionsPartitionMapping`` over every shard of each)."""
+    p_name, c_name = parent.to_user_string(), child.to_user_string()
+    mapping = asset_graph.get_partition_mapping(child, parent)
+    c_def = asset_graph.get(child).partitions_def
+    pinned = isinstance(mapping, dg.MultiToSingleDimensionPartitionMapping) and \
+        mapping.partition_dimension_name == "split"
+    problems = []
+    if not (pinned or (c_def is None and isinstance(
+            mapping, dg.SpecificPartitionsPartitionMapping))):
+        problems.append(
+            f"asset {c_name!r} reads {p_name!r} through {type(mapping).__name__}, which does "
+            "not pin the split dimension of a split x shard asset: use "
+            "defs.partitions.BY_SPLIT (partitioned) or shards_of(<split mapping>) "
+            "(unpartitioned)")
+    p_keys = list(asset_graph.get(parent).partitions_def.get_partition_keys())
+    for own in _own_keys(asset_graph.get(child)):
+        result = asset_graph.get_parent_partition_keys_for_child(own, parent, child)
+        reads = set(result.partitions_subset.get_partition_keys())
+        where = f"asset {_label(c_name, own)!r}"
+        if own is not None and {split_of(k) for k in reads} - {split_of(own)}:
+            problems.append(f"{where} reads {p_name} partitions of another split "
+                            f"{sorted(reads)}: a split x shard mapping must keep the split")
+        for split in sorted({split_of(k) for k in reads}):
+            missing = sorted(k for k in p_keys if split_of(k) == split and k not in reads)
+            if missing:
+                problems.append(f"{where} reads only some shards of {p_name}[{split}] (not "
+                                f"{missing}): a reader must read every shard of a split")
+    return problems
+
+
+def audit_shard_mappings(asset_graph) -> list[str]:
+    """Every edge into or out of a split x shard asset (``embeddings``) keeps the split
+    and reads whole splits, so the split audit above, which counts a shard as its
+    split, is exact for them too (``_shard_edge_problems``)."""
+    problems: list[str] = []
+    for key in asset_graph.toposorted_asset_keys:
+        for parent in sorted(asset_graph.get(key).parent_keys, key=lambda k: k.to_user_string()):
+            p_def, c_def = asset_graph.get(parent).partitions_def, asset_graph.get(key).partitions_def
+            if shard_count(p_def) is None and shard_count(c_def) is None:
+                continue
+            if p_def is None:  # an unpartitioned parent of a shard (none today) reads no split
+                continue
+            problems += _shard_edge_problems(asset_graph, parent, key)
+    return problems

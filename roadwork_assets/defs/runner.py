@@ -3,7 +3,9 @@
 Split-partitioned and unpartitioned assets cannot share one run (a run targets one
 partition), so the graph is run in stages derived from the asset graph itself
 (``stages``): its topological levels, consecutive levels of the same kind merged into
-one stage; a partitioned stage runs once per split. Every stage is a real Dagster run
+one stage; a split-partitioned stage runs once per split, a split x shard stage
+(``embeddings``, ROADWORK_EMBEDDING_SHARDS) once per shard of each split: independent
+runs, which the UI's backfills and a multiprocess or k8s executor can spread. Every stage is a real Dagster run
 on the given instance, visible in the UI with its logs, metadata and check results.
 
 A failed blocking asset check stops the run; it is raised as ``BlockingCheckFailed``, a
@@ -26,9 +28,10 @@ from dataclasses import dataclass
 import dagster as dg
 
 from roadwork_assets.contracts.errors import RoadworkError
-from roadwork_assets.contracts.splits import SPLITS
+from roadwork_assets.contracts.splits import SPLITS, shard_key
 from roadwork_assets.core.artifacts import pid_alive
 from roadwork_assets.defs.freshness import OPTIONAL_TAG, FreshnessJudge
+from roadwork_assets.defs.partitions import shard_count
 
 STAGE_TAG, PID_TAG, HOST_TAG = "roadwork/stage", "roadwork/pid", "roadwork/host"
 
@@ -37,16 +40,32 @@ class BlockingCheckFailed(RoadworkError):
     """A blocking asset check failed, so its asset's downstream did not run."""
 
 
+KIND_UNPARTITIONED, KIND_SPLIT, KIND_SHARD = "unpartitioned", "split", "split x shard"
+_KIND_ORDER = (KIND_UNPARTITIONED, KIND_SPLIT, KIND_SHARD)
+
+
 @dataclass(frozen=True)
 class Stage:
     assets: tuple[str, ...]
-    partitioned: bool
+    kind: str = KIND_UNPARTITIONED  # how its assets are partitioned: one run per partition
+
+    @property
+    def partitioned(self) -> bool:
+        return self.kind != KIND_UNPARTITIONED
+
+
+def partition_kind(node) -> str:
+    """KIND_UNPARTITIONED, KIND_SPLIT or KIND_SHARD (split x shard: ``embeddings``)."""
+    if node.partitions_def is None:
+        return KIND_UNPARTITIONED
+    return KIND_SHARD if shard_count(node.partitions_def) is not None else KIND_SPLIT
 
 
 def stages(defs: dg.Definitions) -> tuple[Stage, ...]:
-    """The graph's topological levels, consecutive levels of one kind (partitioned or
-    not) merged: every asset runs after its parents, and each stage is one run (per
-    partition). Within a level, assets keep their order in the Definitions."""
+    """The graph's topological levels, consecutive levels of one kind (unpartitioned,
+    per split, per split x shard) merged: every asset runs after its parents, and each
+    stage is one run (per partition). Within a level, assets keep their order in the
+    Definitions."""
     graph = defs.resolve_asset_graph()
     order = {key: i for i, key in enumerate(
         key for assets_def in defs.assets or [] for key in assets_def.keys)}
@@ -56,17 +75,29 @@ def stages(defs: dg.Definitions) -> tuple[Stage, ...]:
         keys = sorted((k for k in level if graph.get(k).is_materializable
                        and graph.get(k).tags.get(OPTIONAL_TAG) != "true"),
                       key=lambda k: (order.get(k, len(order)), k.to_user_string()))
-        kinds = [False, True] if not out or not out[-1].partitioned else [True, False]
-        for partitioned in kinds:  # the kind of the stage before first: it may extend it
-            names = tuple(k.to_user_string() for k in keys
-                          if graph.get(k).is_partitioned == partitioned)
+        # the kind of the stage before first: it may extend it
+        kinds = sorted(_KIND_ORDER, key=lambda kind: not out or out[-1].kind != kind)
+        for kind in kinds:
+            names = tuple(k.to_user_string() for k in keys if partition_kind(graph.get(k)) == kind)
             if not names:
                 continue
-            if out and out[-1].partitioned == partitioned:
-                out[-1] = Stage(out[-1].assets + names, partitioned)
+            if out and out[-1].kind == kind:
+                out[-1] = Stage(out[-1].assets + names, kind)
             else:
-                out.append(Stage(names, partitioned))
+                out.append(Stage(names, kind))
     return tuple(out)
+
+
+def stage_partitions(defs: dg.Definitions, stage: Stage,
+                     splits: Sequence[str] = SPLITS) -> list[str | None]:
+    """The partitions a stage runs once each, in order: [None] unpartitioned; the splits;
+    or every shard key of each split ("0|train", "1|train", ..., then the next split)."""
+    if stage.kind == KIND_UNPARTITIONED:
+        return [None]
+    if stage.kind == KIND_SPLIT:
+        return list(splits)
+    n = shard_count(defs.resolve_asset_graph().get(dg.AssetKey(stage.assets[0])).partitions_def)
+    return [shard_key(split, k) for split in splits for k in range(n or 1)]
 
 
 def materialize_all(
@@ -88,7 +119,7 @@ def materialize_all(
     plan = stages(defs)
     results = []
     for n, stage in enumerate(plan, start=1):
-        for partition in (splits if stage.partitioned else [None]):
+        for partition in stage_partitions(defs, stage, splits):
             label = f" [{partition}]" if partition else ""
             pending, ran = list(stage.assets), False
             while pending:
@@ -145,12 +176,13 @@ def next_batch(pending: list[str], partition: str | None, graph, judge: Freshnes
 def dagster_commands(defs: dg.Definitions, *, module: str = "roadwork_assets.definitions",
                      splits: Sequence[str] = SPLITS, extra: Sequence[str] = ()) -> list[list[str]]:
     """The `dagster asset materialize` commands that materialize the whole graph, in
-    order: one per stage, once per split for a partitioned stage — the runs `roadwork
-    run --force` makes. (`--select '*'` cannot work: one Dagster run holds one partition,
-    and the graph mixes split-partitioned and unpartitioned assets.)"""
+    order: one per stage, once per partition of a partitioned stage (split, or split x
+    shard: `--partition 0|train`) — the runs `roadwork run --force` makes. (`--select
+    '*'` cannot work: one Dagster run holds one partition, and the graph mixes
+    split-partitioned, sharded and unpartitioned assets.)"""
     out = []
     for stage in stages(defs):
-        for partition in (splits if stage.partitioned else [None]):
+        for partition in stage_partitions(defs, stage, splits):
             cmd = ["dagster", "asset", "materialize", "-m", module,
                    "--select", ",".join(stage.assets)]
             out.append(cmd + (["--partition", partition] if partition else []) + list(extra))
@@ -160,13 +192,15 @@ def dagster_commands(defs: dg.Definitions, *, module: str = "roadwork_assets.def
 def unmaterialized(defs: dg.Definitions, instance: dg.DagsterInstance,
                    splits: Sequence[str] = SPLITS) -> list[str]:
     """Every asset (partition) of the stages (the graph less optional assets) that has no
-    materialization on ``instance``, as ``asset`` or ``asset[split]``; [] when all have."""
+    materialization on ``instance``, as ``asset``, ``asset[split]`` or
+    ``asset[shard|split]``; [] when all have."""
     out = []
     for stage in stages(defs):
         for key in map(dg.AssetKey, stage.assets):
             if stage.partitioned:
                 done = instance.get_materialized_partitions(key)
-                out += [f"{key.to_user_string()}[{s}]" for s in splits if s not in done]
+                out += [f"{key.to_user_string()}[{p}]"
+                        for p in stage_partitions(defs, stage, splits) if p not in done]
             elif instance.get_latest_materialization_event(key) is None:
                 out.append(key.to_user_string())
     return sorted(out)

@@ -20,7 +20,7 @@ import threading
 import dagster as dg
 from dagster_shared.check import CheckError
 
-from roadwork_assets.contracts.splits import forbidden_reads, rule_for
+from roadwork_assets.contracts.splits import forbidden_reads, rule_for, split_of
 from roadwork_assets.defs.leakage_audit import tainted_loads
 
 SPLIT_READS_CHECK = "split_reads_allowed"
@@ -86,8 +86,10 @@ def split_reads_result(
     own_partition = context.partition_key if context.has_partition_key else None
     step_key = context.op_execution_context.get_step_execution_context().step.key
     reads = drain_reads(step_key)
-    split_reads = sorted({part for _, part in reads if part is not None})
-    bad = forbidden_reads(asset_name, split_reads, own_partition)
+    partitions = {part for _, part in reads if part is not None}
+    # rules compare splits: a shard key ("1|train") is judged, and shown, as its split
+    split_reads = sorted({split_of(part) for part in partitions})
+    bad = forbidden_reads(asset_name, partitions, own_partition)
     carried, tainted = tainted_loads(_definitions_graph(context), asset_name,
                                      own_partition, reads)
     detail = sorted({f"{asset}[{part}]" if part is not None else asset for asset, part in reads})

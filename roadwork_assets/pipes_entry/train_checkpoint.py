@@ -32,7 +32,8 @@ from dagster_pipes import (
 from roadwork_assets.core.progress import ProgressReporter, no_progress
 from roadwork_assets.core.training import distributed
 from roadwork_assets.core.training.config import TrainerConfig
-from roadwork_assets.core.training.pipeline import read_embeddings, train_checkpoint
+from roadwork_assets.core.training.pipeline import train_checkpoint
+from roadwork_assets.core.training.shards import read_embedding_shards
 
 EPOCH_MESSAGE = "epoch"  # custom message kind: one training-history row
 
@@ -46,8 +47,8 @@ def _extras() -> dict[str, Any]:
 
 def _train(extras: dict[str, Any], pipes: PipesContext | None) -> dict[str, Any]:
     cfg = TrainerConfig(**extras["trainer_config"])
-    caches = {split: read_embeddings(Path(path), split)
-              for split, path in extras["embeddings"].items()}
+    caches = {split: read_embedding_shards([Path(p) for p in paths], split)
+              for split, paths in extras["embeddings"].items()}
     backbone = extras.get("adapted_backbone")
     with ExitStack() as stack:
         if pipes is None:  # not rank 0: same training, scratch output

@@ -118,8 +118,11 @@ def test_registry_names_paths_under_root_only(tmp_path):
     reg = ArtifactRegistry(tmp_path)
     paths = [reg.source_table, reg.split_assignment, reg.checkpoint, reg.test_report,
              *(reg.split_manifest(s) for s in ("train", "val_test")),
-             reg.embeddings("val_calib"), reg.logits("val_select"), reg.policy("gate")]
+             reg.embedding_shard("val_calib", 2), reg.logits("val_select"), reg.policy("gate")]
     assert all(tmp_path in p.parents for p in paths)
     assert not any(tmp_path.iterdir())  # naming a path creates nothing
+    assert reg.embedding_shard("val_calib", 2) == tmp_path / "embeddings/val_calib/shard_2.npz"
     with pytest.raises(ValueError, match="unknown split"):
         reg.logits("test")
+    with pytest.raises(ValueError, match="shard must be a non-negative int"):
+        reg.embedding_shard("train", -1)

@@ -11,7 +11,7 @@ from roadwork_assets.contracts.errors import LeakageError
 from roadwork_assets.contracts.splits import ROLE_MODEL_FITTING, SPLIT_READ_POLICY
 from roadwork_assets.definitions import ALL_ASSETS, build_definitions
 from roadwork_assets.defs.leakage_audit import audit_split_reads, audit_taint, carried_splits
-from roadwork_assets.defs.partitions import MODEL_FITTING_SPLITS, TRAIN_ONLY
+from roadwork_assets.defs.partitions import MODEL_FITTING_SPLITS, TRAIN_ONLY, shards_of
 from roadwork_assets_tests.conftest import tiny_resources
 
 
@@ -32,13 +32,13 @@ def test_real_graph_reads_train_and_checkpoint_carries_only_model_fitting_splits
     assert audit_split_reads(graph) == [] and audit_taint(graph) == []
     carried = carried_splits(graph)
     assert set(carried["adapted_backbone"][None]) == {"train"}
-    assert carried["adapted_backbone"][None]["train"] == "adapted_backbone <- embeddings[train]"
+    assert carried["adapted_backbone"][None]["train"] == "adapted_backbone <- embeddings[0|train]"
     assert set(carried["checkpoint"][None]) == {"train", "val_select"}
 
 
 def test_adapted_backbone_reading_val_select_is_refused(tmp_path):
     @dg.asset(name="adapted_backbone",
-              ins={"embeddings": dg.AssetIn(partition_mapping=MODEL_FITTING_SPLITS)})
+              ins={"embeddings": dg.AssetIn(partition_mapping=shards_of(MODEL_FITTING_SPLITS))})
     def sneaky(embeddings):
         return None
 
@@ -56,12 +56,12 @@ def test_adapted_backbone_fed_from_val_calib_content_is_refused_by_the_taint_aud
     from roadwork_assets.defs.partitions import POLICY_FITTING_SPLITS
 
     @dg.asset(name="calib_pool", ins={"embeddings": dg.AssetIn(
-        partition_mapping=POLICY_FITTING_SPLITS)})
+        partition_mapping=shards_of(POLICY_FITTING_SPLITS))})
     def calib_pool(embeddings):
         return None
 
     @dg.asset(name="adapted_backbone",
-              ins={"embeddings": dg.AssetIn(partition_mapping=TRAIN_ONLY)},
+              ins={"embeddings": dg.AssetIn(partition_mapping=shards_of(TRAIN_ONLY))},
               deps=["calib_pool"])
     def tainted(embeddings):
         return None

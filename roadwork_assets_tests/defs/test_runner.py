@@ -6,6 +6,7 @@ from __future__ import annotations
 import dagster as dg
 import pytest
 
+from roadwork_assets.contracts.splits import SPLITS
 from roadwork_assets.defs import runner
 
 DESCRIPTION = "served probability gap 7.30e-03 vs tolerance 2.10e-04 (probe image 3)"
@@ -64,20 +65,43 @@ def test_roadwork_run_prints_one_line_and_exits_nonzero(tmp_path, monkeypatch, c
 
 
 def test_stages_follow_the_asset_graph(tmp_path):
-    """Topological levels, consecutive levels of one kind merged: the five stages
-    `roadwork run` has always run, in the same order."""
+    """Topological levels, consecutive levels of one kind merged, in the order `roadwork
+    run` has always run them; embeddings (split x shard) is its own stage, after the
+    split manifests, run once per shard of each split."""
     from roadwork_assets.definitions import build_definitions
     from roadwork_assets_tests.conftest import tiny_resources
 
-    assert runner.stages(build_definitions(tiny_resources(tmp_path))) == (
-        runner.Stage(("source_images", "split_assignment"), partitioned=False),
-        runner.Stage(("split_manifest", "embeddings"), partitioned=True),
-        runner.Stage(("adapted_backbone", "checkpoint"), partitioned=False),
-        runner.Stage(("logits", "multiview_views"), partitioned=True),
-        runner.Stage(("multiview_checkpoint", "thresholds", "gate_params", "conformal_sets"),
-                     partitioned=False),
-        runner.Stage(("multiview_logits",), partitioned=True),
-        runner.Stage(("cascade_policy", "bundle", "test_report", "drift", "label_queue"),
-                     partitioned=False),
-    )
-    assert runner.stages(TOY_DEFS) == (runner.Stage(("toy", "downstream"), partitioned=False),)
+    split, shard, none = runner.KIND_SPLIT, runner.KIND_SHARD, runner.KIND_UNPARTITIONED
+    for n in (1, 3):
+        defs = build_definitions(tiny_resources(tmp_path), n_shards=n)
+        plan = runner.stages(defs)
+        assert plan == (
+            runner.Stage(("source_images", "split_assignment"), none),
+            runner.Stage(("split_manifest",), split),
+            runner.Stage(("embeddings",), shard),
+            runner.Stage(("adapted_backbone", "checkpoint"), none),
+            runner.Stage(("logits", "multiview_views"), split),
+            runner.Stage(("multiview_checkpoint", "thresholds", "gate_params", "conformal_sets"),
+                         none),
+            runner.Stage(("multiview_logits",), split),
+            runner.Stage(("cascade_policy", "bundle", "test_report", "drift", "label_queue"),
+                         none),
+        )
+        assert runner.stage_partitions(defs, plan[1]) == list(SPLITS)
+        assert runner.stage_partitions(defs, plan[2]) == [
+            f"{k}|{s}" for s in SPLITS for k in range(n)]
+        assert runner.stage_partitions(defs, plan[0]) == [None]
+    assert runner.stages(TOY_DEFS) == (runner.Stage(("toy", "downstream"), none),)
+
+
+def test_dagster_commands_run_each_shard_of_each_split(tmp_path):
+    from roadwork_assets.definitions import build_definitions
+    from roadwork_assets_tests.conftest import tiny_resources
+
+    defs = build_definitions(tiny_resources(tmp_path), n_shards=2)
+    commands = runner.dagster_commands(defs, extra=["--config-json", "{}"])
+    embedding = [c for c in commands if c[c.index("--select") + 1] == "embeddings"]
+    assert [c[c.index("--partition") + 1] for c in embedding] == [
+        f"{k}|{s}" for s in SPLITS for k in range(2)]
+    assert all(c[-2:] == ["--config-json", "{}"] for c in commands)
+    assert len(commands) == 1 + 4 + 8 + 1 + 4 + 1 + 4 + 1

@@ -26,6 +26,7 @@ from roadwork_assets.defs.partitions import (
     FINAL_EVALUATION_SPLITS,
     MODEL_FITTING_SPLITS,
     POLICY_FITTING_SPLITS,
+    shards_of,
     split_partitions,
 )
 from roadwork_assets.defs.resources import ArtifactRegistryResource
@@ -53,7 +54,7 @@ def test_real_graph_taint_is_transitive_and_accepted(graph):
     assert _splits(carried, "source_images") == set(SPLITS)  # every split's rows
     for s in SPLITS:  # the splitter narrows the full table to one split's rows
         assert _splits(carried, "split_manifest", s) == {s}
-        assert _splits(carried, "embeddings", s) == {s}
+        assert _splits(carried, "embeddings", f"0|{s}") == {s}  # shard 0 of 1 (the default)
         assert _splits(carried, "logits", s) == {"train", "val_select", s}
         assert _splits(carried, "multiview_views", s) == {"train", "val_select", s}
         assert _splits(carried, "multiview_logits", s) == {"train", "val_select", s}
@@ -67,7 +68,20 @@ def test_real_graph_taint_is_transitive_and_accepted(graph):
     # where the taint came from, as a chain a person can follow
     assert carried["test_report"][None]["val_test"] == "test_report <- logits[val_test]"
     assert carried["thresholds"][None]["train"] == (
-        "thresholds <- logits[val_calib] <- checkpoint <- embeddings[train]")
+        "thresholds <- logits[val_calib] <- checkpoint <- embeddings[0|train]")
+
+
+def test_sharded_graph_taint_counts_each_shard_as_its_split(tmp_path):
+    graph = build_definitions(tiny_resources(tmp_path), n_shards=3).resolve_asset_graph()
+    carried = carried_splits(graph)
+    assert audit_taint(graph, carried) == []
+    for s in SPLITS:
+        for k in range(3):
+            assert carried["embeddings"][f"{k}|{s}"] == {
+                s: f"embeddings[{k}|{s}] <- split_manifest[{s}]"}
+        assert _splits(carried, "logits", s) == {"train", "val_select", s}
+    assert _splits(carried, "checkpoint") == {"train", "val_select"}
+    assert carried["checkpoint"][None]["val_select"] == "checkpoint <- embeddings[0|val_select]"
 
 
 def test_never_carry_is_derived_from_the_role():
@@ -120,7 +134,7 @@ def test_policy_fitter_taking_test_report_as_input_is_refused_at_definition_time
 
 def test_checkpoint_like_asset_reading_thresholds_is_refused(tmp_path, monkeypatch):
     @dg.asset(name="multiview_checkpoint",
-              ins={"embeddings": dg.AssetIn(partition_mapping=MODEL_FITTING_SPLITS),
+              ins={"embeddings": dg.AssetIn(partition_mapping=shards_of(MODEL_FITTING_SPLITS)),
                    "thresholds": dg.AssetIn()})
     def multiview_checkpoint(embeddings, thresholds):
         return None

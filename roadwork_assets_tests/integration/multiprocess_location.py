@@ -18,7 +18,7 @@ import dagster as dg
 from roadwork_assets.definitions import build_definitions
 from roadwork_assets_tests.conftest import tiny_resources
 
-JOB_NAME = "tiny_multiprocess"
+JOB_NAME, SHARD_JOB_NAME = "tiny_multiprocess", "tiny_multiprocess_shards"
 N_IMAGES = 320  # 160 scenes: val_calib keeps enough roadwork scenes for CRC at alpha 0.2
 # forkserver with this module preloaded: each step process forks from a server that has
 # already imported dagster, torch and the definitions (spawn re-imports them per step,
@@ -32,11 +32,19 @@ def tiny_definitions() -> dg.Definitions:
     resources = tiny_resources(os.environ["ROADWORK_HOME"], n_images=N_IMAGES, alpha=0.2,
                                epochs=1)
     built = build_definitions(resources)  # the real graph, audited as in production
-    # a named job: the implicit __ASSET_JOB cannot be reconstructed on its own
-    job = dg.define_asset_job(JOB_NAME, selection=dg.AssetSelection.all(),
-                              executor_def=dg.multiprocess_executor.configured(MULTIPROCESS))
-    return dg.Definitions.merge(built, dg.Definitions(jobs=[job]))
+    # named jobs: the implicit __ASSET_JOB cannot be reconstructed on its own; one asset
+    # job holds one partitions definition, so the split x shard embeddings get their own
+    executor = dg.multiprocess_executor.configured(MULTIPROCESS)
+    sharded = dg.AssetSelection.assets("embeddings")
+    jobs = [dg.define_asset_job(JOB_NAME, selection=dg.AssetSelection.all() - sharded,
+                                executor_def=executor),
+            dg.define_asset_job(SHARD_JOB_NAME, selection=sharded, executor_def=executor)]
+    return dg.Definitions.merge(built, dg.Definitions(jobs=jobs))
 
 
 def tiny_job() -> dg.JobDefinition:
     return tiny_definitions().resolve_job_def(JOB_NAME)
+
+
+def tiny_shard_job() -> dg.JobDefinition:
+    return tiny_definitions().resolve_job_def(SHARD_JOB_NAME)

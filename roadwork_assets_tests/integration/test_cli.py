@@ -22,6 +22,7 @@ SMALL = {
 
 def _env(tmp_path: Path) -> dict[str, str]:
     env = dict(os.environ)
+    env.pop("ROADWORK_EMBEDDING_SHARDS", None)  # the default: one shard per split
     env.update(ROADWORK_HOME=str(tmp_path / "home"), DAGSTER_HOME=str(tmp_path / "dagster"),
                DAGSTER_TELEMETRY_DISABLED="1")
     env.pop("ROADWORK_DATA", None)
@@ -49,16 +50,21 @@ def test_dagster_cli_materializes_partitions_then_downstream(tmp_path):
 
     env = _env(tmp_path)
     _dagster(env, "--select", "source_images,split_assignment")
+    # split_manifest is per split, embeddings per split x shard ("<shard>|<split>"; one
+    # shard by default): one Dagster run holds one partition of one partitioning
     for split in ("train", "val_select"):
-        _dagster(env, "--select", "split_manifest,embeddings", "--partition", split)
+        _dagster(env, "--select", "split_manifest", "--partition", split)
+        _dagster(env, "--select", "embeddings", "--partition", f"0|{split}")
     _dagster(env, "--select", "checkpoint")
     with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
         ckpt = instance.get_latest_materialization_event(dg.AssetKey("checkpoint"))
         assert ckpt is not None
         meta = ckpt.asset_materialization.metadata
         assert meta["splits_read"].value == ["train", "val_select"]
+        assert meta["partitions_read"].value == [
+            "adapted_backbone", "embeddings[0|train]", "embeddings[0|val_select]"]
         parts = instance.get_materialized_partitions(dg.AssetKey("embeddings"))
-        assert parts == {"train", "val_select"}
+        assert parts == {"0|train", "0|val_select"}
     assert (tmp_path / "home" / "checkpoint" / "model.pt").exists()
 
 

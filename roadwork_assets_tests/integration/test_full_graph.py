@@ -91,7 +91,7 @@ def test_every_artifact_records_data_and_code_version(materialized_root):
     root, _, _ = materialized_root
     reg = ArtifactRegistry(root)
     assert read_parquet_provenance(reg.split_manifest("train"))["code_version"] == code_version()
-    assert str(read_npz(reg.embeddings("train"))["data_version"])
+    assert str(read_npz(reg.embedding_shard("train", 0))["data_version"])
     assert str(read_npz(reg.logits("val_calib"))["code_version"]) == code_version()
     assert load_checkpoint(reg.checkpoint)["code_version"] == code_version()
     for policy in ("softmax", "gate", "scrc"):

@@ -16,13 +16,15 @@ import pytest
 
 from roadwork_assets.contracts.splits import SPLITS
 from roadwork_assets.defs.split_reads import SPLIT_READS_CHECK, drain_reads
-from roadwork_assets_tests.integration.multiprocess_location import tiny_job
+from roadwork_assets_tests.integration.multiprocess_location import tiny_job, tiny_shard_job
 
 SPLITS_NEEDED = ("train", "val_select", "val_calib")  # checkpoint fits on two, logits[val_calib]
+N_SHARDS = 2  # embeddings per split x shard: each shard's run in its own processes
 # (assets, partition) runs of the slice split_manifest -> embeddings -> checkpoint ->
 # logits -> the stage-1 policies, each one multiprocess run
 SLICE = [(("source_images", "split_assignment"), None),
-         *((("split_manifest", "embeddings"), split) for split in SPLITS_NEEDED),
+         *((("split_manifest",), split) for split in SPLITS_NEEDED),
+         *((("embeddings",), f"{k}|{split}") for split in SPLITS_NEEDED for k in range(N_SHARDS)),
          (("adapted_backbone", "checkpoint"), None),
          (("logits",), "val_calib"),
          (("thresholds", "gate_params", "conformal_sets"), None)]
@@ -35,6 +37,7 @@ def slice_runs(tmp_path_factory):
     (tmp / "dagster" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     mp = pytest.MonkeyPatch()
     mp.setenv("ROADWORK_HOME", str(tmp / "home"))  # the step processes build resources from it
+    mp.setenv("ROADWORK_EMBEDDING_SHARDS", str(N_SHARDS))  # ... and their definitions
     mp.delenv("ROADWORK_DATA", raising=False)
     mp.delenv("ROADWORK_WEIGHTS", raising=False)
     drain_reads()
@@ -42,8 +45,9 @@ def slice_runs(tmp_path_factory):
     try:
         with dg.DagsterInstance.from_config(str(tmp / "dagster")) as instance:
             for assets, partition in SLICE:
+                job = tiny_shard_job if assets == ("embeddings",) else tiny_job
                 result = dg.execute_job(
-                    dg.reconstructable(tiny_job), instance,
+                    dg.reconstructable(job), instance,
                     asset_selection=[dg.AssetKey(a) for a in assets],
                     tags={"dagster/partition": partition} if partition else None)
                 assert result.success, (assets, partition, _failure(instance, result.run_id))
@@ -84,20 +88,25 @@ def test_each_asset_records_exactly_what_it_read(slice_runs):
     instance, runs, _ = slice_runs
     by_key = {(a, p): run_id for assets, p, run_id in runs for a in assets}
     for split in SPLITS_NEEDED:
-        emb = _materialization(instance, by_key[("embeddings", split)], "embeddings")
-        assert emb["splits_read"] == [split]
-        assert emb["partitions_read"] == [f"split_manifest[{split}]"]
+        for k in range(N_SHARDS):
+            emb = _materialization(instance, by_key[("embeddings", f"{k}|{split}")], "embeddings")
+            assert emb["splits_read"] == [split]
+            assert emb["partitions_read"] == [f"split_manifest[{split}]"]
+            assert (emb["shard"], emb["n_shards"]) == (k, N_SHARDS)
         manifest = _materialization(instance, by_key[("split_manifest", split)],
                                     "split_manifest")
         # split_assignment holds every split's rows: a load of it counts as all four
         assert manifest["partitions_read"] == sorted(f"split_assignment[{s}]" for s in SPLITS)
     ckpt = _materialization(instance, by_key[("checkpoint", None)], "checkpoint")
     assert ckpt["splits_read"] == ["train", "val_select"]
-    assert ckpt["partitions_read"] == ["adapted_backbone", "embeddings[train]",
-                                       "embeddings[val_select]"]
+    # every shard read is in the ledger as it is; the rules judge each as its split
+    assert ckpt["partitions_read"] == ["adapted_backbone", "embeddings[0|train]",
+                                       "embeddings[0|val_select]", "embeddings[1|train]",
+                                       "embeddings[1|val_select]"]
     logits = _materialization(instance, by_key[("logits", "val_calib")], "logits")
-    assert logits["partitions_read"] == ["checkpoint", "embeddings[val_calib]",
-                                         "split_manifest[val_calib]"]
+    assert logits["splits_read"] == ["val_calib"]
+    assert logits["partitions_read"] == ["checkpoint", "embeddings[0|val_calib]",
+                                         "embeddings[1|val_calib]", "split_manifest[val_calib]"]
     # three policies ran concurrently (max_concurrent 2): none took another's reads
     for policy in ("thresholds", "gate_params", "conformal_sets"):
         meta = _materialization(instance, by_key[(policy, None)], policy)
@@ -105,9 +114,9 @@ def test_each_asset_records_exactly_what_it_read(slice_runs):
         # taint through the whole code location's graph, not "lineage unknown"
         via = f"{policy} <- logits[val_calib]"
         assert meta["splits_carried"] == {
-            "train": f"{via} <- checkpoint <- embeddings[train]",
+            "train": f"{via} <- checkpoint <- embeddings[0|train]",
             "val_calib": via,
-            "val_select": f"{via} <- checkpoint <- embeddings[val_select]"}, policy
+            "val_select": f"{via} <- checkpoint <- embeddings[0|val_select]"}, policy
 
 
 def test_every_split_reads_check_passed(slice_runs):

@@ -16,8 +16,9 @@ import pytest
 
 from roadwork_assets_tests.integration.test_run_safety import TINY
 
-STAGE = re.compile(r"^\[roadwork\] stage \d+/\d+: (.+?)( \[(\w+)\])?$")
-REBUILD = re.compile(r"^\[roadwork\]   rebuild (\w+)(?:\[(\w+)\])?: (.+)$")
+# a partition is a split or, for embeddings, "<shard>|<split>"
+STAGE = re.compile(r"^\[roadwork\] stage \d+/\d+: (.+?)( \[([\w|]+)\])?$")
+REBUILD = re.compile(r"^\[roadwork\]   rebuild (\w+)(?:\[([\w|]+)\])?: (.+)$")
 
 
 @pytest.fixture
@@ -29,6 +30,8 @@ def env(tmp_path, monkeypatch):
     monkeypatch.setenv("ROADWORK_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
     monkeypatch.delenv("ROADWORK_WEIGHTS", raising=False)
+    # two embedding shards per split: each is judged, skipped and rebuilt on its own
+    monkeypatch.setenv("ROADWORK_EMBEDDING_SHARDS", "2")
     return tmp_path
 
 
@@ -54,14 +57,16 @@ def test_second_run_skips_and_changes_rebuild_exactly_what_they_touch(env, capfd
     import dagster as dg
 
     from roadwork_assets import definitions
-    from roadwork_assets.contracts.splits import SPLITS
     from roadwork_assets.core.artifacts import ArtifactRegistry
-    from roadwork_assets.defs.runner import stages
+    from roadwork_assets.defs.runner import stage_partitions, stages
 
     reg = ArtifactRegistry(env / "home")
-    n_runs = sum(len(SPLITS) if s.partitioned else 1 for s in stages(definitions.defs))
+    defs = definitions.current_definitions()  # built with the 2 shards the env asks for
+    n_runs = sum(len(stage_partitions(defs, s)) for s in stages(defs))
     first, _ = _run(capfd)
-    assert len(first) == n_runs  # each stage once, a partitioned one once per split
+    assert len(first) == n_runs  # each stage once per partition (split, or shard of one)
+    assert [p for names, p in first if names == "embeddings"] == [
+        f"{k}|{s}" for s in ("train", "val_select", "val_calib", "val_test") for k in (0, 1)]
 
     again, reasons = _run(capfd)
     assert again == [] and reasons == {}
@@ -86,6 +91,13 @@ def test_second_run_skips_and_changes_rebuild_exactly_what_they_touch(env, capfd
     assert not _assets(ran) & {"source_images", "split_assignment", "split_manifest",
                                "embeddings", "checkpoint", "logits"}
     assert json.loads(reg.policy("gate").read_text())["provenance"]
+
+    # a deleted embedding shard is rebuilt alone: the split's other shard is up to date
+    reg.embedding_shard("train", 1).unlink()
+    ran, reasons = _run(capfd)
+    assert "missing" in reasons["embeddings[1|train]"]
+    assert [p for names, p in ran if names == "embeddings"] == ["1|train"]
+    assert reg.embedding_shard("train", 1).is_file()
 
     # a trainer setting: what uses the trainer and what reads its output; the data stays
     config = json.loads(json.dumps(TINY))

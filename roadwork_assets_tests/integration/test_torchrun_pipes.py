@@ -25,7 +25,8 @@ def _job(root, **trainer) -> dg.JobDefinition:
     # 320 images, alpha 0.2: the smallest set whose val_calib the split checks accept
     resources = tiny_resources(root, n_images=320, alpha=0.2, epochs=2)
     resources["trainer"] = TrainerResource(**{**TRAINER, **trainer})
-    return build_definitions(resources).resolve_implicit_global_asset_job_def()
+    # two embedding shards per split: the external process reads each split's shard files
+    return build_definitions(resources, n_shards=2).resolve_implicit_global_asset_job_def()
 
 
 def _keys(*names: str) -> list[dg.AssetKey]:
@@ -34,13 +35,15 @@ def _keys(*names: str) -> list[dg.AssetKey]:
 
 @pytest.fixture(scope="module")
 def fitted_inputs(tmp_path_factory):
-    """embeddings[train], embeddings[val_select] and adapted_backbone, in process."""
+    """embeddings of train and val_select (two shards each) and adapted_backbone, in process."""
     root = tmp_path_factory.mktemp("torchrun")
     job = _job(root)
     with dg.DagsterInstance.ephemeral() as instance:
         run_stage(job, instance, _keys("source_images", "split_assignment"), None, None)
         for split in ("train", "val_select"):
-            run_stage(job, instance, _keys("split_manifest", "embeddings"), split, None)
+            run_stage(job, instance, _keys("split_manifest"), split, None)
+            for shard in (0, 1):
+                run_stage(job, instance, _keys("embeddings"), f"{shard}|{split}", None)
         run_stage(job, instance, _keys("adapted_backbone"), None, None)
         yield root, instance
 

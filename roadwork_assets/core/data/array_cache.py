@@ -22,6 +22,7 @@ promoted and rejected like every other), with two properties that make them scal
 from __future__ import annotations
 
 import mmap
+import os
 import struct
 import zipfile
 from collections.abc import Iterator
@@ -197,7 +198,8 @@ def open_npz(path: Path, mapped: tuple[str, ...], what: str, fix: str) -> dict[s
 class ConcatRows:
     """Several row arrays (``MappedRows`` or ndarrays with one row shape) read as one:
     ``x[index_array]`` gathers the rows from whichever part holds them, never
-    concatenating the parts in memory."""
+    concatenating the parts in memory. A tuple key (``x[:, 0]``) takes its first item
+    as the rows and applies the rest (ints and slices) to each row."""
 
     def __init__(self, parts: list[Any]) -> None:
         shapes = {tuple(p.shape[1:]) for p in parts}
@@ -206,20 +208,48 @@ class ConcatRows:
         self._parts = parts
         self._ends = np.cumsum([len(p) for p in parts])
         self.shape = (int(self._ends[-1]), *shapes.pop())
+        self.ndim = len(self.shape)
         self.dtype = np.result_type(*[p.dtype for p in parts])
 
     def __len__(self) -> int:
         return self.shape[0]
 
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
     def __getitem__(self, key: Any) -> np.ndarray:
         if hasattr(key, "numpy"):
             key = key.numpy()
-        idx = np.arange(len(self))[key]
-        out = np.empty((*np.shape(idx), *self.shape[1:]), dtype=self.dtype)
+        rows, rest = (key[0], tuple(key[1:])) if isinstance(key, tuple) else (key, ())
+        idx = np.arange(len(self))[rows]
+        one_row = np.ndim(idx) == 0
+        idx = np.atleast_1d(idx)
+        row_shape = np.empty(self.shape[1:], dtype=bool)[rest].shape
+        out = np.empty((*np.shape(idx), *row_shape), dtype=self.dtype)
         part_of = np.searchsorted(self._ends, idx, side="right")
         for p, part in enumerate(self._parts):
             hit = np.flatnonzero(part_of == p)
             if len(hit):
                 start = self._ends[p] - len(part)
-                out[hit] = part[idx[hit] - start]
-        return out
+                out[hit] = part[(idx[hit] - start, *rest)]
+        return out[0] if one_row else out
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        """Every row in memory (only for arrays known to be small, as ``MappedRows``)."""
+        return np.concatenate([np.asarray(p) for p in self._parts]).astype(
+            dtype or self.dtype, copy=False)
+
+
+def append_npz(path: Path, **arrays: np.ndarray) -> None:
+    """Add small arrays to an existing uncompressed ``.npz`` (a zip append: the members
+    already there keep their offsets, so memory maps of them stay valid). Not atomic:
+    for a staged file that is promoted only after it is complete."""
+    with zipfile.ZipFile(path, mode="a", compression=zipfile.ZIP_STORED,
+                         allowZip64=True) as zf:
+        clash = sorted(set(f"{name}.npy" for name in arrays) & set(zf.namelist()))
+        if clash:
+            raise ValueError(f"{path} already holds {clash}")
+        StreamingNpz(zf).put(**arrays)
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())

@@ -19,7 +19,7 @@ from roadwork_assets.core.training.adapted_backbone import (
 )
 from roadwork_assets.defs.asset_paths import asset_path
 from roadwork_assets.defs.console import progress_reporter
-from roadwork_assets.defs.partitions import TRAIN_ONLY
+from roadwork_assets.defs.partitions import TRAIN_ONLY, shards_of
 from roadwork_assets.defs.promotion import StagedFiles, materialize_result
 from roadwork_assets.defs.resources import ArtifactRegistryResource, DatasetSource, TrainerResource
 from roadwork_assets.defs.split_reads import split_reads_check_spec
@@ -29,7 +29,7 @@ ADAPTED_CHECK = "adapted_backbone_loadable"
 
 @dg.asset(
     group_name="model",
-    ins={"embeddings": dg.AssetIn(partition_mapping=TRAIN_ONLY)},
+    ins={"embeddings": dg.AssetIn(partition_mapping=shards_of(TRAIN_ONLY))},
     code_version=code_version(),
     check_specs=[
         split_reads_check_spec("adapted_backbone"),

@@ -1,4 +1,4 @@
-"""Training assets: embeddings[split] -> checkpoint (train + val_select) -> logits[split]."""
+"""Training assets: embeddings[shard|split] -> checkpoint (train + val_select) -> logits[split]."""
 
 from pathlib import Path
 from typing import Any
@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from roadwork_assets.contracts.errors import ArtifactIntegrityError
+from roadwork_assets.contracts.splits import parse_shard_key
 from roadwork_assets.core.artifacts import (
     code_version,
     file_sha256,
@@ -16,15 +17,19 @@ from roadwork_assets.core.artifacts import (
     staged_path,
 )
 from roadwork_assets.core.training.checkpoint import load_checkpoint
-from roadwork_assets.core.training.pipeline import (
-    compute_embeddings,
-    compute_logits,
-    train_checkpoint,
-)
+from roadwork_assets.core.training.pipeline import compute_logits, train_checkpoint
+from roadwork_assets.core.training.shards import ShardSpec, compute_embedding_shard
 from roadwork_assets.defs.asset_paths import asset_path
 from roadwork_assets.defs.console import progress_reporter
 from roadwork_assets.defs.metadata import floats
-from roadwork_assets.defs.partitions import MODEL_FITTING_SPLITS, split_partitions
+from roadwork_assets.defs.partitions import (
+    BY_SPLIT,
+    MODEL_FITTING_SPLITS,
+    embedding_partitions,
+    shard_count,
+    shards_of,
+    split_partitions,
+)
 from roadwork_assets.defs.promotion import StagedFiles, materialize_result
 from roadwork_assets.defs.resources import ArtifactRegistryResource, TrainerResource
 from roadwork_assets.defs.split_reads import split_reads_check_spec
@@ -34,11 +39,14 @@ from roadwork_assets.defs.training.torchrun_launch import train_with_torchrun
 
 @dg.asset(
     group_name="model",
-    partitions_def=split_partitions,
+    # split x shard: shards of one split are independent runs (ROADWORK_EMBEDDING_SHARDS)
+    partitions_def=embedding_partitions(1),
+    ins={"split_manifest": dg.AssetIn(partition_mapping=BY_SPLIT)},
     code_version=code_version(),
     check_specs=[split_reads_check_spec("embeddings")],
-    description="Frozen-stage cache of one split: pretrained-backbone features per view "
-    "(frozen mode) or decoded, resized uint8 images (end_to_end mode).",
+    description="Frozen-stage cache of one shard of one split (a contiguous block of its "
+    "manifest's rows): pretrained-backbone features per view (frozen mode) or decoded, "
+    "resized uint8 images (end_to_end mode). Readers get the whole split.",
 )
 def embeddings(
     context: dg.AssetExecutionContext,
@@ -46,19 +54,23 @@ def embeddings(
     artifacts: ArtifactRegistryResource,
     trainer: TrainerResource,
 ):
-    split = context.partition_key
-    dest = asset_path(artifacts.registry, "embeddings", split)
+    split, shard = parse_shard_key(context.partition_key)
+    spec = ShardSpec(n_shards=shard_count(context.assets_def.partitions_def), shard=shard)
+    dest = asset_path(artifacts.registry, "embeddings", context.partition_key)
     # the versions split_manifest stamped into its parquet footer: one source of truth
     stamp = split_manifest.attrs.get("provenance", {})
     data_version = stamp.get("data_version") or frame_fingerprint(split_manifest)
     assignment_version = stamp.get("assignment_version", "")
-    summary = compute_embeddings(split_manifest, trainer.to_config(), staged_path(dest), split,
-                                 data_version, assignment_version,
-                                 progress=progress_reporter(context))
+    summary = compute_embedding_shard(split_manifest, trainer.to_config(), staged_path(dest),
+                                      split, spec, data_version, assignment_version,
+                                      progress=progress_reporter(context))
     return materialize_result(
         context, StagedFiles.at(dest), data_version=data_version,
         metadata={
             "split": split,
+            "shard": shard,
+            "n_shards": spec.n_shards,
+            "rows": dg.MetadataValue.json(summary["rows"]),
             "kind": summary["kind"],
             "shape": dg.MetadataValue.json(summary["shape"]),
             "n_positive": summary["n_positive"],
@@ -77,7 +89,7 @@ CHECKPOINT_CHECK = "checkpoint_loadable"
 @dg.asset(
     group_name="model",
     # adapted_backbone: ExPLoRA's backbone, read in mode explora only (else a not-used record)
-    ins={"embeddings": dg.AssetIn(partition_mapping=MODEL_FITTING_SPLITS),
+    ins={"embeddings": dg.AssetIn(partition_mapping=shards_of(MODEL_FITTING_SPLITS)),
          "adapted_backbone": dg.AssetIn()},
     code_version=code_version(),
     check_specs=[
@@ -165,6 +177,7 @@ LOGITS_CHECK = "logits_finite_and_aligned"
                           description="finite; one row per split_manifest item, same order "
                           "and labels"),
     ],
+    ins={"embeddings": dg.AssetIn(partition_mapping=BY_SPLIT)},  # every shard of the split
     description="[N, views, 2] logits of one split from the checkpoint.",
 )
 def logits(

@@ -19,7 +19,7 @@ from roadwork_assets.core.training.multiview import (
 )
 from roadwork_assets.defs.asset_paths import asset_path
 from roadwork_assets.defs.console import progress_reporter
-from roadwork_assets.defs.partitions import MODEL_FITTING_SPLITS, split_partitions
+from roadwork_assets.defs.partitions import BY_SPLIT, MODEL_FITTING_SPLITS, split_partitions
 from roadwork_assets.defs.promotion import StagedFiles, materialize_result
 from roadwork_assets.defs.resources import ArtifactRegistryResource
 from roadwork_assets.defs.split_reads import split_reads_check_spec
@@ -32,6 +32,7 @@ _ALIGNED = "finite; one row per split_manifest item, same order and labels"
 @dg.asset(
     group_name="model",
     partitions_def=split_partitions,
+    ins={"embeddings": dg.AssetIn(partition_mapping=BY_SPLIT)},  # every shard of the split
     code_version=code_version(),
     check_specs=[
         split_reads_check_spec("multiview_views"),

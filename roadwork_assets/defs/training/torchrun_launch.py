@@ -23,8 +23,8 @@ from dagster._core.errors import DagsterPipesExecutionError  # not re-exported b
 from roadwork_assets.contracts.errors import RoadworkError
 from roadwork_assets.core.artifacts import ArtifactRegistry
 from roadwork_assets.core.training.config import TrainerConfig
+from roadwork_assets.core.training.shards import shard_paths
 from roadwork_assets.core.training.trainer import TrainResult
-from roadwork_assets.defs.asset_paths import asset_path
 from roadwork_assets.pipes_entry import train_checkpoint as entry
 
 FITTING_SPLITS = ("train", "val_select")
@@ -54,7 +54,8 @@ def train_with_torchrun(
     at ``staged`` holds the weights) and the metadata it reported."""
     extras = {
         "trainer_config": cfg.model_dump(mode="json"),
-        "embeddings": {s: str(asset_path(registry, "embeddings", s)) for s in FITTING_SPLITS},
+        # each split's shard files, in shard order (the asset's input checked them)
+        "embeddings": {s: [str(p) for p in shard_paths(registry, s)] for s in FITTING_SPLITS},
         "adapted_backbone": str(adapted_backbone) if adapted_backbone else None,
         "dest": str(staged),
     }

@@ -152,7 +152,7 @@ def test_training_from_the_memmap_equals_training_in_memory(tmp_path):
 @pytest.mark.parametrize("keep", [0.5, 0.98])
 def test_truncated_cache_is_refused_naming_the_split(tmp_path, keep):
     frame = _frame(tmp_path / "img", 10)
-    dest = ArtifactRegistry(tmp_path / "root").embeddings("val_calib")
+    dest = ArtifactRegistry(tmp_path / "root").embedding_shard("val_calib", 0)
     compute_embeddings(frame, _cfg(), dest, "val_calib", "dv", "a1")
     data = dest.read_bytes()
     dest.write_bytes(data[: int(len(data) * keep)])
@@ -183,16 +183,19 @@ def test_missing_cache_says_to_materialize_it(tmp_path):
 
 
 def test_io_manager_hands_training_the_memory_mapped_cache(tmp_path):
-    from roadwork_assets.defs.io_manager import read_artifact
+    from roadwork_assets.core.training.shards import ShardSpec, compute_embedding_shard
+    from roadwork_assets.defs.io_manager import read_artifact, read_sharded
 
     reg = ArtifactRegistry(tmp_path / "root")
-    compute_embeddings(_frame(tmp_path / "img", 6), _cfg(), reg.embeddings("train"),
-                       "train", "dv", "a1")
-    cache = read_artifact(reg, "embeddings", "train")
+    compute_embedding_shard(_frame(tmp_path / "img", 6), _cfg(), reg.embedding_shard("train", 0),
+                            "train", ShardSpec(1, 0), "dv", "a1")
+    cache = read_artifact(reg, "embeddings", "0|train")
     assert isinstance(cache["features"], MappedRows) and len(cache["features"]) == 6
-    reg.embeddings("train").write_bytes(reg.embeddings("train").read_bytes()[:200])
-    with pytest.raises(ArtifactIntegrityError, match=r"embeddings\[train\]"):
-        read_artifact(reg, "embeddings", "train")
+    merged = read_sharded(reg, "embeddings", ["0|train"])["train"]
+    assert isinstance(merged["features"], MappedRows) and len(merged["features"]) == 6
+    reg.embedding_shard("train", 0).write_bytes(reg.embedding_shard("train", 0).read_bytes()[:200])
+    with pytest.raises(ArtifactIntegrityError, match=r"embeddings\[0\|train\]"):
+        read_artifact(reg, "embeddings", "0|train")
 
 
 def test_bad_image_mid_split_leaves_the_previous_cache_and_no_temporary(tmp_path):
