@@ -273,7 +273,7 @@ def embedding_step(model, n_images: int, batch: int, workdir: Path) -> dict[str,
     manifest = pd.DataFrame(rows)
     out = {}
     for engine in ("torch", "onnx", "auto"):
-        embed_engine._LAST_EXPORT.clear()  # every engine pays its own export, as a split would
+        embed_engine.forget_exports()  # each engine exports and times afresh, as a first split
         cfg = TrainerConfig(mode="frozen", backbone=VIT, weights_path=str(weights), img_size=224,
                             batch_size=batch, threads=torch.get_num_threads(),
                             embed_engine=engine)

@@ -27,7 +27,9 @@ torch for ``auto``, both naming the gap and the tolerance.
 Timing (``auto`` only): img/s_e = b / median(t_1..t_R) of R = 3 calls of engine e on
 the b = 8 probe images, every view each (the parity call before them is the warm-up;
 the two engines' calls alternate, so a shared machine's load falls on both). ORT is
-chosen iff img/s_onnx > img/s_torch.
+chosen iff img/s_onnx > img/s_torch. Export and timing happen once per backbone, size,
+thread count (and n_views, for the timing) and process: the splits after the first
+reuse them, re-checking parity only.
 
 torch.compile is a torch-engine option: with ``trainer.compile`` on, ``auto`` keeps the
 compiled torch engine without timing (a fair timing would first pay the compile, tens
@@ -195,21 +197,30 @@ def features_key(model: RoadworkClassifier, img_size: int, threads: int | None) 
 
 
 # The last exported backbone's ORT function (or the export's error), by
-# ``features_key``: every split's embeddings step of one in-process run uses the same
-# backbone, so one export (7 s for ViT-S/14 at 224 on 2 cores), or one failed attempt,
-# serves all of them. Never trusted blindly: each ``choose_embedder`` call checks the
-# function against its own torch model first.
+# ``features_key``, and auto's timing of it per n_views: every split's embeddings step
+# of one in-process run uses the same backbone, so one export (7 s for ViT-S/14 at 224
+# on 2 cores), one failed attempt, and one timing (8 probe passes: 6-30 s there,
+# with the machine's load) serve all of them. Never trusted blindly: each
+# ``choose_embedder`` call checks the function against its own torch model first.
 _LAST_EXPORT: dict[str, Callable[[torch.Tensor], torch.Tensor] | Exception] = {}
+_TIMED: dict[tuple[str, int], dict[str, float]] = {}
 
 
-def ort_features(model: RoadworkClassifier, img_size: int,
-                 threads: int | None) -> Callable[[torch.Tensor], torch.Tensor]:
+def forget_exports() -> None:
+    """Drop the remembered export and timing (the next call exports and times afresh)."""
+    _LAST_EXPORT.clear()
+    _TIMED.clear()
+
+
+def ort_features(model: RoadworkClassifier, img_size: int, threads: int | None,
+                 key: str | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """``model.features`` exported to ONNX and loaded into an ORT CPU session (reused when
     this process exported the same backbone last; a failed export raises its error
-    again); the export lives in a temporary folder only until the session has read it."""
-    key = features_key(model, img_size, threads)
+    again); the export lives in a temporary folder only until the session has read it.
+    ``key``: ``features_key(model, img_size, threads)`` when the caller has it."""
+    key = key or features_key(model, img_size, threads)
     if key not in _LAST_EXPORT:
-        _LAST_EXPORT.clear()  # one session held at a time: a backbone's weights each
+        forget_exports()  # one session held at a time: a backbone's weights each
         try:
             _LAST_EXPORT[key] = _export_ort_features(model, img_size, threads)
         except Exception as exc:  # kept to re-raise for the next split, not swallowed
@@ -296,9 +307,10 @@ def choose_embedder(model: RoadworkClassifier, cfg: TrainerConfig, *, n_images: 
                             "or trainer.embed_engine='torch' / 'auto'")
     if why_not is not None:
         return _refuse_or_fall_back(cfg, torch_fn, why_not)
+    key = features_key(model, cfg.img_size, cfg.threads)
     try:
         onnx_fn = view_embedder(model, n_views=cfg.n_views, device=device,
-                                features=ort_features(model, cfg.img_size, cfg.threads))
+                                features=ort_features(model, cfg.img_size, cfg.threads, key))
     except Exception as exc:  # the exporter's many failure types: named, never swallowed
         first = _ANSI.sub("", str(exc)).splitlines()[0][:300] if str(exc) else ""
         return _refuse_or_fall_back(cfg, torch_fn, f"the ONNX export of {cfg.backbone} failed "
@@ -313,10 +325,13 @@ def choose_embedder(model: RoadworkClassifier, cfg: TrainerConfig, *, n_images: 
         note = " (compile applies to the torch engine only)" if cfg.compile else ""
         return Embedder(onnx_fn, "onnx", f"asked for onnx{note}; {parity.summary()}",
                         parity=parity)
-    rates = interleaved_img_per_s({"torch": torch_fn, "onnx": onnx_fn}, probe)
+    rates, when = _TIMED.get((key, cfg.n_views)), ", timed earlier in this process"
+    if rates is None:
+        rates, when = interleaved_img_per_s({"torch": torch_fn, "onnx": onnx_fn}, probe), ""
+        _TIMED[(key, cfg.n_views)] = rates
     winner = "onnx" if rates["onnx"] > rates["torch"] else "torch"
     return Embedder(onnx_fn if winner == "onnx" else torch_fn, winner,
                     f"auto: {winner} ({len(probe)} probe images x {cfg.n_views} view(s): torch "
-                    f"{rates['torch']:.1f} img/s, onnx {rates['onnx']:.1f} img/s; "
+                    f"{rates['torch']:.1f} img/s, onnx {rates['onnx']:.1f} img/s{when}; "
                     f"{parity.summary()})",
                     torch_img_per_s=rates["torch"], onnx_img_per_s=rates["onnx"], parity=parity)

@@ -164,6 +164,10 @@ def test_auto_times_both_engines_and_serves_the_faster(vit, vit_weights):
     reference = view_embedder(model, n_views=2, device=CPU)(images)
     assert feature_parity(model, reference, embed(images)).passed
     assert embed.metadata()["embed_img_per_s"] > 0  # the calls are counted
+    again = choose_embedder(model, cfg)  # the next split: parity again, timing reused
+    assert again.engine == embed.engine and again.parity.passed
+    assert "img/s, timed earlier in this process;" in again.reason
+    assert again.metadata()["embed_torch_img_per_s"] == rates["torch"]
     empty = choose_embedder(model, cfg, n_images=0)
     assert (empty.engine, empty.reason) == ("torch", "auto: torch, no images to embed")
 
