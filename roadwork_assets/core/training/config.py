@@ -48,7 +48,8 @@ class TrainerConfig(AdapterSettings):
     nproc_per_node: int = Field(1, ge=1, le=64, description="launcher=torchrun: ranks "
                                 "(processes; one GPU each on CUDA) on this node")
     compile: bool = Field(False, description="torch.compile the model for training, embedding "
-                          "and logits (core.training.compile)")
+                          "and logits (core.training.compile); for embedding it is a torch-"
+                          "engine option: auto then keeps torch, onnx runs uncompiled")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune",
                           "max-autotune-no-cudagraphs"] = "default"
     compile_fullgraph: bool = Field(False, description="fail on any graph break instead of "
