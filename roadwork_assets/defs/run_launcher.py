@@ -2,10 +2,10 @@
 
 Dagster's ``DefaultRunLauncher`` starts every run as a fresh ``dagster api
 execute_run`` interpreter, which imports this code location (torch, timm, sklearn,
-onnxruntime, the definitions: ~5 s on 2 cores, ~15 s when four start at once). "Materialize
-all" over this graph launches ~19 runs in 9 dependency levels, so under
-``DefaultRunLauncher`` the imports take longer than the work (tiny config: 18 runs of
-~2 s work each, each starting 8-30 s after it was queued).
+onnxruntime, the definitions: ~5 s on 2 cores, ~15 s when four start at once).
+"Materialize all" over this graph launches 18 runs in 9 dependency levels, so under
+``DefaultRunLauncher`` the imports take longer than the work (tiny config: runs of ~2 s
+work each, each starting 8-30 s after it was queued).
 
 ``ForkserverRunLauncher`` starts runs through Python's ``multiprocessing`` forkserver
 (the start method Dagster's own multiprocess executor offers for steps): the forkserver
