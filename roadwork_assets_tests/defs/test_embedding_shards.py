@@ -14,15 +14,15 @@ from roadwork_assets.defs.partitions import SHARDS_ENV, embedding_shards_from_en
 from roadwork_assets_tests.conftest import tiny_resources
 
 
-@pytest.mark.parametrize(("raw", "n"), [(None, 1), ("", 1), ("1", 1), (" 3 ", 3), ("1024", 1024)])
+@pytest.mark.parametrize(("raw", "n"), [(None, 1), ("", 1), ("1", 1), (" 3 ", 3), ("49", 49)])
 def test_shard_count_from_the_environment(raw, n):
     assert embedding_shards_from_env({} if raw is None else {SHARDS_ENV: raw}) == n
 
 
-@pytest.mark.parametrize("raw", ["0", "-2", "two", "1.5", "1025", "3 shards"])
+@pytest.mark.parametrize("raw", ["0", "-2", "two", "1.5", "50", "3 shards"])
 def test_bad_shard_count_is_refused_naming_the_variable(raw):
     with pytest.raises(BadInputError, match=rf"ROADWORK_EMBEDDING_SHARDS='{raw}' is not a shard "
-                       r"count: set it to a whole number from 1 to 1024"):
+                       r"count: set it to a whole number from 1 to 49"):
         embedding_shards_from_env({SHARDS_ENV: raw})
 
 
@@ -54,3 +54,19 @@ def test_shard_keys_and_paths():
     with pytest.raises(ValueError, match=r"embeddings needs a '<shard>\|<split>' partition, got "
                        "'val_test'"):
         asset_path(reg, "embeddings", "val_test")
+
+
+def test_most_shards_keep_every_edge_under_dagsters_staleness_threshold(tmp_path):
+    """Dagster ignores data versions across an edge of 100+ parent partitions; with the
+    most shards allowed, checkpoint (two splits' shards) still reads fewer."""
+    from dagster._core.definitions.data_version import (
+        SKIP_PARTITION_DATA_VERSION_DEPENDENCY_THRESHOLD,
+    )
+
+    from roadwork_assets.definitions import build_definitions
+    from roadwork_assets.defs.partitions import MAX_SHARDS
+
+    graph = build_definitions(tiny_resources(tmp_path), n_shards=MAX_SHARDS).resolve_asset_graph()
+    reads = graph.get_parent_partition_keys_for_child(
+        None, dg.AssetKey("embeddings"), dg.AssetKey("checkpoint")).partitions_subset
+    assert len(reads) == 2 * MAX_SHARDS < SKIP_PARTITION_DATA_VERSION_DEPENDENCY_THRESHOLD
