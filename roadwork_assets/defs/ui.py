@@ -23,6 +23,7 @@ with a line saying so, rather than silently running at 30 s.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import signal
@@ -88,7 +89,31 @@ def serve_ui(config: UiConfig, say=print) -> int:
     if not os.environ.get("DAGSTER_HOME"):
         raise RoadworkError("DAGSTER_HOME is not set: roadwork ui needs the instance "
                             "`roadwork run` uses (the CLI sets it)")
-    prepare_instance(Path(os.environ["DAGSTER_HOME"]))
+    home = Path(os.environ["DAGSTER_HOME"])
+    with _one_ui_per_instance(home):
+        prepare_instance(home)
+        return _supervise(config, say)
+
+
+@contextlib.contextmanager
+def _one_ui_per_instance(home: Path):
+    """Refuse a second `roadwork ui` on one DAGSTER_HOME: Dagster supports one daemon
+    per instance (two log "Another ... daemon is still sending heartbeats" and race).
+    A lock of its own, so `roadwork run` beside the UI is not blocked."""
+    from roadwork_assets.core.runlock import HomeBusyError, hold_lock
+
+    (home / "roadwork_ui").mkdir(parents=True, exist_ok=True)
+    try:
+        with hold_lock(home / "roadwork_ui", what="DAGSTER_HOME UI", command="roadwork ui"):
+            yield
+    except HomeBusyError as exc:
+        raise RoadworkError(
+            f"another roadwork ui already serves DAGSTER_HOME={home}: open that one (its "
+            "terminal shows the URL) or stop it first; Dagster runs one daemon per "
+            f"instance ({exc})") from None
+
+
+def _supervise(config: UiConfig, say) -> int:
     procs = {"dagster-webserver": subprocess.Popen(webserver_command(config)),
              "dagster-daemon": subprocess.Popen(daemon_command(config))}
     say(f"[roadwork] UI: http://{config.host}:{config.port}  (DAGSTER_HOME="

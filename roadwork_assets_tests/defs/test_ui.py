@@ -78,3 +78,24 @@ def test_the_instance_storage_exists_before_the_ui_processes_start(tmp_path, mon
     assert (tmp_path / "history" / "runs.db").exists()
     with dg.DagsterInstance.get() as instance:  # a second opener finds it ready
         assert instance.get_runs() == []
+
+
+def test_a_second_ui_on_one_instance_is_refused_at_once(tmp_path):
+    """While one `roadwork ui` holds DAGSTER_HOME, another is refused in one line before
+    it starts a second daemon (Dagster supports one per instance)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from roadwork_assets.defs.ui import _one_ui_per_instance
+
+    env = dict(os.environ, DAGSTER_HOME=str(tmp_path), ROADWORK_HOME=str(tmp_path / "rw"))
+    roadwork = str(Path(sys.executable).parent / "roadwork")
+    with _one_ui_per_instance(tmp_path):  # what the first `roadwork ui` holds while up
+        done = subprocess.run([roadwork, "ui", "--port", "1"], env=env, capture_output=True,
+                              text=True, timeout=120, check=False)
+    assert done.returncode == 2
+    assert done.stderr.startswith(
+        f"roadwork ui: error: another roadwork ui already serves DAGSTER_HOME={tmp_path}")
+    assert "dagster-webserver" not in done.stdout + done.stderr  # nothing was started
