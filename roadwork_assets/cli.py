@@ -10,8 +10,8 @@
   roadwork ui [--port 3000]        Dagster's webserver + daemon (as `dagster dev`), with
                                    backfills ("Materialize all") advancing every second
                                    instead of every 30 s
-  roadwork dagster-commands        the `dagster asset materialize` commands (one per stage
-                                   and split) that materialize the whole graph
+  roadwork dagster-commands        the `dagster asset materialize` commands (one per stage,
+                                   split and embedding shard) that materialize the graph
   roadwork verify DIR              check a bundle: closed, hashes, lineage, ONNX probe
                                    (a cascade's stage 2 too)
   roadwork serve --bundle DIR      HTTP endpoint: POST /predict {"image": base64} ->
@@ -315,8 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="threshold of the asset log lines on the terminal (default info; "
                    "debug with --verbose); critical shows only the [roadwork] lines")
     d = sub.add_parser("dagster-commands", help="print the `dagster asset materialize` "
-                       "commands that materialize the whole graph (one per stage, per split "
-                       "for partitioned stages), one shell line each, in order")
+                       "commands that materialize the whole graph (one per stage; per split, or "
+                       "per 'shard|split' for embeddings, for partitioned stages), one shell "
+                       "line each, in order")
     d.add_argument("--config-json", help="Dagster run config added to every command (checked "
                    "first, as for run)")
     u = sub.add_parser("ui", help="start Dagster's webserver and daemon (as `dagster dev` "
