@@ -71,6 +71,33 @@ def source_fingerprint(modules: list[str]) -> str:
     return h.hexdigest()
 
 
+# A process has one forkserver (multiprocessing's, shared by every context): what it
+# preloaded, and the fingerprint of that code when it was started
+_FORKSERVER_LOCK = threading.Lock()
+_FORKSERVER: dict[str, Any] = {"preload": None, "fingerprint": None}
+
+
+def ensure_forkserver(preload: list[str]):
+    """This process's forkserver, importing ``preload`` as the code is on disk now:
+    started now (its import runs while the caller goes on), or restarted when the code
+    or the preload list changed since it was started. Returns (context, fingerprint)."""
+    from multiprocessing import forkserver
+
+    with _FORKSERVER_LOCK:
+        current = source_fingerprint(preload)
+        ctx = multiprocessing.get_context("forkserver")
+        if (_FORKSERVER["preload"], _FORKSERVER["fingerprint"]) != (list(preload), current):
+            if _FORKSERVER["fingerprint"] is not None:
+                # it holds other code: stop it, so the next start spawns a new one
+                stop = getattr(forkserver._forkserver, "_stop", None)
+                if stop is not None:
+                    stop()
+            ctx.set_forkserver_preload(list(preload))
+            forkserver.ensure_running()
+            _FORKSERVER.update(preload=list(preload), fingerprint=current)
+        return ctx, current
+
+
 class ForkserverRunLauncher(DefaultRunLauncher):
     """Runs forked from a forkserver that preloaded the code location; Dagster's
     ``DefaultRunLauncher`` where that is not possible (and for its runs' termination)."""
@@ -79,9 +106,6 @@ class ForkserverRunLauncher(DefaultRunLauncher):
                  preload: list[str] | None = None):
         super().__init__(inst_data=inst_data)
         self._preload = list(preload or DEFAULT_PRELOAD)
-        self._lock = threading.Lock()
-        self._ctx = None
-        self._preloaded_hash: str | None = None
         self._procs: dict[str, multiprocessing.process.BaseProcess] = {}
 
     @classmethod
@@ -96,10 +120,19 @@ class ForkserverRunLauncher(DefaultRunLauncher):
                           config_value: Mapping[str, Any]):
         return cls(inst_data=inst_data, preload=config_value.get("preload"))
 
+    def prewarm(self) -> None:
+        """Start the forkserver (and its import of the code location) before the first
+        run asks for it: `roadwork ui`'s daemon calls this when it starts."""
+        ensure_forkserver(self._preload)
+
     def launch_run(self, context: LaunchRunContext) -> None:
         run = context.dagster_run
         try:
-            proc = self._start(run.run_id)
+            ctx, fingerprint = ensure_forkserver(self._preload)
+            proc = ctx.Process(target=run_worker, name=f"dagster-run-{run.run_id[:8]}",
+                               args=(run.run_id, self._instance.get_ref(), self._preload,
+                                     fingerprint))
+            proc.start()
         except Exception as exc:  # no forkserver here, a failing preload, ...
             self._instance.report_engine_event(
                 f"ForkserverRunLauncher could not fork this run ({type(exc).__name__}: "
@@ -111,29 +144,6 @@ class ForkserverRunLauncher(DefaultRunLauncher):
         self._procs[run.run_id] = proc
         self._instance.add_run_tags(run.run_id, {PID_TAG: str(proc.pid),
                                                  HOST_TAG: socket.gethostname()})
-
-    def _start(self, run_id: str):
-        with self._lock:
-            current = source_fingerprint(self._preload)
-            if self._ctx is None or current != self._preloaded_hash:
-                self._restart_forkserver()
-                self._preloaded_hash = current
-            proc = self._ctx.Process(
-                target=run_worker, name=f"dagster-run-{run_id[:8]}",
-                args=(run_id, self._instance.get_ref(), self._preload, current))
-            proc.start()
-            return proc
-
-    def _restart_forkserver(self) -> None:
-        from multiprocessing import forkserver
-
-        if self._ctx is not None:
-            # the running forkserver holds the old code: the next start spawns a new one
-            stop = getattr(forkserver._forkserver, "_stop", None)
-            if stop is not None:
-                stop()
-        self._ctx = multiprocessing.get_context("forkserver")
-        self._ctx.set_forkserver_preload(self._preload)
 
     def _worker_pid(self, run_id: str) -> int | None:
         run = self._instance.get_run_by_id(run_id)

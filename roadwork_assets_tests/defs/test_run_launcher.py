@@ -128,6 +128,25 @@ def test_edited_code_restarts_the_forkserver(location):
     assert len([pid for pid in imports if pid != os.getpid()]) == 2  # a new forkserver
 
 
+def test_prewarm_imports_before_the_first_run_and_never_serves_older_code(location):
+    """`roadwork ui`'s daemon prewarms the forkserver at start; code edited after that
+    import and before the first run must still be what the first run executes."""
+    pkg, home = location
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        instance.run_launcher.prewarm()
+        deadline = time.monotonic() + 60
+        while not (pkg / "imports.txt").exists():  # imported with no run asked for
+            assert time.monotonic() < deadline, "the prewarmed forkserver never imported"
+            time.sleep(0.2)
+        warm = _wait(instance, _launch(instance, "hello"))
+        assert f"version one from pid {warm.tags[PID_TAG]}" in _messages(instance, warm.run_id)
+        (pkg / "defs.py").write_text(DEFS.replace("@MESSAGE@", "version four"))
+        instance.run_launcher.prewarm()  # the daemon restarted: prewarm, then the edit...
+        (pkg / "defs.py").write_text(DEFS.replace("@MESSAGE@", "version five"))
+        run = _wait(instance, _launch(instance, "hello"))
+        assert f"version five from pid {run.tags[PID_TAG]}" in _messages(instance, run.run_id)
+
+
 def test_a_run_forked_before_an_edit_reexecs_dagster(location):
     """The race the launcher cannot see: code edited between its hash and the fork."""
     pkg, home = location
