@@ -9,6 +9,19 @@ import pytest
 os.environ.setdefault("DAGSTER_TELEMETRY_DISABLED", "1")
 
 
+def random_backbone_weights(model_name: str, path, seed: int = 0):
+    """A timm backbone's state dict with random weights (seeded), saved as safetensors the
+    way users get pretrained files; returns ``path``."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    model = timm.create_model(model_name, pretrained=False, num_classes=0)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
 def tiny_resources(root, *, n_images: int = 800, alpha: float = 0.05, epochs: int = 16,
                    bundle_policy: str = "cascade", export_onnx: bool = True) -> dict:
     """Real resources over a tmp root: small generated dataset, short training."""

@@ -6,10 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-import timm
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from roadwork_assets.contracts.errors import BadInputError
 from roadwork_assets.core.artifacts import read_npz
@@ -22,6 +20,7 @@ from roadwork_assets.core.training.pipeline import (
     model_from_checkpoint,
     train_checkpoint,
 )
+from roadwork_assets_tests.conftest import random_backbone_weights
 
 DINO = "vit_small_patch14_dinov2.lvd142m"
 
@@ -29,11 +28,8 @@ DINO = "vit_small_patch14_dinov2.lvd142m"
 @pytest.fixture(scope="module")
 def weights_file(tmp_path_factory):
     """A DINOv2 ViT-S/14 state dict at its native 518 px, saved the way users get it."""
-    torch.manual_seed(0)
-    model = timm.create_model(DINO, pretrained=False, num_classes=0)
     path = tmp_path_factory.mktemp("weights") / "dinov2_vits14.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
+    return random_backbone_weights(DINO, path)
 
 
 def _images(tmp_path, n=24):

@@ -15,10 +15,8 @@ import logging
 import numpy as np
 import pandas as pd
 import pytest
-import timm
 import torch
 from pydantic import ValidationError
-from safetensors.torch import save_file
 
 from roadwork_assets.core.artifacts import read_npz
 from roadwork_assets.core.export.onnx_export import probe_images_uint8
@@ -39,6 +37,7 @@ from roadwork_assets.core.training.pipeline import (
 )
 from roadwork_assets.core.training.trainer import view_embedder
 from roadwork_assets_tests.awkward_data import encode_item, generate_awkward
+from roadwork_assets_tests.conftest import random_backbone_weights
 
 TINY_VIT = "test_vit.r160_in1k"  # timm's 0.3M-parameter ViT: the DINOv2 ViT family
 IMG = 48
@@ -48,11 +47,8 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def vit_weights(tmp_path_factory):
-    torch.manual_seed(0)
-    vit = timm.create_model(TINY_VIT, pretrained=False, num_classes=0)
     path = tmp_path_factory.mktemp("weights") / "test_vit.safetensors"
-    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(path))
-    return str(path)
+    return str(random_backbone_weights(TINY_VIT, path))
 
 
 def _cfg(vit_weights: str, engine: str, **extra) -> TrainerConfig:
