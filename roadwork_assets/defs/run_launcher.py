@@ -3,7 +3,7 @@
 Dagster's ``DefaultRunLauncher`` starts every run as a fresh ``dagster api
 execute_run`` interpreter, which imports this code location (torch, timm, sklearn,
 onnxruntime, the definitions: ~5 s on 2 cores, ~15 s when four start at once).
-"Materialize all" over this graph launches 18 runs in 9 dependency levels, so under
+"Materialize all" over this graph launches ~21 runs in 10 dependency levels, so under
 ``DefaultRunLauncher`` the imports take longer than the work (tiny config: runs of ~2 s
 work each, each starting 8-30 s after it was queued).
 

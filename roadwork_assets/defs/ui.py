@@ -5,9 +5,9 @@ Why not plain ``dagster dev``: "Materialize all" over this graph is an asset bac
 looks at a backfill once per loop, sleeping a hard-coded 30 s between loops
 (``dagster/_daemon/backfill.py``: ``sleep_time = DEFAULT_DAEMON_INTERVAL_SECONDS -
 loop_duration``; ``dagster.yaml``'s ``backfills`` settings have no interval). The
-backfill advances one dependency level per loop, and this graph has seven
-(unpartitioned -> per split -> ... -> bundle), so under ``dagster dev`` the daemon's
-sleep alone costs ~3.5 minutes whatever the data.
+backfill advances one dependency level per loop, and this graph has ten
+(unpartitioned -> per split -> per shard -> ... -> test_report), so under ``dagster dev``
+the daemon's sleep alone costs ~5 minutes whatever the data.
 
 ``roadwork ui`` starts the same two processes ``dagster dev`` does
 (``dagster-webserver`` and ``dagster-daemon run``, both on ``-m
@@ -18,7 +18,11 @@ requests, their order, the run queue, run processes) is Dagster's own code. The 
 constant is the asset daemon's tick when ``auto_materialize.minimum_interval_seconds``
 is unset; the project's ``dagster.yaml`` sets it (30 s) so declarative automation keeps
 Dagster's pace. If a Dagster upgrade drops the constant, the daemon refuses to start
-with a line saying so, rather than silently running at 30 s.
+with a line saying so, rather than silently running at 30 s. The daemon also starts the
+run launcher's forkserver (``ForkserverRunLauncher.prewarm``) so the code location is
+imported while the webserver starts, not when the first run is queued. `roadwork ui`
+itself creates the instance's storage before starting either process and refuses a
+second UI on the same DAGSTER_HOME.
 """
 
 from __future__ import annotations
