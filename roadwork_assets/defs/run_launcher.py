@@ -30,6 +30,7 @@ Configure in ``dagster.yaml`` (the project's default)::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import multiprocessing
@@ -54,7 +55,8 @@ DEFAULT_PRELOAD = ("roadwork_assets.definitions",)
 def source_fingerprint(modules: list[str]) -> str:
     """sha256 over the ``*.py`` files, as they are on disk now, of the top-level packages
     of ``modules`` (for ``roadwork_assets.definitions``: the package whose hash assets
-    stamp as their code version). Found without importing them."""
+    stamp as their code version), found without importing them, and over the names of
+    the installed distributions (name and version) of this environment."""
     h = hashlib.sha256()
     for top in sorted({m.split(".")[0] for m in modules}):
         spec = importlib.util.find_spec(top)
@@ -68,6 +70,11 @@ def source_fingerprint(modules: list[str]) -> str:
             for path in files:
                 h.update(path.as_posix().encode())
                 h.update(path.read_bytes())
+    # the libraries it imports: a `pip install -U torch` changes a .dist-info name
+    for site_dir in sorted({p for p in sys.path if p.endswith("site-packages")}):
+        with contextlib.suppress(OSError):
+            h.update("\n".join(sorted(n for n in os.listdir(site_dir)
+                                       if n.endswith((".dist-info", ".egg-info")))).encode())
     return h.hexdigest()
 
 
@@ -88,14 +95,38 @@ def ensure_forkserver(preload: list[str]):
         ctx = multiprocessing.get_context("forkserver")
         if (_FORKSERVER["preload"], _FORKSERVER["fingerprint"]) != (list(preload), current):
             if _FORKSERVER["fingerprint"] is not None:
-                # it holds other code: stop it, so the next start spawns a new one
-                stop = getattr(forkserver._forkserver, "_stop", None)
-                if stop is not None:
-                    stop()
+                _retire_forkserver()  # it holds other code
             ctx.set_forkserver_preload(list(preload))
             forkserver.ensure_running()
             _FORKSERVER.update(preload=list(preload), fingerprint=current)
         return ctx, current
+
+
+def _retire_forkserver() -> None:
+    """Make the next start spawn a new forkserver, without waiting for the old one.
+
+    multiprocessing's own ``ForkServer._stop`` closes the old server's "alive" pipe and
+    waits for it to exit, but every process it forked holds a copy of that pipe, so the
+    wait lasts until the runs forked from it end: the daemon's run queue would freeze
+    behind a long run. Here the old server is detached (its socket unlinked, so nothing
+    reaches it) and reaped by a thread once its runs are done. Uses the ``ForkServer``
+    attributes of CPython 3.11 (the project's Python); another layout raises, and the
+    launcher then starts the run with DefaultRunLauncher."""
+    from multiprocessing import forkserver, util
+
+    server = forkserver._forkserver
+    with server._lock:
+        pid, address = server._forkserver_pid, server._forkserver_address
+        if pid is None:
+            return
+        os.close(server._forkserver_alive_fd)
+        server._forkserver_alive_fd = server._forkserver_pid = None
+        server._forkserver_address = None
+        if not util.is_abstract_socket_namespace(address):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(address)
+    threading.Thread(target=os.waitpid, args=(pid, 0), daemon=True,
+                     name="reap-retired-forkserver").start()
 
 
 class ForkserverRunLauncher(DefaultRunLauncher):
@@ -174,7 +205,10 @@ class ForkserverRunLauncher(DefaultRunLauncher):
     def check_run_worker_health(self, run) -> CheckRunHealthResult:
         pid = self._worker_pid(run.run_id)
         if pid is None:
-            return super().check_run_worker_health(run)
+            # not forked on this host: `roadwork run` / `dagster asset materialize` execute
+            # in their own process, DefaultRunLauncher fallbacks in the code server's
+            # children; run monitoring must not fail them for want of a pid
+            return CheckRunHealthResult(WorkerStatus.RUNNING, "worker not tracked here")
         proc = self._procs.get(run.run_id)
         if proc is not None:  # launched by this process: its exit code is known
             alive = proc.is_alive()
@@ -183,6 +217,8 @@ class ForkserverRunLauncher(DefaultRunLauncher):
                 os.kill(pid, 0)
                 alive = True
             except ProcessLookupError:
+                alive = False
+            except PermissionError:  # a process of another user holds that pid now
                 alive = False
         if alive:
             return CheckRunHealthResult(WorkerStatus.RUNNING)
@@ -193,24 +229,35 @@ class ForkserverRunLauncher(DefaultRunLauncher):
 def run_worker(run_id: str, instance_ref, preload: list[str], preloaded: str) -> None:
     """The forked run: Dagster's run worker body on a fresh instance connection, or a
     fresh ``dagster api execute_run`` interpreter if the code on disk is no longer the
-    ``preloaded`` fingerprint (edited since the forkserver imported it). A failure
-    before Dagster's run body starts marks the run failed (never left STARTING)."""
+    ``preloaded`` fingerprint (edited since the forkserver imported it). As in
+    ``dagster api execute_run``, SIGINT / SIGTERM are captured and handled by Dagster's
+    execution (a canceled run), and a failure before Dagster's run body starts marks the
+    run failed: never left STARTING."""
+    from dagster._utils.interrupts import capture_interrupts
+
+    with capture_interrupts():
+        _run_worker(run_id, instance_ref, preload, preloaded)
+
+
+def _run_worker(run_id: str, instance_ref, preload: list[str], preloaded: str) -> None:
     import dagster as dg
     from dagster._cli.api import _execute_run_command_body
 
     with dg.DagsterInstance.from_ref(instance_ref) as instance:
         run = instance.get_run_by_id(run_id)
+        if run is None:
+            raise RuntimeError(f"run {run_id} is not in the instance {instance_ref}")
         try:
-            if run is not None and source_fingerprint(preload) != preloaded:
+            if source_fingerprint(preload) != preloaded:
                 _exec_fresh_interpreter(instance, run, instance_ref)
             missing = [m for m in preload if m not in sys.modules]
-            if run is not None and missing:
+            if missing:
                 # multiprocessing's forkserver swallows a preload's ImportError
                 instance.report_engine_event(
                     f"the forkserver could not import {', '.join(missing)} (not importable "
                     "from its sys.path: install the package, or set PYTHONPATH); this run "
                     "imports it itself, as a fresh interpreter would", run)
-        except Exception as exc:
+        except BaseException as exc:
             instance.report_run_failed(run, f"the forked run worker could not start: "
                                        f"{type(exc).__name__}: {exc}")
             raise

@@ -181,7 +181,11 @@ def _prewarm_run_launcher() -> None:
 
     with dg.DagsterInstance.get() as instance:
         if isinstance(instance.run_launcher, ForkserverRunLauncher):
-            instance.run_launcher.prewarm()
+            try:
+                instance.run_launcher.prewarm()
+            except Exception as exc:  # the first run then starts it, or falls back
+                print(f"roadwork ui daemon: warning: could not start the run launcher's "
+                      f"forkserver early ({type(exc).__name__}: {exc})", file=sys.stderr)
 
 
 def _daemon_main(argv: list[str]) -> None:

@@ -188,13 +188,83 @@ def test_terminate_cancels_a_forked_run(location):
         assert health.status.value == "FAILED" and "is gone" in health.msg
 
 
-def test_fingerprint_follows_the_source_files(location):
+def _started(instance, run_id: str, timeout_s: float = 60) -> dg.DagsterRun:
+    deadline = time.monotonic() + timeout_s
+    while (run := instance.get_run_by_id(run_id)).status != dg.DagsterRunStatus.STARTED:
+        assert time.monotonic() < deadline, f"run {run_id} never started: {run.status}"
+        time.sleep(0.2)
+    return run
+
+
+def test_an_edit_during_a_long_run_does_not_freeze_the_next_runs(location):
+    """The old forkserver lives until the runs it forked end; retiring it must not wait
+    for them (multiprocessing's own _stop would, holding the daemon's run queue)."""
+    pkg, home = location
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        slow = _launch(instance, "slow")
+        _started(instance, slow)
+        (pkg / "defs.py").write_text(DEFS.replace("@MESSAGE@", "version six"))
+        t0 = time.monotonic()
+        run = _wait(instance, _launch(instance, "hello"), timeout_s=60)
+        assert time.monotonic() - t0 < 45  # the slow run sleeps 120 s
+        assert run.status == dg.DagsterRunStatus.SUCCESS
+        assert f"version six from pid {run.tags[PID_TAG]}" in _messages(instance, run.run_id)
+        assert instance.get_run_by_id(slow).status == dg.DagsterRunStatus.STARTED
+        assert instance.run_launcher.terminate(slow)
+        assert _wait(instance, slow).status == dg.DagsterRunStatus.CANCELED
+
+
+def test_a_killed_worker_is_marked_failed_by_run_monitoring(location):
+    """kill -9 (as the OOM killer does): Dagster's run monitoring asks the launcher and
+    fails the run instead of leaving it STARTED. A plain SIGTERM (no cancel request) is
+    caught by Dagster's interrupt handling in the worker: a failed run, recorded."""
+    import logging
+    import signal
+
+    from dagster._daemon.monitoring.run_monitoring import monitor_started_run
+
+    _pkg, home = location
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        killed = _started(instance, _launch(instance, "slow"))
+        os.kill(int(killed.tags[PID_TAG]), signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while instance.run_launcher.check_run_worker_health(killed).status.value == "RUNNING":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        monitor_started_run(instance, None, instance.get_run_record_by_id(killed.run_id),
+                            logging.getLogger("test"))
+        assert instance.get_run_by_id(killed.run_id).status == dg.DagsterRunStatus.FAILURE
+        termed = _started(instance, _launch(instance, "slow"))
+        os.kill(int(termed.tags[PID_TAG]), signal.SIGTERM)
+        assert _wait(instance, termed.run_id).status == dg.DagsterRunStatus.FAILURE
+        assert any("interrupted" in (m or "").lower() for m in _messages(instance, termed.run_id))
+
+
+def test_runs_not_forked_here_are_never_failed_by_monitoring(location):
+    """`roadwork run` / `dagster asset materialize` runs execute in their own process:
+    the launcher has no worker to judge, and must not report them dead."""
+    _pkg, home = location
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        run = instance.create_run_for_job(job_def=dg.Definitions(
+            assets=[dg.asset(lambda: 1, name="x")]).resolve_implicit_global_asset_job_def())
+        health = instance.run_launcher.check_run_worker_health(run)
+        assert health.status.value == "RUNNING"
+
+
+def test_fingerprint_follows_the_source_files(location, monkeypatch):
     pkg, _home = location
     module = f"{CODE[1]}.defs"
     before = source_fingerprint([module])
     assert source_fingerprint([module, CODE[1]]) == before  # per package
     (pkg / "extra.py").write_text("X = 1\n")
     assert source_fingerprint([module]) != before
+    # an upgraded library changes it too: a .dist-info name in a site-packages folder
+    site = pkg.parent.parent / "env" / "site-packages"
+    site.mkdir(parents=True)
+    monkeypatch.syspath_prepend(str(site))
+    edited = source_fingerprint([module])
+    (site / "somelib-1.0.dist-info").mkdir()
+    assert source_fingerprint([module]) != edited
     assert source_fingerprint(["no_such_package_here"]) != before
 
 
