@@ -2,6 +2,10 @@
 
 An asset partition is up to date when all of these hold for its latest materialization:
 
+* it was made with the shard count the definitions load with (a split x shard asset:
+  ``embeddings``; ROADWORK_EMBEDDING_SHARDS) — said first, as the reason to rebuild,
+  since Dagster would only report the code version it is folded into
+  (``partitions.sharded_code_version``);
 * Dagster calls it FRESH: same code version, and every input's data version (the
   content hash of the artifact it read, ``promotion.content_version``) unchanged — the
   staleness the UI shows;
@@ -30,6 +34,7 @@ from roadwork_assets.core.artifacts import ArtifactRegistry, file_sha256, settin
 from roadwork_assets.core.data.multi_source import parse_source_specs
 from roadwork_assets.core.data.source_stamp import source_stamp
 from roadwork_assets.defs.data.assets import SOURCE_STAMP_KEY
+from roadwork_assets.defs.partitions import SHARDS_ENV, shard_count
 from roadwork_assets.defs.promotion import SETTINGS_KEY
 
 
@@ -85,13 +90,28 @@ class FreshnessJudge:
             limit=1).records
         if not records:
             return "never materialized"
+        meta = records[0].asset_materialization.metadata
+        resharded = self._shards_changed(key, meta)
+        if resharded:
+            return resharded
         status = self.resolver.get_status(key, partition)
         if status != StaleStatus.FRESH:
             causes = self.resolver.get_stale_causes(key, partition)
             return "stale: " + ("; ".join(_cause_text(c) for c in causes[:2]) or status.value)
-        meta = records[0].asset_materialization.metadata
         return (_rejected(meta) or self._settings_changed(meta) or _artifact_changed(meta)
                 or self._source_changed(key, meta))
+
+    def _shards_changed(self, key: dg.AssetKey, meta) -> str | None:
+        """A shard made as one of another count of shards holds other rows."""
+        n_shards = shard_count(self.graph.get(key).partitions_def)
+        if n_shards is None:
+            return None
+        recorded = meta.get("n_shards")
+        if recorded is None or recorded.value != n_shards:
+            made = "an unrecorded number of" if recorded is None else recorded.value
+            return (f"shard count changed ({SHARDS_ENV}): made as one of {made} shards per "
+                    f"split, now {n_shards}")
+        return None
 
     def _settings_changed(self, meta) -> str | None:
         recorded = meta.get(SETTINGS_KEY)

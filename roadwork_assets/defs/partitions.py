@@ -6,7 +6,9 @@ features can be computed by several independent runs (executors and backfills sp
 them over workers). Its readers never see shards: a split-partitioned reader reads every
 shard of its own split (``BY_SPLIT``), an unpartitioned one every shard of the splits its
 mapping names (``shards_of``). The shard count is fixed when the definitions load
-(``ROADWORK_EMBEDDING_SHARDS``, default 1); ``with_shards`` sets it on a list of assets.
+(``ROADWORK_EMBEDDING_SHARDS``, default 1); ``with_shards`` sets it on a list of assets,
+and folds it into their code version (``sharded_code_version``): a new count re-cuts every
+shard, so every shard is stale (in the UI and to `roadwork run`), not only the new ones.
 """
 
 from __future__ import annotations
@@ -88,15 +90,31 @@ def _resharded(mapping: dg.PartitionMapping | None, n_shards: int) -> dg.Partiti
     return mapping
 
 
+SHARDS_VERSION_SEP = "+shards"
+
+
+def sharded_code_version(code_version: str | None, n_shards: int) -> str:
+    """``"<code version>+shards<n>"``: a split x shard asset's code version at ``n_shards``
+    shards (any count already folded in is replaced). Shard ``k`` of another count holds
+    other rows, so Dagster must see it as other code: "0|train" made as one of 1 shards is
+    stale once the definitions load with 2, and a shard stamped with another count never
+    reaches ``shards.merge_shards``."""
+    base = (code_version or "").split(SHARDS_VERSION_SEP)[0]
+    return f"{base}{SHARDS_VERSION_SEP}{n_shards}"
+
+
 def with_shards(assets: Sequence[dg.AssetsDefinition], n_shards: int) -> list[dg.AssetsDefinition]:
-    """``assets`` with every split x shard partitioning at ``n_shards`` shards, and every
-    mapping over shard keys (``shards_of``) widened or narrowed to match. Assets declare
-    one shard; the definitions set the count they load with."""
+    """``assets`` with every split x shard partitioning at ``n_shards`` shards and code
+    version ``sharded_code_version``, and every mapping over shard keys (``shards_of``)
+    widened or narrowed to match. Assets declare one shard; the definitions set the count
+    they load with."""
 
     def reshard(spec: dg.AssetSpec) -> dg.AssetSpec:
         changes: dict[str, object] = {}
-        if shard_count(spec.partitions_def) not in (None, n_shards):
-            changes["partitions_def"] = embedding_partitions(n_shards)
+        if shard_count(spec.partitions_def) is not None:
+            changes["code_version"] = sharded_code_version(spec.code_version, n_shards)
+            if shard_count(spec.partitions_def) != n_shards:
+                changes["partitions_def"] = embedding_partitions(n_shards)
         deps = [dg.AssetDep(d.asset_key, partition_mapping=_resharded(d.partition_mapping,
                                                                       n_shards))
                 for d in spec.deps]

@@ -70,3 +70,26 @@ def test_most_shards_keep_every_edge_under_dagsters_staleness_threshold(tmp_path
     reads = graph.get_parent_partition_keys_for_child(
         None, dg.AssetKey("embeddings"), dg.AssetKey("checkpoint")).partitions_subset
     assert len(reads) == 2 * MAX_SHARDS < SKIP_PARTITION_DATA_VERSION_DEPENDENCY_THRESHOLD
+
+
+def test_shard_count_is_part_of_the_sharded_assets_code_version(tmp_path):
+    """Shard k of 2 holds other rows than shard k of 1: Dagster sees another code version
+    for embeddings (so the UI and `roadwork run` call every shard stale), and only there."""
+    from roadwork_assets.core.artifacts import code_version
+    from roadwork_assets.definitions import build_definitions
+    from roadwork_assets.defs.partitions import with_shards
+
+    versions = {}
+    for n in (1, 2):
+        defs = build_definitions(tiny_resources(tmp_path), n_shards=n)
+        graph = defs.resolve_asset_graph()
+        versions[n] = {k.to_user_string(): graph.get(k).code_version
+                       for k in graph.get_all_asset_keys() if graph.get(k).is_materializable}
+    assert versions[1]["embeddings"] == f"{code_version()}+shards1"
+    assert versions[2]["embeddings"] == f"{code_version()}+shards2"
+    assert {k: v for k, v in versions[1].items() if k != "embeddings"} == {
+        k: v for k, v in versions[2].items() if k != "embeddings"}
+    # re-sharding assets already sharded replaces the count, it does not stack
+    (again,) = [a for a in with_shards(with_shards(defs.assets, 2), 5)
+                if dg.AssetKey("embeddings") in a.keys]
+    assert again.code_versions_by_key[dg.AssetKey("embeddings")] == f"{code_version()}+shards5"

@@ -10,9 +10,11 @@ some shards are empty; an empty shard is a valid (zero-row) cache and merges awa
 
 Stamps. Each shard is ``compute_embeddings`` of its rows, plus ``n_shards``, ``shard``,
 ``row_start``, ``row_stop`` and ``n_rows`` (the manifest's length); it already carries
-the manifest's ``data_version``. ``read_embedding_shards`` refuses shards that disagree
-(another shard count, another manifest version, other settings, a gap in the rows):
-mixing them would pair one version's features with another's labels.
+the manifest's ``data_version`` and the ``code_version`` that wrote it.
+``read_embedding_shards`` refuses shards that disagree (another shard count, another
+manifest version, other settings, other code, a gap in the rows): mixing them would pair
+one version's features with another's labels. A shard stamped with another split than
+the one asked for is refused too, whatever path it was found at.
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ from roadwork_assets.core.training.config import TrainerConfig
 from roadwork_assets.core.training.pipeline import compute_embeddings
 
 SHARD_STAMPS = ("n_shards", "shard", "row_start", "row_stop", "n_rows")
-# what every shard of one split must share: one shard count, one manifest, one setting
+# what every shard of one split must share: one shard count, one manifest, one setting, one
+# code (a shard re-made from the UI after a code edit must not merge with the others)
 SHARED_STAMPS = ("n_shards", "n_rows", "split", "data_version", "assignment_version", "kind",
-                 "backbone", "img_size", "n_views", "weights_sha256")
+                 "backbone", "img_size", "n_views", "weights_sha256", "code_version")
 ROW_ARRAYS = ("labels", "item_ids", "group_keys", "sample_weight")  # one entry per row
 
 
@@ -95,6 +98,13 @@ def open_embedding_shard(path: Path, split: str, shard: int) -> dict[str, Any]:
     if int(cache["shard"]) != shard:
         raise ArtifactIntegrityError(
             f"embeddings[{key}] at {path} is stamped shard {int(cache['shard'])}: {_fix(split)}")
+    # the path names the split, but only the stamp says which rows went in: never hand a
+    # reader of one split another split's rows (the split policy's last line of defence)
+    stamped = str(cache["split"]) if "split" in cache else None
+    if stamped != split:
+        raise ArtifactIntegrityError(
+            f"embeddings[{key}] at {path} is stamped split {stamped!r}, not {split!r}: "
+            f"{_fix(split)}")
     return cache
 
 
@@ -110,11 +120,12 @@ def _check_shards(caches: list[dict[str, Any]], paths: Sequence[Path], split: st
     for k, (cache, path) in enumerate(zip(caches, paths, strict=True)):
         key = shard_key(split, k)
         for stamp in SHARED_STAMPS:
-            if str(cache[stamp]) != str(first[stamp]):
+            if str(cache.get(stamp)) != str(first.get(stamp)):
                 raise ArtifactIntegrityError(
-                    f"embeddings[{key}] at {path} has {stamp} {str(cache[stamp])!r} but shard 0 "
-                    f"has {str(first[stamp])!r}: the shards come from different runs (another "
-                    f"shard count or split_manifest version); {_fix(split)}")
+                    f"embeddings[{key}] at {path} has {stamp} {str(cache.get(stamp))!r} but "
+                    f"shard 0 has {str(first.get(stamp))!r}: the shards come from different "
+                    f"runs (another shard count, split_manifest version, setting or code "
+                    f"version); {_fix(split)}")
         if set(cache) != set(first):
             raise ArtifactIntegrityError(
                 f"embeddings[{key}] at {path} holds arrays {sorted(set(cache) ^ set(first))} "

@@ -170,3 +170,39 @@ def test_cache_without_shard_stamps_or_missing_shard_is_refused(tmp_path):
     reg.embedding_shard("val_select", 1).unlink()
     with pytest.raises(ArtifactIntegrityError, match=r"embeddings\[1\|val_select\] is missing"):
         read_split_embeddings(reg, "val_select")
+
+
+def test_shard_written_by_other_code_is_refused(tmp_path, monkeypatch):
+    """One shard re-made (from the UI) after a code edit: the stamps agree on everything
+    but the code that wrote them, and the split is refused, not merged."""
+    import roadwork_assets.core.training.pipeline as pipeline
+
+    manifest = _manifest(tmp_path / "img", 6)
+    reg = ArtifactRegistry(tmp_path / "root")
+    _write_shards(reg, manifest, "train", 2)
+    current = pipeline.code_version()
+    monkeypatch.setattr(pipeline, "code_version", lambda: "edited0123456789")
+    compute_embedding_shard(manifest, _cfg(), reg.embedding_shard("train", 1), "train",
+                            ShardSpec(2, 1), "dv", "a1")
+    with pytest.raises(ArtifactIntegrityError) as err:
+        read_split_embeddings(reg, "train")
+    text = str(err.value)
+    assert (f"embeddings[1|train] at {reg.embedding_shard('train', 1)} has code_version "
+            f"'edited0123456789' but shard 0 has '{current}'") in text
+    assert ("re-materialize every shard of embeddings for split train with the current "
+            "ROADWORK_EMBEDDING_SHARDS (`roadwork run` does it)") in text
+
+
+def test_shard_stamped_with_another_split_is_refused(tmp_path):
+    """A val_test shard found where train's shard 0 belongs (copied by hand, a bad path
+    mapping) never reaches a train reader, even though its rows and shard stamps fit."""
+    manifest = _manifest(tmp_path / "img", 5)
+    reg = ArtifactRegistry(tmp_path / "root")
+    compute_embedding_shard(manifest, _cfg(), reg.embedding_shard("train", 0), "val_test",
+                            ShardSpec(1, 0), "dv", "a1")
+    before = reg.embedding_shard("train", 0).read_bytes()
+    with pytest.raises(ArtifactIntegrityError, match=r"embeddings\[0\|train\] at .*shard_0.npz "
+                       r"is stamped split 'val_test', not 'train': re-materialize every shard "
+                       r"of embeddings for split train"):
+        read_split_embeddings(reg, "train", n_shards=1)
+    assert reg.embedding_shard("train", 0).read_bytes() == before  # nothing damaged
