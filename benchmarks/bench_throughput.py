@@ -93,8 +93,7 @@ def gflop_per_image(model) -> float:
 
 
 def _onnx_fn(model, x: torch.Tensor, opt_level: str, workdir: Path):
-    from roadwork_assets.core.export.engines import ort_session
-    from roadwork_assets.core.export.onnx_export import export_onnx
+    from roadwork_assets.core.export.onnx_export import export_onnx, ort_session
 
     path = workdir / "vit.onnx"
     if not path.exists():

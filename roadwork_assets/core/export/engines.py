@@ -12,7 +12,6 @@ this machine says ORT is faster.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from roadwork_assets.contracts.errors import RoadworkError
 from roadwork_assets.core.data.transforms import make_views, to_float
 from roadwork_assets.core.export.bundle_checks import ONNX_FILE
 from roadwork_assets.core.export.cascade_serving import is_cascade
-from roadwork_assets.core.export.onnx_export import PARITY_OPT_LEVEL
+from roadwork_assets.core.export.onnx_export import ort_session
 from roadwork_assets.core.export.stage2_checks import STAGE2_ONNX_FILE
 
 ENGINES = ("auto", "torch", "onnx")
@@ -37,28 +36,6 @@ class Engine(Protocol):
     def view_logits(self, images_uint8: np.ndarray, n_views: int, batch_size: int) -> np.ndarray: ...
 
     def stage2_logits(self, images_uint8: np.ndarray, batch_size: int) -> np.ndarray: ...
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, not the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def ort_session(path: Path, threads: int | None = None, opt_level: str = PARITY_OPT_LEVEL):
-    """An ORT CPU session with explicit threads: intra-op = the cores this process may
-    use, inter-op 1 and sequential execution, so one inference never oversubscribes the
-    cores (ORT's default counts the machine's cores, not the affinity mask)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, opt_level)
-    options.intra_op_num_threads = threads or available_cores()
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _batches(images_uint8: np.ndarray, batch_size: int):

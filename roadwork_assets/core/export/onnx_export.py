@@ -9,6 +9,7 @@ not a fixed number on raw logits.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,3 +241,25 @@ def judge_served(policy: Any, z_torch: np.ndarray, z_onnx: np.ndarray, tol: np.n
         decision_disagreements=int(((d_o != d_t) & ~near).sum()),
         near_boundary=tuple(int(i) for i in np.flatnonzero(near)),
     )
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def ort_session(path: Path, threads: int | None = None, opt_level: str = PARITY_OPT_LEVEL):
+    """An ORT CPU session with explicit threads: intra-op = the cores this process may
+    use, inter-op 1 and sequential execution, so one inference never oversubscribes the
+    cores (ORT's default counts the machine's cores, not the affinity mask)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, opt_level)
+    options.intra_op_num_threads = threads or available_cores()
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

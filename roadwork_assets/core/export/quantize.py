@@ -210,7 +210,7 @@ def served_metrics(policy: Any, view_logits: Any, stage2_logits: Any, labels: An
 
 def ort_latency(onnx_path: Path, img_size: int, repeats: int = 15) -> float:
     """Median seconds of one ONNX Runtime call on one image (batch 1), as served."""
-    from roadwork_assets.core.export.engines import ort_session
+    from roadwork_assets.core.export.onnx_export import ort_session
     from roadwork_assets.core.models.latency import median_seconds
 
     session = ort_session(Path(onnx_path))

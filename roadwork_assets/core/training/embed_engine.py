@@ -233,7 +233,7 @@ def ort_features(model: RoadworkClassifier, img_size: int, threads: int | None,
 
 def _export_ort_features(model: RoadworkClassifier, img_size: int,
                          threads: int | None) -> Callable[[torch.Tensor], torch.Tensor]:
-    from roadwork_assets.core.export.engines import ort_session
+    from roadwork_assets.core.export.onnx_export import ort_session
 
     with tempfile.TemporaryDirectory(prefix="roadwork_embed_onnx_") as tmp:
         path = export_onnx(_Features(model), img_size, Path(tmp) / "features.onnx",

@@ -21,8 +21,12 @@ from roadwork_assets.core.export.cascade_serving import (
     stage2_served,
     torch_stage2_logits,
 )
-from roadwork_assets.core.export.engines import available_cores, ort_session
-from roadwork_assets.core.export.onnx_export import judge_served, torch_probe_logits
+from roadwork_assets.core.export.onnx_export import (
+    available_cores,
+    judge_served,
+    ort_session,
+    torch_probe_logits,
+)
 from roadwork_assets.core.export.predictor import BundlePredictor
 from roadwork_assets_tests.core.export.test_cascade_cli import _images
 
