@@ -242,12 +242,18 @@ def code_version() -> str:
     A git commit would need git and a checkout; the source hash works in a wheel or a
     container too and changes exactly when the code does.
     """
-    pkg = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
-    for path in sorted(pkg.rglob("*.py")):
-        h.update(path.relative_to(pkg).as_posix().encode())
-        h.update(path.read_bytes())
+    hash_source_tree(h, Path(__file__).resolve().parents[1])
     return h.hexdigest()[:16]
+
+
+def hash_source_tree(h, root: Path) -> None:
+    """Feed ``h`` every ``*.py`` under ``root`` (a package folder, or one module file):
+    its path relative to ``root`` and its bytes, in sorted order."""
+    files = sorted(root.rglob("*.py")) if root.is_dir() else [root]
+    for path in files:
+        h.update(path.relative_to(root if root.is_dir() else root.parent).as_posix().encode())
+        h.update(path.read_bytes())
 
 
 def settings_sha256(values: dict[str, Any]) -> str:

@@ -47,6 +47,8 @@ from dagster._core.launcher import DefaultRunLauncher
 from dagster._core.launcher.base import CheckRunHealthResult, LaunchRunContext, WorkerStatus
 from dagster._serdes import ConfigurableClassData
 
+from roadwork_assets.core.artifacts import hash_source_tree
+
 PID_TAG = "roadwork/run_worker_pid"
 HOST_TAG = "roadwork/run_worker_host"
 DEFAULT_PRELOAD = ("roadwork_assets.definitions",)
@@ -66,10 +68,8 @@ def source_fingerprint(modules: list[str]) -> str:
         roots = [Path(d) for d in (spec.submodule_search_locations or [])] or [
             Path(spec.origin)]
         for root in roots:
-            files = sorted(root.rglob("*.py")) if root.is_dir() else [root]
-            for path in files:
-                h.update(path.as_posix().encode())
-                h.update(path.read_bytes())
+            h.update(root.as_posix().encode())
+            hash_source_tree(h, root)
     # the libraries it imports: a `pip install -U torch` changes a .dist-info name
     for site_dir in sorted({p for p in sys.path if p.endswith("site-packages")}):
         with contextlib.suppress(OSError):
